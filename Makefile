@@ -1,0 +1,45 @@
+# brainsex-book: two commands.
+#   make book   set up .venv, run every chapter on the embedded phantom (profile demo), build _build/html
+#   make test   set up .venv, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# This machine's torch: a CPU build that pip finds on local disk. pyproject.toml keeps a range instead,
+# so Colab and Binder keep the torch they already have.
+TORCH_PIN ?= torch==2.13.0
+PROFILE   ?= demo
+ARGS      ?=
+PYTEST_ARGS ?=
+
+.PHONY: all book test install browser lint clean
+
+all: book
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+book: install
+	$(BIN)/brainsex build --profile $(PROFILE) $(ARGS)
+
+# Debian chromium + chromedriver for the headless browser tests; the tests skip with a reason if this fails.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "chromium could not be installed: browser tests will be skipped"; \
+	else echo "chromium not found and cannot be installed here: browser tests will be skipped"; fi
+
+test: install browser
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests notebooks benchmarks
+
+clean:
+	rm -rf _build runs/smoke

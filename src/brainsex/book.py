@@ -1,0 +1,388 @@
+"""The build driver: Jupytext notebooks -> papermill (with a profile's parameters) -> Jupyter Book HTML.
+
+Layout of a run (``runs/<profile>/``)::
+
+    notebooks/<chapter>.ipynb   the executed chapter, as the book shows it
+    .build/<chapter>.json       the content hash that lets an unchanged chapter be skipped
+    build.log                   the last jupyter-book log
+    ...                         each chapter's outputs (see each chapter and README)
+
+Chapters pass results to later chapters only through files in the run directory.
+The book is built in a staging folder and swapped into ``_build/html`` only when the build succeeded,
+so a failed build never damages the previous good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import yaml
+
+from brainsex import BrainsexError
+from brainsex.io import write_json_atomic, write_text_atomic
+from brainsex.manifest import load_manifest
+from brainsex.profiles import resolve_profile
+
+__all__ = [
+    "BuildError",
+    "NotebookFailed",
+    "BuildPlan",
+    "toc_notebooks",
+    "notebook_parameters",
+    "plan_build",
+    "run_notebooks",
+    "build_html",
+    "build",
+]
+
+#: Files and folders of the repository that make up the book's sources (book root = repository root).
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
+#: Set in the environment of executed chapters so that :func:`brainsex.figures.show` emits book HTML.
+BUILD_ENV = "BRAINSEX_BOOK_BUILD"
+
+
+class BuildError(BrainsexError):
+    """Bad input to the build (exit code 2)."""
+
+
+class NotebookFailed(BrainsexError):
+    """A chapter raised while it ran (exit code 1)."""
+
+
+@dataclass
+class ChapterResult:
+    name: str
+    status: str
+    seconds: float = 0.0
+
+
+@dataclass
+class BuildPlan:
+    root: Path
+    profile: str
+    params: dict[str, Any]
+    run_dir: Path
+    notebooks: list[Path]
+    declared: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def toc_notebooks(root: str | os.PathLike) -> list[Path]:
+    """Notebook chapters (``notebooks/*.py``) in the order ``_toc.yml`` lists them.
+
+    Every ``file:`` entry under ``notebooks/`` must exist as a ``.py`` (the Jupytext source).
+    """
+    root = Path(root)
+    toc_path = root / "_toc.yml"
+    if not toc_path.is_file():
+        raise BuildError(f"{toc_path}: table of contents not found")
+    try:
+        toc = yaml.safe_load(toc_path.read_text())
+    except yaml.YAMLError as exc:
+        raise BuildError(f"{toc_path}: not valid YAML ({exc})") from None
+
+    files: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "file" in node and isinstance(node["file"], str):
+                files.append(node["file"])
+            for key in ("root",):
+                if isinstance(node.get(key), str):
+                    files.append(node[key])
+            for value in node.values():
+                if isinstance(value, list | dict):
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(toc)
+    out = []
+    for entry in files:
+        stem = entry[:-6] if entry.endswith(".ipynb") else entry[:-3] if entry.endswith(".py") else entry
+        if not stem.startswith("notebooks/"):
+            continue
+        src = root / f"{stem}.py"
+        if not src.is_file():
+            raise BuildError(f"{toc_path}: lists '{entry}' but {src.relative_to(root)} does not exist")
+        out.append(src)
+    return out
+
+
+def _read_source(path: Path) -> nbformat.NotebookNode:
+    import jupytext
+
+    try:
+        return jupytext.read(path)
+    except Exception as exc:  # jupytext raises several types for a bad file
+        raise BuildError(f"{path}: cannot be read as a Jupytext notebook ({exc})") from None
+
+
+def notebook_parameters(path: str | os.PathLike) -> dict[str, Any]:
+    """Parameters a notebook declares in its cell tagged ``parameters`` (name -> default)."""
+    import papermill
+
+    nb = _read_source(Path(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "nb.ipynb"
+        nbformat.write(nb, p)
+        info = papermill.inspect_notebook(str(p))
+    return {k: v.get("default") for k, v in info.items()}
+
+
+def sync_pair(src: Path) -> Path:
+    """Write the paired ``.ipynb`` from the ``.py`` source when their cells differ; return its path.
+
+    Notebook-level metadata of an existing ``.ipynb`` (Colab's ``accelerator``, say) is kept.
+    """
+    import jupytext
+
+    nb = _read_source(src)
+    ipynb = src.with_suffix(".ipynb")
+    if ipynb.exists():
+        try:
+            old = nbformat.read(ipynb, as_version=4)
+        except Exception:
+            old = None
+        if old is not None:
+            same = [(c.cell_type, c.source) for c in old.cells] == [(c.cell_type, c.source) for c in nb.cells]
+            if same:
+                return ipynb
+            for key, value in old.metadata.items():
+                nb.metadata.setdefault(key, value)
+    text = jupytext.writes(nb, fmt="ipynb")
+    write_text_atomic(ipynb, text)
+    return ipynb
+
+
+def _package_hash() -> str:
+    h = hashlib.sha256()
+    pkg = Path(__file__).parent
+    for f in sorted(pkg.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".yaml", ".tsv", ".json") and "__pycache__" not in f.parts:
+            h.update(f.relative_to(pkg).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def plan_build(
+    root: str | os.PathLike = ".",
+    profile: str = "demo",
+    overrides: dict[str, Any] | None = None,
+    run_dir: str | os.PathLike | None = None,
+) -> BuildPlan:
+    """Check every input and return what would run: notebooks, parameters, run directory."""
+    root = Path(root).resolve()
+    load_manifest(root / "data_manifest.yaml")  # validate early: a bad manifest stops the build here
+    notebooks = toc_notebooks(root)
+    declared = {nb.stem: notebook_parameters(nb) for nb in notebooks}
+    known = set().union(*[set(d) for d in declared.values()]) if declared else set()
+    params = resolve_profile(profile, overrides, known=known)
+    rd = Path(run_dir) if run_dir else root / "runs" / profile
+    if not rd.is_absolute():
+        rd = root / rd
+    return BuildPlan(root=root, profile=profile, params=params, run_dir=rd, notebooks=notebooks, declared=declared)
+
+
+def _chapter_params(plan: BuildPlan, stem: str) -> dict[str, Any]:
+    declared = plan.declared.get(stem, {})
+    params = {k: v for k, v in plan.params.items() if k in declared}
+    if "profile" in declared:
+        params["profile"] = plan.profile
+    if "run_dir" in declared:
+        params["run_dir"] = str(plan.run_dir)
+    if "manifest" in declared:
+        params["manifest"] = str(plan.root / "data_manifest.yaml")
+    return params
+
+
+def _failure_message(stem: str, exc: Exception, nb_path: Path) -> str:
+    cell = getattr(exc, "cell_index", None)
+    source = getattr(exc, "source", "") or ""
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    lines = [f"notebook '{stem}' failed" + (f" in cell {cell}" if cell is not None else "") + f": {ename}: {evalue}"]
+    if source:
+        lines.append("--- failing cell ---")
+        lines.extend("    " + s for s in source.splitlines()[:25])
+    lines.append(f"the executed notebook with the full traceback: {nb_path}")
+    return "\n".join(lines)
+
+
+def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
+    """Execute each chapter with papermill, skipping those whose content hash did not change."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    out_dir = plan.run_dir / "notebooks"
+    stamp_dir = plan.run_dir / ".build"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp_dir.mkdir(parents=True, exist_ok=True)
+    pkg = _package_hash()
+    manifest_bytes = (plan.root / "data_manifest.yaml").read_bytes()
+    upstream = ""
+    results: list[ChapterResult] = []
+    n = len(plan.notebooks)
+    for i, src in enumerate(plan.notebooks, 1):
+        stem = src.stem
+        params = _chapter_params(plan, stem)
+        ipynb = sync_pair(src)
+        h = hashlib.sha256()
+        for part in (src.read_bytes(), json.dumps(params, sort_keys=True).encode(), pkg.encode(), manifest_bytes,
+                     upstream.encode()):
+            h.update(part)
+        digest = h.hexdigest()
+        upstream = digest
+        executed = out_dir / f"{stem}.ipynb"
+        stamp = stamp_dir / f"{stem}.json"
+        if not force and executed.exists() and stamp.exists():
+            try:
+                if json.loads(stamp.read_text()).get("hash") == digest:
+                    _log(f"[{i}/{n}] {stem}: unchanged, skipped")
+                    results.append(ChapterResult(stem, "skipped"))
+                    continue
+            except json.JSONDecodeError:
+                pass
+        _log(f"[{i}/{n}] {stem}: running ({', '.join(f'{k}={v}' for k, v in params.items() if k != 'run_dir')})")
+        t0 = time.perf_counter()
+        tmp_out = out_dir / f".{stem}.running.ipynb"
+        env_before = os.environ.get(BUILD_ENV)
+        os.environ[BUILD_ENV] = "1"
+        try:
+            papermill.execute_notebook(
+                str(ipynb), str(tmp_out), parameters=params, kernel_name="python3", cwd=str(plan.root),
+                progress_bar=False, log_output=False, report_mode=False,
+            )
+        except PapermillExecutionError as exc:
+            failed = out_dir / f"{stem}.failed.ipynb"
+            if tmp_out.exists():
+                os.replace(tmp_out, failed)
+            results.append(ChapterResult(stem, "failed", time.perf_counter() - t0))
+            _summary(results)
+            raise NotebookFailed(_failure_message(stem, exc, failed)) from None
+        finally:
+            if env_before is None:
+                os.environ.pop(BUILD_ENV, None)
+            else:
+                os.environ[BUILD_ENV] = env_before
+        os.replace(tmp_out, executed)
+        dt = time.perf_counter() - t0
+        write_json_atomic(stamp, {"hash": digest, "seconds": round(dt, 2), "params": params})
+        _log(f"[{i}/{n}] {stem}: done in {dt:.1f} s")
+        results.append(ChapterResult(stem, "ran", dt))
+    return results
+
+
+def _summary(results: list[ChapterResult]) -> None:
+    if not results:
+        return
+    width = max(len(r.name) for r in results)
+    _log("\n" + f"{'chapter':<{width}}  status    seconds")
+    for r in results:
+        _log(f"{r.name:<{width}}  {r.status:<8}  {r.seconds:7.1f}")
+    _log(f"{'total':<{width}}            {sum(r.seconds for r in results):7.1f}")
+
+
+def _plotly_js() -> Path:
+    import plotly
+
+    js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if not js.is_file():
+        raise BuildError(f"plotly.js not found in the installed plotly package ({js})")
+    return js
+
+
+def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
+    """Stage the book sources with the executed chapters, run ``jupyter-book build``, swap into place.
+
+    Returns the folder holding ``index.html``.
+    """
+    root = plan.root
+    out_root = Path(out) if out else root / "_build"
+    if not out_root.is_absolute():
+        out_root = root / out_root
+    out_root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_root))
+    try:
+        for name in BOOK_SOURCES:
+            src = root / name
+            if src.is_dir():
+                shutil.copytree(src, stage / name)
+            elif src.is_file():
+                shutil.copy2(src, stage / name)
+        (stage / "notebooks").mkdir()
+        for src in plan.notebooks:
+            executed = plan.run_dir / "notebooks" / f"{src.stem}.ipynb"
+            if not executed.is_file():
+                raise BuildError(f"{executed}: executed chapter missing; run the notebooks first")
+            shutil.copy2(executed, stage / "notebooks" / executed.name)
+        static = stage / "_static"
+        static.mkdir(exist_ok=True)
+        if (root / "_static").is_dir():
+            shutil.copytree(root / "_static", static, dirs_exist_ok=True)
+        shutil.copy2(_plotly_js(), static / "plotly.min.js")
+        jb = Path(sys.executable).parent / "jupyter-book"
+        cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(stage), "--path-output", str(stage / "_out")]
+        _log("building HTML with jupyter-book ...")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=stage)
+        log = proc.stdout + "\n" + proc.stderr
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(plan.run_dir / "build.log", log)
+        if proc.returncode != 0:
+            tail = "\n".join(log.strip().splitlines()[-30:])
+            raise NotebookFailed(f"jupyter-book build failed (log: {plan.run_dir / 'build.log'}):\n{tail}")
+        new_html = stage / "_out" / "_build" / "html"
+        from brainsex.privacy import check_published_html
+
+        check_published_html(plan.run_dir, new_html)  # refuse before anything is published
+        final = out_root / "html"
+        old = out_root / f".html-old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(new_html, final)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        _log(f"HTML built in {time.perf_counter() - t0:.1f} s: {final / 'index.html'}")
+        return final
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def build(
+    root: str | os.PathLike = ".",
+    profile: str = "demo",
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    out: str | os.PathLike | None = None,
+    run_dir: str | os.PathLike | None = None,
+    html: bool = True,
+) -> Path | None:
+    """Run every chapter of the book on ``profile`` and build the HTML (the whole of ``make book``)."""
+    t0 = time.perf_counter()
+    plan = plan_build(root, profile, overrides, run_dir=run_dir)
+    _log(f"profile '{profile}', run directory {plan.run_dir}, {len(plan.notebooks)} chapters")
+    results = run_notebooks(plan, force=force)
+    final = None
+    if html:
+        t1 = time.perf_counter()
+        final = build_html(plan, out)
+        results.append(ChapterResult("(jupyter-book html)", "ran", time.perf_counter() - t1))
+    _summary(results)
+    _log(f"total {time.perf_counter() - t0:.1f} s")
+    return final
