@@ -14,6 +14,7 @@ so a failed build never damages the previous good one.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -142,7 +143,14 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, Any]:
         p = Path(tmp) / "nb.ipynb"
         nbformat.write(nb, p)
         info = papermill.inspect_notebook(str(p))
-    return {k: v.get("default") for k, v in info.items()}
+    out: dict[str, Any] = {}
+    for k, v in info.items():
+        default = v.get("default")
+        try:
+            out[k] = ast.literal_eval(default) if isinstance(default, str) else default
+        except (ValueError, SyntaxError):
+            out[k] = default  # an expression: keep its source text
+    return out
 
 
 def sync_pair(src: Path) -> Path:
@@ -205,10 +213,30 @@ def _chapter_params(plan: BuildPlan, stem: str) -> dict[str, Any]:
     if "profile" in declared:
         params["profile"] = plan.profile
     if "run_dir" in declared:
-        params["run_dir"] = str(plan.run_dir)
+        params["run_dir"] = _relative(plan.run_dir, plan.root)
     if "manifest" in declared:
-        params["manifest"] = str(plan.root / "data_manifest.yaml")
+        params["manifest"] = "data_manifest.yaml"  # chapters run with the book root as working folder
     return params
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when it lies inside it (no machine paths in the published book)."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _tidy_executed(path: Path) -> None:
+    """Hide the notebook's default parameters cell; the injected cell shows the values used."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "parameters" in tags and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+        elif "injected-parameters" in tags and "hide-input" not in tags:
+            cell.metadata["tags"] = [*tags, "hide-input"]
+    nbformat.write(nb, path)
 
 
 def _failure_message(stem: str, exc: Exception, nb_path: Path) -> str:
@@ -280,6 +308,7 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
                 os.environ.pop(BUILD_ENV, None)
             else:
                 os.environ[BUILD_ENV] = env_before
+        _tidy_executed(tmp_out)
         os.replace(tmp_out, executed)
         dt = time.perf_counter() - t0
         write_json_atomic(stamp, {"hash": digest, "seconds": round(dt, 2), "params": params})
@@ -305,6 +334,29 @@ def _plotly_js() -> Path:
     if not js.is_file():
         raise BuildError(f"plotly.js not found in the installed plotly package ({js})")
     return js
+
+
+def _dedupe_inline_scripts(html_dir: Path) -> None:
+    """Drop repeated identical inline ``<script>`` lines from every page.
+
+    sphinx-thebe (pulled in by Jupyter Book 1.x) can emit its ``const THEBE_JS_URL = ...`` block twice,
+    which is a ``SyntaxError`` in the browser console; the second copy is removed.
+    """
+    for page in html_dir.rglob("*.html"):
+        lines = page.read_text().splitlines(keepends=True)
+        seen: set[str] = set()
+        out = []
+        changed = False
+        for line in lines:
+            key = line.strip()
+            if key.startswith("<script>const ") and key.endswith("</script>"):
+                if key in seen:
+                    changed = True
+                    continue
+                seen.add(key)
+            out.append(line)
+        if changed:
+            page.write_text("".join(out))
 
 
 def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
@@ -351,6 +403,7 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
         from brainsex.privacy import check_published_html
 
         check_published_html(plan.run_dir, new_html)  # refuse before anything is published
+        _dedupe_inline_scripts(new_html)
         final = out_root / "html"
         old = out_root / f".html-old-{os.getpid()}"
         if final.exists():

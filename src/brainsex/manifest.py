@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from brainsex import BrainsexError
 
-__all__ = ["Manifest", "CohortEntry", "ReferenceEntry", "load_manifest", "expand_env", "ManifestError"]
+__all__ = ["Manifest", "CohortEntry", "ReferenceEntry", "load_manifest", "expand_env", "ManifestError", "manifest_table"]
 
 COHORT_KINDS = ("synthetic", "ixi", "bids", "table")
 
@@ -211,3 +211,16 @@ def load_manifest(path: str | os.PathLike = "data_manifest.yaml") -> Manifest:
             msgs.append(f"{loc}: {err['msg']}{got_s}")
         raise ManifestError(f"{path}: " + "; ".join(msgs)) from None
     return manifest.model_copy(update={"path": path.resolve()})
+
+
+def manifest_table(manifest: Manifest) -> "pd.DataFrame":
+    """One row per cohort: name, kind, enabled, shareable, licence, root (unexpanded)."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {"cohort": c.name, "kind": c.kind, "enabled": c.enabled, "shareable": c.shareable,
+             "license": c.license or "see the dataset's terms", "root": c.root}
+            for c in manifest.cohorts
+        ]
+    )

@@ -1,0 +1,96 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Overview: the study and this run
+#
+# This chapter sets the scene: which analysis we reproduce, which cohorts this run reads, and the
+# template space in which every brain ends up. Nothing heavy happens here.
+
+# %% tags=["remove-cell"]
+# On Colab, install the package first (elsewhere it is already installed by `make book`).
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "git+https://github.com/brainsex-book/brainsex-book"], check=True)
+
+# %% tags=["parameters"]
+profile = "demo"
+run_dir = "runs/demo"
+manifest = "data_manifest.yaml"
+cohorts = ["phantom"]
+
+# %% tags=["hide-input"]
+from myst_nb import glue
+from nilearn import datasets, plotting
+
+from brainsex.figures import fig_cohort_status, fig_study_design, show, show_table
+from brainsex.manifest import load_manifest, manifest_table
+from brainsex.profiles import load_profiles
+
+m = load_manifest(manifest)
+cohort_table = manifest_table(m)
+glue("profile", profile, display=False)
+glue("cohorts_used", ", ".join(cohorts), display=False)
+glue("n_declared", len(cohort_table), display=False)
+glue("n_enabled", int(cohort_table["enabled"].sum()), display=False)
+
+# %% [markdown]
+# This run uses the profile **{glue:text}`profile`** on the cohort(s) **{glue:text}`cohorts_used`**.
+#
+# ## The study design
+#
+# The paper's pipeline has five stages (its Figure 1): data from four public cohorts, minimal
+# preprocessing, an SFCN classifier trained on a stratified split, an evaluation by subgroup with a
+# post-hoc look at head size, and saliency maps scored against the CerebrA atlas. Each box below is a
+# chapter of this book; hover to see which.
+
+# %% tags=["hide-input"]
+show(fig_study_design(), alt="Flow of the analysis from cohorts to region scores")
+
+# %% [markdown]
+# ## Cohorts declared in the manifest
+#
+# `data_manifest.yaml` declares {glue:text}`n_declared` cohorts, {glue:text}`n_enabled` of them enabled
+# here. Cohorts whose data-use terms forbid publishing individual data are marked "aggregates only":
+# the book shows only group summaries for them.
+
+# %% tags=["hide-input"]
+show(fig_cohort_status(cohort_table), alt="Cohorts in the manifest and whether they are enabled")
+show_table(cohort_table, caption="Cohorts declared in data_manifest.yaml")
+
+# %% [markdown]
+# ## Profiles
+#
+# A profile fixes the grid, the model size and the training length for every chapter at once.
+
+# %% tags=["hide-input"]
+import pandas as pd
+
+profiles = load_profiles()
+show_table(pd.DataFrame([{"profile": k, "description": " ".join(str(v["description"]).split())}
+                         for k, v in profiles.items()]), caption="Parameter profiles")
+
+# %% [markdown]
+# ## The template space
+#
+# Every brain is rigidly aligned to the MNI152 template, the space in which saliency maps are later
+# averaged and scored. Below, the MNI152 template that ships with nilearn.
+
+# %% tags=["hide-input"]
+template = datasets.load_mni152_template(resolution=1)
+display_ = plotting.plot_anat(template, display_mode="ortho", title="MNI152 template (nilearn)",
+                              draw_cross=False, annotate=True)

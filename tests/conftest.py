@@ -1,0 +1,65 @@
+"""Shared fixtures. The smoke book is built once per session and shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory) -> dict:
+    """Build the whole book on the ``smoke`` profile into a temporary folder (once per session)."""
+    from brainsex.book import build
+
+    base = tmp_path_factory.mktemp("smoke_book")
+    run_dir, out = base / "run", base / "out"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        html = build(ROOT, "smoke", run_dir=run_dir, out=out, force=True)
+    return {"html": html, "run_dir": run_dir, "log": (run_dir / "build.log").read_text(), "stdout": buf.getvalue()}
+
+
+def write_notebook(path: Path, body: str, params: str = 'profile = "x"\nrun_dir = "."\n') -> Path:
+    """Write a small Jupytext percent notebook with a parameters cell."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = (
+        "# ---\n# jupyter:\n#   kernelspec:\n#     display_name: Python 3\n#     language: python\n"
+        "#     name: python3\n# ---\n\n"
+        "# %% [markdown]\n# # A chapter\n\n"
+        f'# %% tags=["parameters"]\n{params}\n'
+        f"# %%\n{body}\n"
+    )
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def mini_book(tmp_path) -> Path:
+    """A tiny book root: the real config and manifest, two trivial chapters."""
+    for name in ("_config.yml", "references.bib", "data_manifest.yaml"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "intro.md").write_text("# Intro\n\nHello.\n\n```{tableofcontents}\n```\n")
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: book/intro\nchapters:\n  - file: notebooks/a\n  - file: notebooks/b\n"
+    )
+    write_notebook(tmp_path / "notebooks" / "a.py",
+                   "from pathlib import Path\nPath(run_dir, 'a.txt').write_text(str(epochs))",
+                   params='profile = "x"\nrun_dir = "."\nepochs = 1\n')
+    write_notebook(tmp_path / "notebooks" / "b.py", "print('b', seed)", params='run_dir = "."\nseed = 0\n')
+    return tmp_path

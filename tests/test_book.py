@@ -1,0 +1,87 @@
+"""Unit tests of the build driver on a tiny book (real papermill and jupyter-book runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from brainsex.book import BuildError, NotebookFailed, build, plan_build, run_notebooks, toc_notebooks
+from brainsex.cli import main
+from tests.conftest import write_notebook
+
+
+def test_toc_order_and_declared_parameters(mini_book):
+    nbs = toc_notebooks(mini_book)
+    assert [p.stem for p in nbs] == ["a", "b"]
+    plan = plan_build(mini_book, "smoke")
+    assert plan.declared["a"] == {"profile": "x", "run_dir": ".", "epochs": 1}
+    assert plan.declared["b"] == {"run_dir": ".", "seed": 0}
+
+
+def test_missing_notebook_in_toc(mini_book, capsys):
+    (mini_book / "notebooks" / "b.py").unlink()
+    with pytest.raises(BuildError, match=r"_toc.yml: lists 'notebooks/b' but notebooks/b.py does not exist"):
+        toc_notebooks(mini_book)
+    assert main(["build", "--root", str(mini_book), "--profile", "smoke"]) == 2
+    assert "notebooks/b.py does not exist" in capsys.readouterr().err
+
+
+def test_bad_profile_and_parameter_exit_2(mini_book, capsys):
+    assert main(["build", "--root", str(mini_book), "--profile", "nope"]) == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err
+    assert main(["build", "--root", str(mini_book), "--profile", "smoke", "-p", "epocs", "3"]) == 2
+    assert "unknown parameter 'epocs'" in capsys.readouterr().err
+
+
+def test_malformed_manifest_exit_2(mini_book, capsys):
+    (mini_book / "data_manifest.yaml").write_text("cohorts:\n  - name: x\n    kind: nifti\n    root: .\n")
+    assert main(["build", "--root", str(mini_book), "--profile", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "data_manifest.yaml" in err and "kind" in err and "shareable" in err
+
+
+def test_parameters_injected_and_skip_if_unchanged(mini_book, tmp_path):
+    run_dir = tmp_path / "run"
+    plan = plan_build(mini_book, "smoke", {"epochs": 7}, run_dir=run_dir)
+    first = run_notebooks(plan)
+    assert [r.status for r in first] == ["ran", "ran"]
+    assert (run_dir / "a.txt").read_text() == "7"  # run_dir and the override reached the notebook
+    stamp = json.loads((run_dir / ".build" / "a.json").read_text())
+    assert stamp["params"]["epochs"] == 7 and stamp["params"]["profile"] == "smoke"
+    # the paired .ipynb was written from the .py source
+    assert (mini_book / "notebooks" / "a.ipynb").is_file()
+
+    again = run_notebooks(plan_build(mini_book, "smoke", {"epochs": 7}, run_dir=run_dir))
+    assert [r.status for r in again] == ["skipped", "skipped"]
+
+    # a changed parameter re-runs the chapter that declares it and every later chapter
+    changed = run_notebooks(plan_build(mini_book, "smoke", {"epochs": 8}, run_dir=run_dir))
+    assert [r.status for r in changed] == ["ran", "ran"]
+    assert (run_dir / "a.txt").read_text() == "8"
+
+    forced = run_notebooks(plan_build(mini_book, "smoke", {"epochs": 8}, run_dir=run_dir), force=True)
+    assert [r.status for r in forced] == ["ran", "ran"]
+
+
+def test_failure_names_notebook_and_cell_and_keeps_good_build(mini_book, tmp_path, capsys):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    build(mini_book, "smoke", run_dir=run_dir, out=out)
+    index = out / "html" / "index.html"
+    assert index.is_file()
+    before = index.read_text()
+
+    write_notebook(mini_book / "notebooks" / "b.py", "x = 1\nraise ValueError('planted failure')",
+                   params='run_dir = "."\nseed = 0\n')
+    with pytest.raises(NotebookFailed) as info:
+        run_notebooks(plan_build(mini_book, "smoke", run_dir=run_dir))
+    msg = str(info.value)
+    assert "notebook 'b' failed in cell" in msg and "ValueError: planted failure" in msg
+    assert "raise ValueError('planted failure')" in msg  # the failing cell's source is shown
+    assert (run_dir / "notebooks" / "b.failed.ipynb").is_file()
+
+    rc = main(["build", "--root", str(mini_book), "--profile", "smoke", "--run-dir", str(run_dir),
+               "--out", str(out)])
+    assert rc == 1
+    assert "notebook 'b' failed" in capsys.readouterr().err
+    assert index.read_text() == before  # the previous good HTML is untouched

@@ -1,0 +1,52 @@
+"""End to end: the whole book on the smoke profile, then checks on the HTML it produced."""
+
+from __future__ import annotations
+
+import re
+
+import nbformat
+import pytest
+
+from brainsex.book import toc_notebooks
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_chapter_page_exists(smoke_book, repo_root):
+    html = smoke_book["html"]
+    assert (html / "index.html").is_file()
+    for nb in toc_notebooks(repo_root):
+        assert (html / "notebooks" / f"{nb.stem}.html").is_file(), nb.stem
+    for page in ("how_to_run", "methods", "reproducibility", "references"):
+        assert (html / "book" / f"{page}.html").is_file(), page
+
+
+def test_plotly_figures_present_and_served_locally(smoke_book, repo_root):
+    html, run_dir = smoke_book["html"], smoke_book["run_dir"]
+    assert (html / "_static" / "plotly.min.js").stat().st_size > 1_000_000
+    total = 0
+    for nb in toc_notebooks(repo_root):
+        executed = nbformat.read(run_dir / "notebooks" / f"{nb.stem}.ipynb", as_version=4)
+        n_figs = sum(
+            "plotly-graph-div" in "".join(out.get("data", {}).get("text/html", ""))
+            for cell in executed.cells for out in cell.get("outputs", [])
+        )
+        page = (html / "notebooks" / f"{nb.stem}.html").read_text()
+        assert len(re.findall(r'class="plotly-graph-div"', page)) == n_figs, nb.stem
+        if n_figs:
+            assert re.search(r'<script src="(\.\./)*_static/plotly\.min\.js', page), nb.stem
+        total += n_figs
+    assert total >= 1
+    for page in html.rglob("*.html"):
+        text = page.read_text()
+        assert "cdn.plot.ly" not in text and "require.min.js" not in text, page.name
+
+
+def test_no_unknown_mime_type_warnings(smoke_book):
+    assert "unknown_mime_type" not in smoke_book["log"]
+    assert "skipping unknown output mime type" not in smoke_book["log"]
+
+
+def test_numbers_in_prose_come_from_glue(smoke_book):
+    page = (smoke_book["html"] / "notebooks" / "00_overview.html").read_text()
+    assert "smoke" in page  # the profile name glued into the prose
