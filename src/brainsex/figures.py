@@ -81,7 +81,7 @@ def fig_study_design(steps: list[tuple[str, str, str]] | None = None) -> Any:
     steps = steps or STUDY_STEPS
     fig = go.Figure()
     n = len(steps)
-    for i, (name, detail, chapter) in enumerate(steps):
+    for i, (name, detail, _chapter) in enumerate(steps):
         x0, x1 = i * 1.25, i * 1.25 + 1.0
         color = PALETTE[i % len(PALETTE)]
         fig.add_shape(type="rect", x0=x0, x1=x1, y0=0, y1=1, line={"color": color, "width": 2},

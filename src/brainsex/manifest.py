@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -213,10 +214,8 @@ def load_manifest(path: str | os.PathLike = "data_manifest.yaml") -> Manifest:
     return manifest.model_copy(update={"path": path.resolve()})
 
 
-def manifest_table(manifest: Manifest) -> "pd.DataFrame":
+def manifest_table(manifest: Manifest) -> pd.DataFrame:
     """One row per cohort: name, kind, enabled, shareable, licence, root (unexpanded)."""
-    import pandas as pd
-
     return pd.DataFrame(
         [
             {"cohort": c.name, "kind": c.kind, "enabled": c.enabled, "shareable": c.shareable,
