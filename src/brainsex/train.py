@@ -1,0 +1,993 @@
+"""Training the SFCN sex classifier as in the paper (section 2.5), resumable and multi-GPU ready.
+
+Paper settings (the ``paper`` profile): Adam with initial learning rate 0.01, batch size 16, binary
+cross-entropy, ``ReduceLROnPlateau`` on the validation loss (factor 0.1 after 5 epochs without
+improvement), 50 epochs, on-the-fly augmentation rotating 50 % of the training scans by up to 15 degrees,
+and the checkpoint with the lowest validation loss kept for evaluation.
+
+Differences from the paper's public code, on purpose:
+
+* No augmentation and no shuffling of the validation (and test) data; the public code augments and
+  shuffles its validation loader, which makes the validation loss noisy and the checkpoint choice random.
+* ``BCEWithLogitsLoss`` on the logit instead of a sigmoid layer followed by ``BCELoss``: the same function,
+  computed without overflow.
+* ``weight_decay`` defaults to 0 (the paper's text names none; its public code passes 1e-5 to Adam).
+* The rotation is MONAI's :class:`~monai.transforms.RandRotated` with probability 0.5 and an angle drawn
+  uniformly in [-15, 15] degrees about each of the three axes, border padding, bilinear interpolation.
+
+Engineering:
+
+* Volumes are decoded once into memory (MONAI :class:`~monai.data.CacheDataset`) and checked once for
+  shape and finite values; augmentation runs per sample with a seed derived from ``(seed, epoch,
+  index)``, so results do not depend on worker count, on where augmentation runs, or on interruptions.
+* Every epoch writes ``last.pt`` (model, optimiser, scheduler, grad scaler, RNG states, epoch, history)
+  and, when the validation loss improves, ``best.pt``, both atomically, plus ``history.tsv``. Because the
+  shuffling (``DistributedSampler.set_epoch``), dropout (``torch.manual_seed`` per epoch) and augmentation
+  streams are all re-derived from the seed and the epoch number, ``resume=True`` after a kill ends with
+  exactly the weights and history of an uninterrupted run (on the same device and thread count).
+* Under ``torchrun --nproc_per_node=N`` (``RANK``/``WORLD_SIZE`` set) the same call trains with
+  :class:`~torch.nn.parallel.DistributedDataParallel` and a ``DistributedSampler``; ``batch_size`` stays
+  the *global* batch (the paper's 16 is split across processes); only rank 0 writes files.
+* bf16 (or fp16 with gradient scaling) autocast on CUDA; optional ``channels_last_3d`` memory format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from brainsex import BrainsexError
+from brainsex.io import atomic_path, read_table, write_table
+from brainsex.model import PAPER_CHANNELS, SFCN
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "HISTORY_COLUMNS",
+    "train",
+    "predict",
+    "load_model",
+    "resolve_device",
+    "labels_from_table",
+    "make_augmentation",
+    "main_train",
+]
+
+log = logging.getLogger("brainsex.train")
+
+#: Columns of ``history.tsv``, one row per epoch.
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "samples_per_s")
+
+CHECKPOINT_FORMAT = "brainsex-sfcn/1"
+
+# Config fields that change the result; a resumed run must use the same values.
+_RESULT_FIELDS = ("batch_size", "lr", "weight_decay", "rotate_prob", "rotate_deg", "scheduler_factor",
+                  "scheduler_patience", "seed", "amp")
+
+# Independent random streams derived from (seed, epoch, ...).
+_STREAM_DROPOUT, _STREAM_AUGMENT, _STREAM_LOADER = 1, 2, 3
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (defaults: the paper's, section 2.5).
+
+    Parameters
+    ----------
+    epochs
+        Number of epochs (50 in the paper).
+    batch_size
+        Global batch size (16 in the paper); under DDP each of N processes gets ``batch_size // N``.
+    lr
+        Initial Adam learning rate (0.01).
+    weight_decay
+        Adam weight decay. 0 here; the paper's public code used 1e-5.
+    rotate_prob, rotate_deg
+        Probability that a training scan is rotated, and the largest angle in degrees about each axis
+        (0.5 and 15 in the paper). ``rotate_prob=0`` disables augmentation.
+    scheduler_factor, scheduler_patience
+        ``ReduceLROnPlateau`` on the validation loss: multiply the learning rate by ``factor`` after
+        ``patience`` epochs without improvement (0.1 and 5).
+    seed
+        Seeds model initialisation, shuffling, dropout and augmentation.
+    device
+        ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"``.
+    amp
+        Mixed precision on CUDA only: ``"auto"`` (bf16 where supported, else fp16), ``"bf16"``,
+        ``"fp16"`` or ``"off"``. Ignored on CPU and MPS.
+    channels_last
+        Use the ``channels_last_3d`` memory format for the model and inputs.
+    num_workers
+        DataLoader worker processes (0: load in the main process; with the in-memory cache this is
+        usually fastest on a CPU). Also the number of threads that fill the cache.
+    cache
+        Decode every NIfTI once and keep the volumes in memory (MONAI ``CacheDataset``).
+    cache_dtype
+        ``"float32"`` or ``"float16"`` (halves the memory of the cache; inputs are cast back to float32).
+    augment_on
+        Where the rotation runs: ``"loader"`` (per sample, in the DataLoader), ``"device"`` (per sample,
+        on the training device after transfer: use on a GPU when the CPU cannot keep up) or ``"auto"``
+        (``"device"`` on CUDA, else ``"loader"``). Both give the same rotations (same per-sample seeds).
+    num_threads
+        If set, ``torch.set_num_threads(num_threads)`` before training.
+    deterministic
+        On CUDA, request deterministic algorithms (slower); CPU runs are deterministic anyway.
+    """
+
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    rotate_prob: float = 0.5
+    rotate_deg: float = 15.0
+    scheduler_factor: float = 0.1
+    scheduler_patience: int = 5
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = False
+    num_workers: int = 0
+    cache: bool = True
+    cache_dtype: str = "float32"
+    augment_on: str = "auto"
+    num_threads: int | None = None
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.amp, bool):
+            self.amp = "auto" if self.amp else "off"
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer >= 1"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1"),
+            (float(self.lr) > 0, "lr must be > 0"),
+            (float(self.weight_decay) >= 0, "weight_decay must be >= 0"),
+            (0.0 <= float(self.rotate_prob) <= 1.0, "rotate_prob must be in [0, 1]"),
+            (0.0 <= float(self.rotate_deg) <= 180.0, "rotate_deg must be in [0, 180]"),
+            (0.0 < float(self.scheduler_factor) < 1.0, "scheduler_factor must be in (0, 1)"),
+            (int(self.scheduler_patience) >= 0, "scheduler_patience must be >= 0"),
+            (self.amp in ("auto", "bf16", "fp16", "off"), "amp must be 'auto', 'bf16', 'fp16' or 'off'"),
+            (int(self.num_workers) >= 0, "num_workers must be >= 0"),
+            (self.cache_dtype in ("float32", "float16"), "cache_dtype must be 'float32' or 'float16'"),
+            (self.augment_on in ("auto", "loader", "device"), "augment_on must be 'auto', 'loader' or 'device'"),
+            (self.num_threads is None or int(self.num_threads) >= 1, "num_threads must be >= 1 or None"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise BrainsexError(f"TrainConfig: {msg} (got {self!r})")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> TrainConfig:
+        """Build a config from profile parameters (keys that are not fields are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in params.items() if k in names and v is not None}
+        return cls(**kwargs)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes
+    ----------
+    out_dir
+        Folder with ``best.pt``, ``last.pt`` and ``history.tsv``.
+    best_checkpoint, last_checkpoint
+        Paths of the lowest-validation-loss and the latest checkpoints.
+    history
+        One row per epoch (:data:`HISTORY_COLUMNS`).
+    best_epoch, best_val_loss, best_val_acc
+        The epoch (1-based) with the lowest validation loss and its metrics.
+    epochs_run
+        Epochs computed by this call (fewer than ``epochs`` after a resume).
+    device
+        The device trained on.
+    in_shape
+        The input grid.
+    world_size
+        Number of processes (1 without DDP).
+    model
+        The best model (eval mode) on ``device``.
+    """
+
+    out_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: pd.DataFrame
+    best_epoch: int
+    best_val_loss: float
+    best_val_acc: float
+    epochs_run: int
+    device: str
+    in_shape: tuple[int, int, int]
+    world_size: int = 1
+    model: SFCN | None = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _derive_seed(*values: int) -> int:
+    """A 32-bit seed derived from integers, independent across different tuples."""
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1)[0])
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for a name: ``"auto"`` picks CUDA, then MPS, then CPU.
+
+    Raises
+    ------
+    BrainsexError
+        If the requested device is not available on this machine.
+    """
+    name = str(device).lower()
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps is not None and mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_ok else torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BrainsexError(f"device '{device}' requested but CUDA is not available (torch {torch.__version__})")
+        return torch.device(name)
+    if name == "mps":
+        if not mps_ok:
+            raise BrainsexError("device 'mps' requested but the MPS backend is not available")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise BrainsexError(f"unknown device '{device}'; use 'auto', 'cpu', 'cuda' or 'mps'")
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def labels_from_table(table: pd.DataFrame) -> np.ndarray:
+    """Class labels (1 = male, 0 = female) from a ``y`` column, else from ``sex`` ('M'/'F').
+
+    Raises
+    ------
+    BrainsexError
+        If neither column exists or a value is not a valid label.
+    """
+    if "y" in table.columns:
+        y = pd.to_numeric(table["y"], errors="coerce")
+        bad = ~y.isin([0, 1])
+        if bad.any():
+            raise BrainsexError(f"column 'y' must be 0 (female) or 1 (male); found {sorted(map(str, table.loc[bad, 'y'].unique()))[:5]}")
+        return y.to_numpy(dtype=np.float32)
+    if "sex" in table.columns:
+        sex = table["sex"].astype(str).str.strip().str.upper()
+        bad = ~sex.isin(["M", "F"])
+        if bad.any():
+            raise BrainsexError(f"column 'sex' must be 'M' or 'F'; found {sorted(table.loc[bad, 'sex'].astype(str).unique())[:5]}")
+        return (sex == "M").to_numpy(dtype=np.float32)
+    raise BrainsexError("table needs a 'y' (1 = male) or a 'sex' ('M'/'F') column")
+
+
+def make_augmentation(config: TrainConfig):
+    """The training augmentation (paper section 2.5): MONAI ``RandRotated`` on key ``"image"``.
+
+    Returns ``None`` when ``rotate_prob`` or ``rotate_deg`` is 0.
+    """
+    from monai.transforms import RandRotated
+
+    if config.rotate_prob <= 0 or config.rotate_deg <= 0:
+        return None
+    r = math.radians(config.rotate_deg)
+    return RandRotated(keys="image", range_x=r, range_y=r, range_z=r, prob=config.rotate_prob,
+                       keep_size=True, mode="bilinear", padding_mode="border", dtype=np.float32)
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A plain float32 tensor (MONAI returns MetaTensors)."""
+    if hasattr(x, "as_tensor"):
+        x = x.as_tensor()
+    x = torch.as_tensor(x)
+    return x.float() if x.dtype != torch.float32 else x
+
+
+def _augment_one(aug, image: torch.Tensor, seed: int, epoch: int, index: int) -> torch.Tensor:
+    aug.set_random_state(seed=_derive_seed(seed, _STREAM_AUGMENT, epoch, index))
+    return _plain(aug({"image": image})["image"])
+
+
+def _check_volume(image: Any, path: str, in_shape: tuple[int, int, int]) -> None:
+    shape = tuple(image.shape)
+    if shape != (1, *in_shape):
+        got = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+        raise BrainsexError(f"{path}: volume shape {got} differs from the model's in_shape {in_shape}; "
+                            f"all inputs must be on the same grid (re-run preprocessing or pass in_shape)")
+    t = torch.as_tensor(image)
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        n_bad = int((~finite).sum())
+        raise BrainsexError(f"{path}: volume contains {n_bad} NaN/inf voxel(s); check its preprocessing")
+
+
+def _load_transform(cache_dtype: str = "float32"):
+    from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
+
+    dtype = torch.float16 if cache_dtype == "float16" else torch.float32
+    return Compose([
+        LoadImaged(keys="image", image_only=True, reader="NibabelReader"),
+        EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+        EnsureTyped(keys="image", dtype=dtype, track_meta=False),
+    ])
+
+
+def _image_paths(table: pd.DataFrame, col: str = "image_pp") -> list[str]:
+    if col not in table.columns:
+        raise BrainsexError(f"table has no '{col}' column (path to a preprocessed, z-scored NIfTI volume)")
+    paths = []
+    for p in table[col]:
+        if not isinstance(p, str | os.PathLike) or not str(p).strip() or str(p) == "nan":
+            raise BrainsexError(f"column '{col}' has an empty path; rows that failed preprocessing must be dropped")
+        paths.append(str(p))
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise BrainsexError(f"{len(missing)} image(s) not found, e.g. {missing[0]}")
+    return paths
+
+
+def _infer_in_shape(path: str) -> tuple[int, int, int]:
+    import nibabel as nib
+
+    try:
+        shape = nib.load(path).shape
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        raise BrainsexError(f"{path}: cannot be read as NIfTI ({exc})") from exc
+    if len(shape) != 3:
+        raise BrainsexError(f"{path}: expected a 3-D volume, got shape {shape}")
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+
+class _VolumeStore:
+    """Decoded volumes: all in memory (MONAI CacheDataset, checked once) or decoded on each access."""
+
+    def __init__(self, paths: Sequence[str], in_shape: tuple[int, int, int], cache: bool = True,
+                 cache_dtype: str = "float32", num_workers: int = 0, progress: bool = False) -> None:
+        from monai.data import CacheDataset, Dataset
+
+        self.paths = list(paths)
+        self.in_shape = in_shape
+        self.cache = cache
+        data = [{"image": p} for p in self.paths]
+        transform = _load_transform(cache_dtype if cache else "float32")
+        try:
+            if cache:
+                self.ds = CacheDataset(data, transform=transform, num_workers=max(1, num_workers),
+                                       progress=progress, copy_cache=False)
+            else:
+                self.ds = Dataset(data, transform=transform)
+        except Exception as exc:
+            raise BrainsexError(f"cannot load the images ({_root_cause(exc)})") from exc
+        if cache:  # check once, in memory
+            for i in range(len(self.ds)):
+                _check_volume(self.ds[i]["image"], self.paths[i], in_shape)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        try:
+            img = self.ds[i]["image"]
+        except Exception as exc:
+            raise BrainsexError(f"{self.paths[i]}: cannot be loaded ({_root_cause(exc)})") from exc
+        if not self.cache:
+            _check_volume(img, self.paths[i], self.in_shape)
+        return _plain(img)
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _SFCNDataset(torch.utils.data.Dataset):
+    """Items ``{"image", "y", "index"}`` for rows ``indices`` of a store, optionally augmented."""
+
+    def __init__(self, store: _VolumeStore, indices: Sequence[int], labels: np.ndarray, augment=None,
+                 seed: int = 0) -> None:
+        self.store = store
+        self.indices = [int(i) for i in indices]
+        self.labels = labels
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = self.indices[i]
+        image = self.store[index]
+        if self.augment is not None:
+            image = _augment_one(self.augment, image, self.seed, self.epoch, index)
+        return {"image": image, "y": torch.tensor(self.labels[index], dtype=torch.float32), "index": index}
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment variables."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def _unwrap(model: nn.Module) -> SFCN:
+    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+        "augment": "per-sample seeds derived from (seed, epoch, index); nothing to store",
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _data_signature(ids: Sequence[str], splits: Sequence[str], labels: np.ndarray,
+                    in_shape: tuple[int, int, int]) -> str:
+    h = hashlib.sha256(repr(tuple(in_shape)).encode())
+    for i, s, y in zip(ids, splits, labels, strict=True):
+        h.update(f"{i}\t{s}\t{int(y)}\n".encode())
+    return h.hexdigest()
+
+
+def _save(obj: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _torch_load(path: Path, map_location: Any = "cpu") -> dict:
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise BrainsexError(f"{path}: checkpoint not found") from exc
+    except Exception as exc:
+        raise BrainsexError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT or "model_state" not in obj:
+        raise BrainsexError(f"{path}: not a brainsex SFCN checkpoint (expected format '{CHECKPOINT_FORMAT}')")
+    return obj
+
+
+def load_model(
+    checkpoint: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    channels: Sequence[int] | None = None,
+    in_shape: Sequence[int] | None = None,
+) -> SFCN:
+    """Load an SFCN from a ``best.pt``/``last.pt`` checkpoint, in eval mode.
+
+    Parameters
+    ----------
+    checkpoint
+        Path written by :func:`train`.
+    device
+        Where to put the model.
+    channels, in_shape
+        If given, the architecture the caller expects; a checkpoint trained with other channel widths or
+        another input grid is refused with a message naming both.
+
+    Raises
+    ------
+    BrainsexError
+        If the file is missing, is not an SFCN checkpoint, or its architecture differs from the expected
+        one or from its own weights.
+    """
+    path = Path(checkpoint)
+    ckpt = _torch_load(path)
+    cfg = dict(ckpt.get("model_config") or {})
+    try:
+        model = SFCN(channels=cfg["channels"], in_shape=cfg["in_shape"], dropout=cfg.get("dropout", 0.5),
+                     in_channels=cfg.get("in_channels", 1))
+    except KeyError as exc:
+        raise BrainsexError(f"{path}: checkpoint lacks the model configuration key {exc}") from exc
+    if channels is not None and tuple(int(c) for c in channels) != model.channels:
+        raise BrainsexError(f"{path}: checkpoint is an SFCN with channels={list(model.channels)}, "
+                            f"expected channels={list(channels)}")
+    if in_shape is not None and tuple(int(s) for s in in_shape) != model.in_shape:
+        raise BrainsexError(f"{path}: checkpoint was trained on in_shape={model.in_shape}, "
+                            f"expected in_shape={tuple(in_shape)}")
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        raise BrainsexError(f"{path}: weights do not fit SFCN(channels={list(model.channels)}, "
+                            f"in_shape={model.in_shape}): {str(exc).splitlines()[0]}") from exc
+    return model.to(resolve_device(device) if isinstance(device, str) else device).eval()
+
+
+def _prepare(table: pd.DataFrame) -> pd.DataFrame:
+    if not isinstance(table, pd.DataFrame):
+        raise BrainsexError(f"table must be a pandas DataFrame, got {type(table).__name__}")
+    for col in ("participant_id", "image_pp", "split"):
+        if col not in table.columns:
+            raise BrainsexError(f"training table has no '{col}' column (columns: {', '.join(map(str, table.columns))})")
+    if "status" in table.columns:
+        failed = table["status"].astype(str) != "ok"
+        if failed.any():
+            log.info("dropping %d row(s) whose preprocessing status is not 'ok'", int(failed.sum()))
+            table = table[~failed]
+    return table.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- train
+def train(
+    table: pd.DataFrame,
+    config: TrainConfig | None = None,
+    out_dir: str | os.PathLike = "train",
+    in_shape: Sequence[int] | None = None,
+    channels: Sequence[int] = PAPER_CHANNELS,
+    dropout: float = 0.5,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train SFCN on the ``train`` rows, select on the ``val`` rows (paper section 2.5).
+
+    Parameters
+    ----------
+    table
+        One row per subject with ``participant_id``, ``image_pp`` (a z-scored NIfTI on the common grid),
+        ``y`` (1 = male) or ``sex`` ('M'/'F'), and ``split`` (``train``/``val``/``test``; test rows are not
+        read). Rows with a ``status`` other than ``ok`` are dropped.
+    config
+        Training settings; default :class:`TrainConfig` (the paper's).
+    out_dir
+        Folder for ``best.pt``, ``last.pt`` and ``history.tsv`` (``<run_dir>/train`` in the book).
+    in_shape
+        Input grid; ``None`` reads it from the first image's header.
+    channels, dropout
+        SFCN architecture (see :class:`brainsex.model.SFCN`).
+    resume
+        Continue from ``out_dir/last.pt`` if it exists (after a kill, or to extend ``epochs``). The data,
+        architecture and result-determining settings must be those of the checkpoint.
+    progress
+        Show tqdm progress bars (rank 0 only).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    BrainsexError
+        For an empty training or validation split, a single class in the training split, an image whose
+        shape differs from ``in_shape`` or that contains NaN/inf, a missing file, or a checkpoint that does
+        not match on resume.
+    """
+    config = config or TrainConfig()
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    out_dir = Path(out_dir)
+    table = _prepare(table)
+    splits = table["split"].astype(str)
+    train_idx = np.flatnonzero(splits.to_numpy() == "train")
+    val_idx = np.flatnonzero(splits.to_numpy() == "val")
+    if len(train_idx) == 0:
+        raise BrainsexError("the training split is empty: no row has split == 'train'")
+    if len(val_idx) == 0:
+        raise BrainsexError("the validation split is empty: no row has split == 'val' (needed for the "
+                            "learning-rate schedule and to choose the best checkpoint)")
+    used = np.concatenate([train_idx, val_idx])
+    labels = np.zeros(len(table), dtype=np.float32)
+    labels[used] = labels_from_table(table.iloc[used])
+    classes = np.unique(labels[train_idx])
+    if len(classes) < 2:
+        only = "male" if classes[0] == 1 else "female"
+        raise BrainsexError(f"the training split has a single class (all {len(train_idx)} subjects are {only}); "
+                            f"a classifier needs both sexes")
+    if table["participant_id"].iloc[used].duplicated().any():
+        raise BrainsexError("participant_id repeats within train/val; keep one scan per subject (stratified_split does)")
+    paths = _image_paths(table.iloc[used])
+    in_shape = tuple(int(s) for s in in_shape) if in_shape is not None else _infer_in_shape(paths[0])
+    if len(in_shape) != 3:
+        raise BrainsexError(f"in_shape must have three numbers, got {in_shape}")
+
+    rank, world, local_rank = _dist_env()
+    distributed = world > 1
+    we_initialised = False
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+            dist.init_process_group(backend=backend)
+            we_initialised = True
+    device = resolve_device(config.device)
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    is_main = rank == 0
+    progress = progress and is_main
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not config.deterministic
+        if config.deterministic:
+            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    amp_dtype = _amp_dtype(config.amp, device)
+    augment_on = config.augment_on if config.augment_on != "auto" else ("device" if device.type == "cuda" else "loader")
+    if config.batch_size < world:
+        raise BrainsexError(f"batch_size {config.batch_size} is smaller than the number of processes {world}")
+    per_rank_batch = config.batch_size // world
+    if config.batch_size % world:
+        log.warning("batch_size %d is not divisible by %d processes; using %d per process",
+                    config.batch_size, world, per_rank_batch)
+
+    try:
+        return _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config, out_dir, channels,
+                           dropout, resume, progress, rank, world, device, amp_dtype, augment_on, per_rank_batch,
+                           is_main)
+    finally:
+        if we_initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config, out_dir, channels, dropout,
+                resume, progress, rank, world, device, amp_dtype, augment_on, per_rank_batch, is_main):
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
+    from tqdm.auto import tqdm
+
+    distributed = world > 1
+    # Data: one store over train+val rows (positions 0..len(used)-1), decoded once.
+    store = _VolumeStore(paths, in_shape, cache=config.cache, cache_dtype=config.cache_dtype,
+                         num_workers=config.num_workers, progress=progress)
+    pos_labels = labels[used]
+    n_train = len(train_idx)
+    aug = make_augmentation(config)
+    train_ds = _SFCNDataset(store, range(n_train), pos_labels, augment=aug if augment_on == "loader" else None,
+                            seed=config.seed)
+    val_ds = _SFCNDataset(store, range(n_train, len(used)), pos_labels)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
+    per_rank_n = len(sampler)
+    drop_last = per_rank_n % per_rank_batch == 1 and per_rank_n > 1  # BatchNorm cannot train on one sample
+    loader_gen = torch.Generator()
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, drop_last=drop_last,
+                              num_workers=config.num_workers, pin_memory=pin, generator=loader_gen)
+    val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
+    val_loader = DataLoader(val_shard, batch_size=per_rank_batch, shuffle=False,
+                            num_workers=config.num_workers, pin_memory=pin)
+
+    # Model, optimiser, schedule (paper section 2.5).
+    torch.manual_seed(config.seed)
+    model = SFCN(channels=channels, in_shape=in_shape, dropout=dropout)
+    memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.scheduler_factor,
+                                                           patience=config.scheduler_patience)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    loss_fn = nn.BCEWithLogitsLoss()
+    ids = table["participant_id"].astype(str).to_numpy()[used]
+    signature = _data_signature(ids, table["split"].astype(str).to_numpy()[used], pos_labels, in_shape)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_path, last_path, hist_path = out_dir / "best.pt", out_dir / "last.pt", out_dir / "history.tsv"
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    best_val_loss, best_val_acc, best_epoch = math.inf, float("nan"), 0
+    if resume and last_path.is_file():
+        ckpt = _torch_load(last_path, map_location="cpu")
+        _check_resume(ckpt, model, config, signature, last_path, world)
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        scheduler.load_state_dict(ckpt["scheduler_state"])
+        if ckpt.get("scaler_state"):
+            scaler.load_state_dict(ckpt["scaler_state"])
+        _set_rng_state(ckpt["rng"])
+        history = [dict(h) for h in ckpt["history"]]
+        start_epoch = int(ckpt["epoch"])
+        best_val_loss, best_val_acc, best_epoch = (float(ckpt["best_val_loss"]), float(ckpt["best_val_acc"]),
+                                                   int(ckpt["best_epoch"]))
+        if is_main:
+            log.info("resuming from %s after epoch %d", last_path, start_epoch)
+    elif resume and is_main:
+        log.info("resume=True but %s does not exist; starting from scratch", last_path)
+
+    train_model: nn.Module = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    epochs_run = 0
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        loader_gen.manual_seed(_derive_seed(config.seed, _STREAM_LOADER, epoch, rank))
+        torch.manual_seed(_derive_seed(config.seed, _STREAM_DROPOUT, epoch, rank))
+        lr = float(optimizer.param_groups[0]["lr"])
+        train_model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=True,
+                   unit="batch", dynamic_ncols=True)
+        t_train = time.perf_counter()
+        for step, batch in enumerate(bar):
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["y"].to(device, non_blocking=True)
+            if aug is not None and augment_on == "device":
+                x = torch.stack([_augment_one(aug, x[j], config.seed, epoch, int(i))
+                                 for j, i in enumerate(batch["index"])])
+            x = x.contiguous(memory_format=memory_format)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                logits = train_model(x)
+                loss = loss_fn(logits.float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                sums += torch.stack([loss.detach().double() * len(y), ((logits > 0) == (y > 0.5)).sum().double(),
+                                     torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            if progress and (step % 5 == 0):
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2g}")
+        train_seconds = time.perf_counter() - t_train
+        if distributed:  # evaluate every shard with rank 0's BatchNorm statistics, the ones saved
+            import torch.distributed as dist
+
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
+        val_sums = _evaluate(model, val_loader, loss_fn, device, memory_format, autocast)
+        if distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+            dist.all_reduce(val_sums)
+        train_loss, train_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        val_loss, val_acc = (val_sums[0] / val_sums[2]).item(), (val_sums[1] / val_sums[2]).item()
+        scheduler.step(val_loss)
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+               "val_acc": val_acc, "lr": lr, "seconds": seconds,
+               "samples_per_s": float(sums[2].item()) / max(train_seconds, 1e-9)}
+        history.append(row)
+        improved = val_loss < best_val_loss
+        if improved:
+            best_val_loss, best_val_acc, best_epoch = val_loss, val_acc, epoch + 1
+        if progress:
+            bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}", val_loss=f"{val_loss:.4f}",
+                            val_acc=f"{val_acc:.3f}", best=best_epoch)
+            bar.close()
+        if is_main:
+            base = {"format": CHECKPOINT_FORMAT, "model_config": model.config, "model_state": model.state_dict(),
+                    "epoch": epoch + 1, "val_loss": val_loss, "val_acc": val_acc, "best_val_loss": best_val_loss,
+                    "best_val_acc": best_val_acc, "best_epoch": best_epoch,
+                    "train_config": dataclasses.asdict(config), "data_signature": signature,
+                    "world_size": world, "torch_version": torch.__version__}
+            if improved:
+                _save(base, best_path)
+            _save({**base, "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
+                   "scaler_state": scaler.state_dict() if scaler.is_enabled() else None, "rng": _rng_state(),
+                   "history": history}, last_path)
+            write_table(pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), hist_path)
+        epochs_run += 1
+
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if not best_path.is_file():
+        raise BrainsexError(f"{best_path}: no best checkpoint (resume with epochs <= the finished epochs?)")
+    best = load_model(best_path, device=device)
+    return TrainResult(out_dir=out_dir, best_checkpoint=best_path, last_checkpoint=last_path,
+                       history=pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), best_epoch=best_epoch,
+                       best_val_loss=best_val_loss, best_val_acc=best_val_acc, epochs_run=epochs_run,
+                       device=str(device), in_shape=tuple(in_shape), world_size=world, model=best)
+
+
+def _check_resume(ckpt: dict, model: SFCN, config: TrainConfig, signature: str, path: Path, world: int) -> None:
+    if ckpt.get("model_config") != model.config:
+        raise BrainsexError(f"{path}: cannot resume, the checkpoint's model {ckpt.get('model_config')} differs from "
+                            f"the requested {model.config}")
+    if "optimizer_state" not in ckpt or "rng" not in ckpt:
+        raise BrainsexError(f"{path}: cannot resume from this checkpoint (no optimiser/RNG state; is it a best.pt?)")
+    old = ckpt.get("train_config") or {}
+    diff = {k: (old.get(k), getattr(config, k)) for k in _RESULT_FIELDS if old.get(k) != getattr(config, k)}
+    if diff:
+        txt = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise BrainsexError(f"{path}: cannot resume with different settings ({txt}); use another out_dir or resume=False")
+    if ckpt.get("data_signature") != signature:
+        raise BrainsexError(f"{path}: cannot resume, the train/val subjects, labels or in_shape differ from the "
+                            f"checkpoint's; use another out_dir or resume=False")
+    if int(ckpt.get("world_size", 1)) != world:
+        log.warning("resuming a %s-process run with %d process(es): results will differ from an uninterrupted run",
+                    ckpt.get("world_size"), world)
+
+
+@torch.no_grad()
+def _evaluate(model: SFCN, loader, loss_fn, device, memory_format, autocast) -> torch.Tensor:
+    """Sums (loss * n, correct, n) over a loader, in eval mode, on the unwrapped model."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        y = batch["y"].to(device, non_blocking=True)
+        with autocast():
+            logits = model(x).float()
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        sums += torch.stack([loss.double(), ((logits > 0) == (y > 0.5)).sum().double(),
+                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+    return sums
+
+
+# --------------------------------------------------------------------------------------------- predict
+def predict(
+    model_or_checkpoint: SFCN | str | os.PathLike,
+    table: pd.DataFrame,
+    batch_size: int = 16,
+    device: str = "auto",
+    num_workers: int = 0,
+    amp: str = "off",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """P(male) for every row of ``table`` (paper section 2.3: sigmoid of the single output).
+
+    Parameters
+    ----------
+    model_or_checkpoint
+        A trained :class:`~brainsex.model.SFCN` or the path of a checkpoint written by :func:`train`.
+    table
+        Rows with ``participant_id`` and ``image_pp``.
+    batch_size, num_workers
+        DataLoader settings (no shuffling, no augmentation).
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``; for a model object, ``"auto"`` keeps the model's device.
+    amp
+        Autocast on CUDA (``"bf16"``, ``"fp16"``, ``"auto"``) or ``"off"``.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``participant_id`` and ``prob_male``, in the order of ``table``.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    if isinstance(model_or_checkpoint, nn.Module):
+        model = _unwrap(model_or_checkpoint)
+        if not isinstance(model, SFCN):
+            raise BrainsexError(f"predict needs an SFCN or a checkpoint path, got {type(model).__name__}")
+        dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
+    else:
+        dev = resolve_device(device)
+        model = load_model(model_or_checkpoint, device=dev)
+    model = model.to(dev)
+    if not isinstance(table, pd.DataFrame) or "participant_id" not in table.columns:
+        raise BrainsexError("predict needs a DataFrame with 'participant_id' and 'image_pp' columns")
+    if len(table) == 0:
+        return pd.DataFrame({"participant_id": pd.Series(dtype=str), "prob_male": pd.Series(dtype=float)})
+    paths = _image_paths(table)
+    store = _VolumeStore(paths, model.in_shape, cache=False)
+    ds = _SFCNDataset(store, range(len(paths)), np.zeros(len(paths), dtype=np.float32))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    amp_dtype = _amp_dtype(amp, dev)
+    probs = np.empty(len(paths), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="predict", disable=not progress, unit="batch"):
+                x = batch["image"].to(dev)
+                ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+                with ctx:
+                    logits = model(x).float()
+                probs[batch["index"].numpy()] = torch.sigmoid(logits).double().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return pd.DataFrame({"participant_id": table["participant_id"].to_numpy(), "prob_male": probs})
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brainsex train", description=(
+        "Train SFCN on <run_dir>/preprocess/preprocessed.tsv with the split in <run_dir>/train/split.tsv "
+        "(made, stratified by sex/vendor/field, if missing). Works under torchrun for several GPUs."))
+    p.add_argument("--profile", default="demo", help="parameter profile: demo (default), smoke, paper")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="override a parameter, e.g. -p epochs 5 or -p amp off (repeatable)")
+    p.add_argument("--run-dir", default=None, help="run directory (default: the profile's run_dir or runs/<profile>)")
+    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/train/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """Command line ``brainsex train --profile NAME [-p KEY VALUE ...] [--run-dir DIR] [--resume]``.
+
+    Reads ``<run_dir>/preprocess/preprocessed.tsv`` (rows with status 'ok'), uses
+    ``<run_dir>/train/split.tsv`` if present or writes it with :func:`brainsex.split.stratified_split`,
+    trains with the profile's ``channels``, ``epochs``, ``batch_size``, ``lr``, ``device``, ``seed`` (and any
+    other :class:`TrainConfig` field given with ``-p``) and writes ``<run_dir>/train/``. Returns the exit
+    status (0 on success, 2 on a :class:`BrainsexError`, whose message is printed).
+    """
+    from brainsex.profiles import parse_override, resolve_profile
+    from brainsex.split import check_no_leakage, stratified_split
+
+    args = _train_parser().parse_args(argv)
+    try:
+        overrides = {k: parse_override(v) for k, v in (args.param or [])}
+        known = {f.name for f in dataclasses.fields(TrainConfig)} | {"dropout"}
+        params = resolve_profile(args.profile, overrides, known=known)
+        run_dir = Path(args.run_dir or params.get("run_dir") or Path("runs") / args.profile)
+        pre = read_table(run_dir / "preprocess" / "preprocessed.tsv", dtype={"participant_id": str})
+        if "status" in pre.columns:
+            pre = pre[pre["status"].astype(str) == "ok"]
+        split_path = run_dir / "train" / "split.tsv"
+        if split_path.is_file():
+            split = read_table(split_path, dtype={"participant_id": str})
+            check_no_leakage(split)
+            missing = set(pre["participant_id"]) - set(split["participant_id"])
+            if missing:
+                raise BrainsexError(f"{split_path}: {len(missing)} preprocessed subject(s) have no split "
+                                    f"(e.g. {sorted(missing)[0]}); delete it to make a new split")
+            table = pre.drop(columns=[c for c in ("split", "stratum") if c in pre.columns]).merge(
+                split[["participant_id", "split"]], on="participant_id", how="left", validate="many_to_one")
+        else:
+            table = stratified_split(pre, seed=int(params.get("seed", 0)))
+            if int(os.environ.get("RANK", "0")) == 0:
+                write_table(table[["participant_id", "split", "stratum"]], split_path)
+        config = TrainConfig.from_params(params)
+        result = train(table, config, out_dir=run_dir / "train", channels=params.get("channels", PAPER_CHANNELS),
+                       dropout=float(params.get("dropout", 0.5)), resume=args.resume, progress=not args.no_progress)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, "
+                  f"val_acc {result.best_val_acc:.3f}; checkpoint {result.best_checkpoint}")
+    except BrainsexError as exc:
+        print(f"brainsex: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_train())
