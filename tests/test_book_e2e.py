@@ -50,3 +50,12 @@ def test_no_unknown_mime_type_warnings(smoke_book):
 def test_numbers_in_prose_come_from_glue(smoke_book):
     page = (smoke_book["html"] / "notebooks" / "00_overview.html").read_text()
     assert "smoke" in page  # the profile name glued into the prose
+
+
+def test_no_script_from_the_network(smoke_book):
+    """Offline book: every script (plotly.js, MathJax) is served from the book itself."""
+    for page in smoke_book["html"].rglob("*.html"):
+        srcs = re.findall(r'<script[^>]*\ssrc="([^"]+)"', page.read_text())
+        remote = [s for s in srcs if s.startswith(("http:", "https:", "//"))]
+        assert not remote, (page.name, remote)
+    assert (smoke_book["html"] / "_mathjax" / "tex-chtml.js").is_file()

@@ -139,9 +139,11 @@ def fig_slice_viewer(
 
     if max_size < 4 or n_slices < 1:
         raise BrainsexError(f"max_size={max_size}, n_slices={n_slices}: need max_size >= 4 and n_slices >= 1")
+    if not (hasattr(map_data, "affine") and hasattr(map_data, "get_fdata")):
+        map_data = np.asarray(map_data)
     bg_obj = _to_map_grid(map_data, background, "background", nearest=False)
     reg_obj = _to_map_grid(map_data, regions, "regions", nearest=True)
-    m = _canonical(map_data if hasattr(map_data, "affine") else _load(map_data, "map_data")[0]).astype(np.float32)
+    m = _canonical(map_data).astype(np.float32)
     if m.ndim != 3:
         raise BrainsexError(f"map_data: expected a 3D map, got shape {m.shape}")
     if not np.isfinite(m).all():

@@ -336,6 +336,24 @@ def _plotly_js() -> Path:
     return js
 
 
+def _copy_mathjax(dest: Path) -> None:
+    """Copy MathJax 3 (``tex-chtml.js`` and its web fonts) from the sphinx-mathjax-offline package."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("sphinx-mathjax-offline")
+    except metadata.PackageNotFoundError:
+        raise BuildError("the package sphinx-mathjax-offline (local MathJax) is not installed") from None
+    src = Path(str(dist.locate_file("sphinx-mathjax-offline/static/mathjax")))
+    if not (src / "tex-chtml.js").is_file():
+        raise BuildError(f"MathJax files not found in {src}")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "tex-chtml.js", dest / "tex-chtml.js")
+    fonts = src / "output" / "chtml" / "fonts"
+    if fonts.is_dir():
+        shutil.copytree(fonts, dest / "output" / "chtml" / "fonts", dirs_exist_ok=True)
+
+
 def _dedupe_inline_scripts(html_dir: Path) -> None:
     """Drop repeated identical inline ``<script>`` lines from every page.
 
@@ -388,6 +406,7 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
         if (root / "_static").is_dir():
             shutil.copytree(root / "_static", static, dirs_exist_ok=True)
         shutil.copy2(_plotly_js(), static / "plotly.min.js")
+        _copy_mathjax(stage / "_extra" / "_mathjax")
         jb = Path(sys.executable).parent / "jupyter-book"
         cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(stage), "--path-output", str(stage / "_out")]
         _log("building HTML with jupyter-book ...")

@@ -102,9 +102,11 @@ def earliest_scan(
             )
     elif session_col not in table.columns:
         raise BrainsexError(f"session_col '{session_col}' is not a column of the table")
-    order = table.sort_values([id_col, session_col], kind="mergesort", na_position="last")
-    keep = order.drop_duplicates(subset=id_col, keep="first").index
-    return table.loc[table.index.isin(keep)]
+    pos = pd.DataFrame({"id": table[id_col].to_numpy(), "s": table[session_col].to_numpy(),
+                        "pos": np.arange(len(table))})
+    order = pos.sort_values(["id", "s"], kind="mergesort", na_position="last")
+    keep = np.sort(order.drop_duplicates(subset="id", keep="first")["pos"].to_numpy())
+    return table.iloc[keep]
 
 
 def stratum_keys(
