@@ -748,10 +748,10 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
         lr = float(optimizer.param_groups[0]["lr"])
         train_model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=True,
-                   unit="batch", dynamic_ncols=True)
+        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
+                   leave=True, unit="batch", dynamic_ncols=True)
         t_train = time.perf_counter()
-        for step, batch in enumerate(bar):
+        for step, batch in enumerate(train_loader):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["y"].to(device, non_blocking=True)
             if aug is not None and augment_on == "device":
@@ -768,8 +768,9 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
             with torch.no_grad():
                 sums += torch.stack([loss.detach().double() * len(y), ((logits > 0) == (y > 0.5)).sum().double(),
                                      torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            bar.update(1)
             if progress and (step % 5 == 0):
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2g}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2g}", refresh=False)
         train_seconds = time.perf_counter() - t_train
         if distributed:  # evaluate every shard with rank 0's BatchNorm statistics, the ones saved
             import torch.distributed as dist
@@ -795,14 +796,14 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
             best_val_loss, best_val_acc, best_epoch = val_loss, val_acc, epoch + 1
         if progress:
             bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}", val_loss=f"{val_loss:.4f}",
-                            val_acc=f"{val_acc:.3f}", best=best_epoch)
-            bar.close()
+                            val_acc=f"{val_acc:.3f}", best=best_epoch, refresh=True)
+        bar.close()
         if is_main:
             base = {"format": CHECKPOINT_FORMAT, "model_config": model.config, "model_state": model.state_dict(),
                     "epoch": epoch + 1, "val_loss": val_loss, "val_acc": val_acc, "best_val_loss": best_val_loss,
                     "best_val_acc": best_val_acc, "best_epoch": best_epoch,
                     "train_config": dataclasses.asdict(config), "data_signature": signature,
-                    "world_size": world, "torch_version": torch.__version__}
+                    "world_size": world, "torch_version": str(torch.__version__)}
             if improved:
                 _save(base, best_path)
             _save({**base, "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
