@@ -21,9 +21,11 @@ import pandas as pd
 from brainsex import BrainsexError
 from brainsex.figures import PALETTE
 
-__all__ = ["fig_slice_viewer", "fig_top_regions", "plot_map_static"]
+__all__ = ["REGION_COLORS", "fig_slice_viewer", "fig_top_regions", "plot_map_static"]
 
 _PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+#: Region colours: the house palette, then Paul Tol's muted colours, so that ten regions stay distinct.
+REGION_COLORS = list(PALETTE) + ["#332288", "#882255", "#44AA99", "#117733", "#AA4499", "#DDCC77"]
 
 
 def _load(obj: Any, name: str) -> tuple[np.ndarray, Any]:
@@ -99,7 +101,7 @@ def fig_slice_viewer(
     vmax: float | None = None,
     colorscale: str = "Jet",
     max_size: int = 48,
-    n_slices: int = 24,
+    n_slices: int = 20,
     height: int = 430,
 ) -> Any:
     """Interactive three-plane viewer of a map over a background, one slider per plane.
@@ -178,7 +180,7 @@ def fig_slice_viewer(
         reg = dense
     k_reg = len(reg_ids)
     if k_reg:
-        colors = [PALETTE[i % len(PALETTE)] for i in range(k_reg)]
+        colors = [REGION_COLORS[i % len(REGION_COLORS)] for i in range(k_reg)]
         reg_scale = [[0.0, "rgba(0,0,0,0)"], [0.5 / (k_reg + 0.5), "rgba(0,0,0,0)"]]
         for i, c in enumerate(colors):
             lo_, hi_ = (i + 0.5) / (k_reg + 0.5), min((i + 1.5) / (k_reg + 0.5), 1.0)
@@ -204,7 +206,7 @@ def fig_slice_viewer(
                 ids.append(len(fig.data) - 1)
             fig.add_trace(go.Heatmap(
                 z=_slice(shown, axis, s).astype(np.float32), colorscale=colorscale, zmin=bottom, zmax=top,
-                showscale=(col == 3 and s_i == 0), colorbar={"title": "saliency", "len": 0.8},
+                showscale=(col == 3), colorbar={"title": {"text": "value"}, "len": 0.8},  # one visible at a time
                 hovertemplate=f"{plane} slice {s}<br>value %{{z:.3f}}<extra></extra>", visible=visible,
             ), row=1, col=col)
             ids.append(len(fig.data) - 1)
@@ -228,7 +230,7 @@ def fig_slice_viewer(
     for i, r in enumerate(reg_ids):
         name = (region_names or {}).get(r, str(r))
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
-                                 marker={"color": PALETTE[i % len(PALETTE)], "size": 10, "symbol": "square"}))
+                                 marker={"color": REGION_COLORS[i % len(REGION_COLORS)], "size": 10, "symbol": "square"}))
     fig.update_layout(title=title, height=height, sliders=sliders, margin={"l": 10, "r": 10, "t": 60, "b": 90},
                       plot_bgcolor="black" if bg is not None else "white",
                       legend={"orientation": "h", "y": -0.45} if k_reg else None)
@@ -313,7 +315,7 @@ def plot_map_static(
     if regions_img is not None:
         data = np.rint(np.asarray(regions_img.dataobj)).astype(int)
         ids = [int(v) for v in np.unique(data) if v != 0]
-        colors = list(region_colors) if region_colors else PALETTE
+        colors = list(region_colors) if region_colors else REGION_COLORS
         for i, r in enumerate(ids):
             display.add_contours(math_img(f"img == {r}", img=regions_img), levels=[0.5],
                                  colors=[colors[i % len(colors)]], linewidths=1.2)

@@ -67,6 +67,9 @@ def resample_atlas_to(atlas_img: Any, target_img: Any) -> Any:
     ``nilearn.image.resample_to_img(..., interpolation="nearest")``. The two images must be related by
     their affines: both invertible and with overlapping fields of view in world space, and at least
     one atlas label must land inside the target grid. Otherwise :class:`~brainsex.BrainsexError`.
+    As in nilearn (scipy ``map_coordinates``, order 0), target voxels whose centres lie beyond the
+    outermost atlas voxel centres (the outer half voxel of the atlas field of view) get 0; atlases have a
+    background margin, so this loses no region.
 
     Returns
     -------
@@ -468,7 +471,7 @@ def log_jacobian_region_means(
 
 def _sex_to_male(sex: Any) -> np.ndarray:
     s = pd.Series(list(sex))
-    if s.dtype == object:
+    if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
         mapped = s.astype(str).str.upper().map({"M": 1.0, "F": 0.0, "MALE": 1.0, "FEMALE": 0.0})
     else:
         mapped = s.astype(float).where(s.isin([0, 1]))

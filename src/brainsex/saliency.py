@@ -185,7 +185,9 @@ def saliency_maps(
     Returns
     -------
     numpy.ndarray
-        float32 maps with the same shape as ``volumes`` (``(N, X, Y, Z)`` or ``(N, C, X, Y, Z)``).
+        float32 maps with the same shape as ``volumes`` (``(N, X, Y, Z)`` or ``(N, C, X, Y, Z)``), in
+        the scans' own space: warp them to the template (the subject's non-linear transform) before
+        averaging. At 1 mm every map is ~29 MB; for many scans call this on chunks of subjects.
     """
     import torch
     from captum.attr import IntegratedGradients, NoiseTunnel, Saliency

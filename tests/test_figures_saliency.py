@@ -1,0 +1,73 @@
+"""Smoke tests of the saliency/region figures (they build, offline, with modest size)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from brainsex import BrainsexError  # noqa: E402
+from brainsex._figures_saliency import fig_slice_viewer, fig_top_regions, plot_map_static  # noqa: E402
+
+
+def _volumes(shape=(40, 48, 40)):
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    r = np.sqrt((grid ** 2).sum(0))
+    brain = (r < 0.9).astype(np.float32) * (1 - r)
+    m = np.exp(-((grid[0] - 0.3) ** 2 + grid[1] ** 2 + grid[2] ** 2) / 0.05).astype(np.float32)
+    regions = np.zeros(shape, dtype=np.int32)
+    regions[(r < 0.3) & (grid[0] > 0)] = 7
+    regions[(r < 0.3) & (grid[0] <= 0)] = 3
+    aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    aff[:3, 3] = -2.0 * (np.array(shape) - 1)  # centred on the origin
+    return nib.Nifti1Image(m, aff), nib.Nifti1Image(brain, aff), nib.Nifti1Image(regions, aff)
+
+
+def test_slice_viewer_builds_offline_and_small():
+    map_img, bg_img, reg_img = _volumes()
+    fig = fig_slice_viewer(map_img, bg_img, regions=reg_img, region_names={7: "Right X", 3: "Left Y"},
+                           max_size=32, n_slices=10)
+    assert len(fig.layout.sliders) == 3
+    for slider in fig.layout.sliders:
+        assert 1 < len(slider.steps) <= 10 and slider.steps[0].method == "restyle"
+        vis, ids = slider.steps[0].args
+        assert sum(vis["visible"]) == 3 and len(ids) == len(vis["visible"])  # bg + map + outline per slice
+    visible = [t for t in fig.data if t.visible is not False and t.type == "heatmap"]
+    assert len(visible) == 9  # one slice per plane shown at start
+    assert [t.name for t in fig.data if t.type == "scatter"] == ["Right X", "Left Y"]
+    html = fig.to_html(include_plotlyjs=False, full_html=False)
+    assert len(html) < 1_500_000
+    # arrays of the same grid work as well; without a background there is one trace less per slice
+    fig2 = fig_slice_viewer(np.asarray(map_img.dataobj), max_size=16, n_slices=4, threshold=None)
+    assert len(fig2.data) <= 12
+    with pytest.raises(BrainsexError, match="shape"):
+        fig_slice_viewer(np.zeros((5, 5, 5)), background=np.zeros((4, 4, 4)))
+
+
+def test_top_regions_bar():
+    scores = pd.DataFrame({"label": [1, 2, 3, 4], "name": ["a", "b", "c", "d"],
+                           "hemisphere": ["left", "right", "left", "right"],
+                           "weighted_score": [0.1, 0.5, 0.3, 0.0], "saliency_score": [0.2, 0.6, 0.4, 0.0],
+                           "mean_saliency_norm": [0.5, 0.8, 0.7, 0.0], "n_voxels": [10, 20, 30, 40]})
+    fig = fig_top_regions(scores, k=3, highlight=[2])
+    bar = fig.data[0]
+    assert list(bar.y) == ["a (left)", "c (left)", "b (right)"]  # best at the top
+    assert list(bar.x) == [0.1, 0.3, 0.5] and bar.text[-1] == "50%"
+    assert len(set(bar.marker.color)) == 2
+    with pytest.raises(BrainsexError, match="columns"):
+        fig_top_regions(scores.drop(columns="weighted_score"))
+
+
+def test_plot_map_static(tmp_path):
+    map_img, bg_img, reg_img = _volumes((20, 24, 20))
+    display = plot_map_static(map_img, bg_img, title="mean map", cut_coords=3, regions_img=reg_img)
+    assert display is not None
+    display.close()
+    out = tmp_path / "fig.png"
+    plot_map_static(map_img, bg_img, title="mean map", cut_coords=[-10, 0, 10], output_file=out)
+    assert out.stat().st_size > 1000

@@ -1,0 +1,328 @@
+"""Tests of brainsex.train on tiny synthetic volumes (a blob that is larger in 'males').
+
+Covers learning, outputs in the run directory, determinism, exact kill-and-resume, augmentation, the
+DistributedDataParallel path (2 CPU processes, gloo), the CLI entry, and each bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainsex import BrainsexError
+from brainsex.model import SFCN
+from brainsex.train import (
+    HISTORY_COLUMNS,
+    TrainConfig,
+    load_model,
+    main_train,
+    make_augmentation,
+    predict,
+    train,
+)
+
+torch.set_num_threads(1)
+SHAPE = (16, 16, 16)
+CH = (4, 8, 8, 8, 8, 4)
+TIMING = ["seconds", "samples_per_s"]
+
+
+def write_volume(path: Path, vol: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), path)
+    return str(path)
+
+
+def make_table(root: Path, n: int = 40, n_val: int = 8, shape=SHAPE, seed: int = 0) -> pd.DataFrame:
+    """z-scored noisy volumes with a ball of radius ~0.36*size (male) or ~0.24*size (female)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    grid = np.stack(np.meshgrid(*[np.arange(s) - (s - 1) / 2 for s in shape], indexing="ij"))
+    rows = []
+    for i in range(n):
+        male = i % 2
+        radius = (0.36 if male else 0.24) * min(shape) + rng.normal(0, 0.2)
+        centre = rng.normal(0, 0.7, size=3)
+        dist = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+        vol = (dist < radius) + rng.normal(0, 0.3, size=shape)
+        vol = (vol - vol.mean()) / vol.std()
+        rows.append({"participant_id": f"sub-{i:03d}", "sex": "M" if male else "F",
+                     "image_pp": write_volume(root / f"sub-{i:03d}.nii.gz", vol),
+                     "split": "val" if i < n_val else "train", "status": "ok"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> pd.DataFrame:
+    return make_table(tmp_path_factory.mktemp("vols"))
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 3, "batch_size": 8, "device": "cpu", "seed": 0, **kw})
+
+
+def assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    ha = pd.read_csv(a_dir / "history.tsv", sep="\t").drop(columns=TIMING)
+    hb = pd.read_csv(b_dir / "history.tsv", sep="\t").drop(columns=TIMING)
+    pd.testing.assert_frame_equal(ha, hb, check_exact=True)
+    for name in ("last.pt", "best.pt"):
+        sa = torch.load(a_dir / name, weights_only=True)["model_state"]
+        sb = torch.load(b_dir / name, weights_only=True)["model_state"]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (name, k)
+    oa = torch.load(a_dir / "last.pt", weights_only=True)["optimizer_state"]["state"]
+    ob = torch.load(b_dir / "last.pt", weights_only=True)["optimizer_state"]["state"]
+    for k in oa:
+        assert torch.equal(oa[k]["exp_avg"], ob[k]["exp_avg"])
+
+
+@pytest.fixture(scope="module")
+def reference(table, tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run."""
+    out = tmp_path_factory.mktemp("ref")
+    train(table, cfg(), out_dir=out, channels=CH, progress=False)
+    return out
+
+
+def test_learns_and_writes_run_directory(table, tmp_path):
+    res = train(table, cfg(epochs=12), out_dir=tmp_path / "train", channels=CH, progress=False)
+    for name in ("best.pt", "last.pt", "history.tsv"):
+        assert (tmp_path / "train" / name).is_file()
+    hist = pd.read_csv(tmp_path / "train" / "history.tsv", sep="\t")
+    assert tuple(hist.columns) == HISTORY_COLUMNS and hist["epoch"].tolist() == list(range(1, 13))
+    assert (hist["samples_per_s"] > 0).all() and (hist["lr"] == 0.01).all()
+    assert res.best_epoch == int(hist["val_loss"].idxmin()) + 1
+    assert res.best_val_loss == pytest.approx(hist["val_loss"].min())
+    # the blob size separates the classes: the model must have learned it
+    assert res.best_val_acc >= 0.75 and hist["train_loss"].iloc[-3:].mean() < hist["train_loss"].iloc[0]
+    # the validation loss is computed without augmentation: predict() on the best model reproduces it
+    val = table[table["split"] == "val"]
+    pred = predict(res.best_checkpoint, val, device="cpu", progress=False)
+    assert pred["participant_id"].tolist() == val["participant_id"].tolist()
+    y = (val["sex"] == "M").to_numpy(float)
+    p = pred["prob_male"].to_numpy()
+    bce = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    assert bce == pytest.approx(res.best_val_loss, rel=1e-4)
+    assert res.model is not None and not res.model.training
+
+
+def test_same_seed_same_result(table, reference, tmp_path):
+    train(table, cfg(), out_dir=tmp_path, channels=CH, progress=False)
+    assert_same_run(reference, tmp_path)
+
+
+def test_different_seed_differs(table, reference, tmp_path):
+    train(table, cfg(seed=1, epochs=1), out_dir=tmp_path, channels=CH, progress=False)
+    a = pd.read_csv(reference / "history.tsv", sep="\t")
+    b = pd.read_csv(tmp_path / "history.tsv", sep="\t")
+    assert a["train_loss"].iloc[0] != b["train_loss"].iloc[0]
+
+
+def test_resume_after_two_epochs_equals_straight_run(table, reference, tmp_path):
+    first = train(table, cfg(epochs=2), out_dir=tmp_path, channels=CH, progress=False)
+    assert first.epochs_run == 2
+    second = train(table, cfg(epochs=3), out_dir=tmp_path, channels=CH, resume=True, progress=False)
+    assert second.epochs_run == 1 and len(second.history) == 3
+    assert_same_run(reference, tmp_path)
+
+
+def test_kill_mid_epoch_then_resume_equals_straight_run(table, reference, tmp_path, monkeypatch):
+    import brainsex.train as T
+
+    real = T._evaluate
+    calls = {"n": 0}
+
+    def dying_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third epoch dies after its training steps, before it is saved
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train(table, cfg(), out_dir=tmp_path, channels=CH, progress=False)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    assert not list(tmp_path.glob(".*tmp*"))  # no half-written files left behind
+    monkeypatch.setattr(T, "_evaluate", real)
+    train(table, cfg(), out_dir=tmp_path, channels=CH, resume=True, progress=False)
+    assert_same_run(reference, tmp_path)
+
+
+def test_augmentation_on_device_equals_in_loader(table, reference, tmp_path):
+    train(table, cfg(augment_on="device"), out_dir=tmp_path, channels=CH, progress=False)
+    assert_same_run(reference, tmp_path)
+
+
+def test_augmentation_rotates_about_half():
+    aug = make_augmentation(TrainConfig())
+    vol = torch.zeros(1, *SHAPE)
+    vol[0, 4:12, 6:10, 5:11] = 1.0
+    from brainsex.train import _augment_one
+
+    changed = [not torch.equal(_augment_one(aug, vol, 0, 0, i), vol) for i in range(200)]
+    assert 0.38 < np.mean(changed) < 0.62
+    again = [not torch.equal(_augment_one(aug, vol, 0, 0, i), vol) for i in range(200)]
+    assert changed == again  # per-sample seeds: same (seed, epoch, index) -> same rotation
+    assert make_augmentation(TrainConfig(rotate_prob=0)) is None
+
+
+def test_checkpoint_contents_and_load_model(reference):
+    last = torch.load(reference / "last.pt", weights_only=True)
+    assert {"model_state", "optimizer_state", "scheduler_state", "rng", "epoch", "history", "train_config",
+            "model_config"} <= set(last)
+    assert {"torch", "numpy", "python"} <= set(last["rng"]) and last["epoch"] == 3
+    model = load_model(reference / "best.pt")
+    assert isinstance(model, SFCN) and model.channels == CH and model.in_shape == SHAPE and not model.training
+
+
+def test_predict_matches_model(table, reference):
+    model = load_model(reference / "best.pt")
+    pred = predict(model, table.head(5), batch_size=2, progress=False)
+    x = torch.stack([torch.from_numpy(np.asarray(nib.load(p).dataobj, dtype=np.float32))[None]
+                     for p in table.head(5)["image_pp"]])
+    np.testing.assert_allclose(pred["prob_male"], model.predict_proba(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_load_model_refuses_other_architecture(reference, tmp_path):
+    with pytest.raises(BrainsexError, match="channels"):
+        load_model(reference / "best.pt", channels=(8, 16, 32, 32, 32, 16))
+    with pytest.raises(BrainsexError, match="in_shape"):
+        load_model(reference / "best.pt", in_shape=(49, 58, 49))
+    ckpt = torch.load(reference / "best.pt", weights_only=True)
+    ckpt["model_config"]["channels"] = [4, 8, 8, 8, 8, 8]  # config says one thing, weights another
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(BrainsexError, match="weights do not fit"):
+        load_model(tmp_path / "bad.pt")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(BrainsexError, match="not a brainsex SFCN checkpoint"):
+        load_model(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_text("junk")
+    with pytest.raises(BrainsexError, match="not a readable"):
+        load_model(tmp_path / "junk.pt")
+    with pytest.raises(BrainsexError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_resume_refuses_other_settings(table, reference, tmp_path):
+    import shutil
+
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(BrainsexError, match="lr"):
+        train(table, cfg(lr=0.001, epochs=4), out_dir=tmp_path, channels=CH, resume=True, progress=False)
+    with pytest.raises(BrainsexError, match="model"):
+        train(table, cfg(epochs=4), out_dir=tmp_path, channels=(4, 8, 8, 8, 8, 8), resume=True, progress=False)
+    flipped = table.assign(split=table["split"].replace({"val": "train"}))
+    flipped.loc[[8, 9], "split"] = "val"
+    with pytest.raises(BrainsexError, match="subjects"):
+        train(flipped, cfg(epochs=4), out_dir=tmp_path, channels=CH, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda t: t.assign(split="val"), "training split is empty"),
+        (lambda t: t.assign(split="train"), "validation split is empty"),
+        (lambda t: t.assign(sex=np.where(t["split"] == "train", "F", t["sex"])), "single class.*female"),
+        (lambda t: t.assign(sex="X"), "'M' or 'F'"),
+        (lambda t: t.drop(columns="image_pp"), "image_pp"),
+        (lambda t: t.assign(image_pp=t["image_pp"].str.replace("sub-0", "nope-0")), "not found"),
+    ],
+)
+def test_bad_tables(table, tmp_path, mutate, match):
+    with pytest.raises(BrainsexError, match=match):
+        train(mutate(table.copy()), cfg(epochs=1), out_dir=tmp_path, channels=CH, progress=False)
+
+
+def test_shape_mismatch_and_nan_named(table, tmp_path):
+    bad = table.copy()
+    bad.loc[12, "image_pp"] = write_volume(tmp_path / "small.nii.gz", np.zeros((16, 16, 15)))
+    with pytest.raises(BrainsexError, match=r"small\.nii\.gz.*\(16, 16, 15\).*\(16, 16, 16\)"):
+        train(bad, cfg(epochs=1), out_dir=tmp_path / "a", channels=CH, progress=False)
+    with pytest.raises(BrainsexError, match=r"sub-0\d\d\.nii\.gz.*in_shape \(20, 24, 20\)"):
+        train(table, cfg(epochs=1), out_dir=tmp_path / "b", in_shape=(20, 24, 20), channels=CH, progress=False)
+    vol = np.ones(SHAPE)
+    vol[3, 4, 5] = np.nan
+    vol[1, 1, 1] = np.inf
+    bad.loc[12, "image_pp"] = write_volume(tmp_path / "nan.nii.gz", vol)
+    for cache in (True, False):
+        with pytest.raises(BrainsexError, match=r"nan\.nii\.gz.*2 NaN/inf"):
+            train(bad, cfg(epochs=1, cache=cache), out_dir=tmp_path / "c", channels=CH, progress=False)
+
+
+def test_config_validation():
+    with pytest.raises(BrainsexError, match="amp"):
+        TrainConfig(amp="fp8")
+    with pytest.raises(BrainsexError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(BrainsexError, match="CUDA is not available|unknown device"):
+        from brainsex.train import resolve_device
+
+        resolve_device("cuda" if not torch.cuda.is_available() else "tpu")
+
+
+# ---------------------------------------------------------------------------------- DDP and the CLI
+DDP_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+import pandas as pd
+from brainsex.train import TrainConfig, train
+table = pd.read_csv(sys.argv[1], sep="\\t")
+res = train(table, TrainConfig(epochs=2, batch_size=8, device="cpu", seed=0), out_dir=sys.argv[2],
+            channels=(2, 4, 4, 4, 4, 2), progress=False)
+print(f"rank-done world={res.world_size} best={res.best_epoch}", flush=True)
+"""
+
+
+def test_ddp_two_cpu_processes(table, tmp_path):
+    (tmp_path / "ddp.py").write_text(textwrap.dedent(DDP_SCRIPT))
+    table.to_csv(tmp_path / "table.tsv", sep="\t", index=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(tmp_path / "ddp.py"), str(tmp_path / "table.tsv"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("rank-done world=2") == 2
+    last = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    assert last["world_size"] == 2 and last["epoch"] == 2
+    hist = pd.read_csv(tmp_path / "out" / "history.tsv", sep="\t")
+    assert hist["epoch"].tolist() == [1, 2] and np.isfinite(hist["val_loss"]).all()
+    # all 32 training scans are seen per epoch (16 per process) and all 8 validation scans are scored
+    model = load_model(tmp_path / "out" / "best.pt")
+    val = table[table["split"] == "val"]
+    p = predict(model, val, progress=False)["prob_male"].to_numpy()
+    y = (val["sex"] == "M").to_numpy(float)
+    bce = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    best = torch.load(tmp_path / "out" / "best.pt", weights_only=True)
+    assert bce == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def test_main_train_cli(table, tmp_path, capsys):
+    run = tmp_path / "run"
+    pre = table.drop(columns="split").assign(vendor="Siemens", field=3.0)
+    pre.loc[len(pre)] = {**pre.iloc[0].to_dict(), "participant_id": "sub-failed", "status": "failed",
+                         "image_pp": ""}
+    (run / "preprocess").mkdir(parents=True)
+    pre.to_csv(run / "preprocess" / "preprocessed.tsv", sep="\t", index=False)
+    argv = ["--profile", "smoke", "--run-dir", str(run), "-p", "epochs", "1", "-p", "channels", "[2, 2, 2, 2, 2, 2]",
+            "--no-progress"]
+    assert main_train(argv) == 0
+    split = pd.read_csv(run / "train" / "split.tsv", sep="\t")
+    assert set(split["split"]) == {"train", "val", "test"} and "sub-failed" not in set(split["participant_id"])
+    assert (run / "train" / "best.pt").is_file() and "best epoch 1" in capsys.readouterr().out
+    # a second call resumes (nothing left to do) and reuses the saved split
+    assert main_train([*argv, "--resume"]) == 0
+    assert main_train(["--profile", "smoke", "--run-dir", str(tmp_path / "nowhere")]) == 2
+    assert "preprocessed.tsv" in capsys.readouterr().err
+    assert main_train(["--profile", "smoke", "--run-dir", str(run), "-p", "epochz", "1"]) == 2
