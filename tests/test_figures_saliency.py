@@ -12,7 +12,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from brainsex import BrainsexError  # noqa: E402
-from brainsex._figures_saliency import fig_slice_viewer, fig_top_regions, plot_map_static  # noqa: E402
+from brainsex.figures import fig_slice_viewer, fig_top_regions, plot_map_static  # noqa: E402
 
 
 def _volumes(shape=(40, 48, 40)):

@@ -9,11 +9,15 @@ Colab, VS Code) it defers to plotly's own renderer.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "fig_study_design", "fig_cohort_status"]
+from brainsex import BrainsexError
+
+__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static"]
 
 #: Colour-blind safe (Okabe-Ito), readable on light and dark themes.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999"]
@@ -54,6 +58,8 @@ def show_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 200
     from IPython.display import HTML, display
 
     shown = df.head(max_rows)
+    # nullable dtypes (Float64, Int64, boolean) ignore ``na_rep``: show their missing values as n/a too
+    shown = shown.astype({c: "object" for c in shown.columns if pd.api.types.is_extension_array_dtype(shown[c])})
     html = shown.to_html(index=False, classes="brainsex-table", border=0, na_rep="n/a", **style)
     cap = f"<p class='caption'><em>{caption}</em></p>" if caption else ""
     more = f"<p><em>{len(df) - max_rows} more rows in the run directory.</em></p>" if len(df) > max_rows else ""
@@ -122,3 +128,556 @@ def fig_cohort_status(table: pd.DataFrame) -> Any:
     fig.update_layout(title="Cohorts in data_manifest.yaml (green: enabled in this manifest)", height=260,
                       margin={"l": 10, "r": 10, "t": 50, "b": 30})
     return fig
+
+
+def fig_learning_curves(history: pd.DataFrame, best_epoch: int | None = None) -> Any:
+    """Loss and accuracy per epoch for training and validation (from ``train/history.tsv``)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss (binary cross-entropy)", "accuracy"))
+    for col, name, color, dash in (("train", "training", PALETTE[0], "solid"), ("val", "validation", PALETTE[1], "dash")):
+        fig.add_trace(go.Scatter(x=history["epoch"], y=history[f"{col}_loss"], name=name, mode="lines+markers",
+                                 line={"color": color, "dash": dash}, legendgroup=col), row=1, col=1)
+        fig.add_trace(go.Scatter(x=history["epoch"], y=history[f"{col}_acc"], name=name, mode="lines+markers",
+                                 line={"color": color, "dash": dash}, legendgroup=col, showlegend=False),
+                      row=1, col=2)
+    if best_epoch is not None:
+        for c in (1, 2):
+            fig.add_vline(x=best_epoch, line={"color": "#999999", "dash": "dot"}, row=1, col=c)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_layout(title="Learning curves (dotted line: the kept checkpoint, lowest validation loss)",
+                      height=380, margin={"t": 70})
+    return fig
+
+
+# --- evaluation and TIV chapters (paper Figures 2, 4, 5) ---------------------------------------
+
+_SEX_NAMES = {"F": "female", "M": "male"}
+
+
+def fig_roc(roc: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "ROC curve (male = positive class)") -> Any:
+    """ROC curve(s) from :func:`brainsex.evaluate.roc_curve_table`.
+
+    Parameters
+    ----------
+    roc
+        One table, or ``{name: table}`` to compare models (e.g. the CNN and the TIV-only baseline). The
+        AUC in each table's ``attrs["auc"]`` goes into the legend.
+    """
+    import plotly.graph_objects as go
+
+    tables = {"model": roc} if isinstance(roc, pd.DataFrame) else dict(roc)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
+                             line={"color": "#999999", "dash": "dash"}, hoverinfo="skip"))
+    for i, (name, t) in enumerate(tables.items()):
+        auc = t.attrs.get("auc")
+        label = f"{name} (AUC {auc:.3f})" if auc is not None else name
+        thr = np.where(np.isfinite(t["threshold"]), t["threshold"], np.nan)
+        fig.add_trace(go.Scatter(
+            x=t["fpr"], y=t["tpr"], mode="lines", name=label, line={"color": PALETTE[i % len(PALETTE)], "width": 2},
+            customdata=thr, line_shape="hv",
+            hovertemplate="1 − female accuracy %{x:.3f}<br>male recall %{y:.3f}<br>threshold %{customdata:.3f}"
+                          "<extra></extra>",
+        ))
+    fig.update_xaxes(title="False positive rate (women classified as men)", range=[0, 1], constrain="domain")
+    fig.update_yaxes(title="True positive rate (men classified as men)", range=[0, 1.01], scaleanchor="x")
+    fig.update_layout(title=title, height=480, legend={"x": 0.98, "y": 0.02, "xanchor": "right"})
+    return fig
+
+
+def fig_confusion(table: pd.DataFrame, title: str = "Confusion matrix (test set)") -> Any:
+    """Heatmap of :func:`brainsex.evaluate.confusion`: counts and the fraction of each true sex."""
+    import plotly.graph_objects as go
+
+    counts = table.to_numpy()
+    rows = counts.sum(axis=1, keepdims=True)
+    frac = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    true_lbl = [f"{_SEX_NAMES.get(s, s)} ({s})" for s in table.index]
+    pred_lbl = [f"{_SEX_NAMES.get(s, s)} ({s})" for s in table.columns]
+    text = [[f"{c}<br>{f:.1%}" for c, f in zip(r, fr, strict=True)] for r, fr in zip(counts, frac, strict=True)]
+    fig = go.Figure(go.Heatmap(
+        z=frac, x=pred_lbl, y=true_lbl, text=text, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
+        colorbar={"title": {"text": "fraction of<br>true sex"}},
+        hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>",
+    ))
+    fig.update_xaxes(title="Predicted sex", side="bottom")
+    fig.update_yaxes(title="True sex", autorange="reversed")
+    fig.update_layout(title=title, height=380, width=480)
+    return fig
+
+
+def fig_tiv_tertile_hist(
+    assigned: pd.DataFrame,
+    tiv_col: str = "etiv_ml",
+    nbins: int = 30,
+    title: str = "TIV distribution in three equal-count bins (paper Figure 2)",
+) -> Any:
+    """Histogram of TIV coloured by tertile, from :func:`brainsex.tiv.assign_tertiles`.
+
+    Bars are stacked on common bins; hover gives the count of each tertile. Boundaries between tertiles
+    are drawn as dotted lines.
+    """
+    import plotly.graph_objects as go
+    from plotly.colors import sample_colorscale
+
+    tiv = pd.to_numeric(assigned[tiv_col], errors="coerce")
+    lo, hi = float(tiv.min()), float(tiv.max())
+    size = (hi - lo) / max(int(nbins), 1) or 1.0
+    cats = list(assigned["tertile"].cat.categories)
+    # an ordered, colour-blind safe ramp (low to high TIV) that cannot be mistaken for the sex colours
+    colors = sample_colorscale("Viridis", list(np.linspace(0.15, 0.85, len(cats)))) if len(cats) > 1 else ["#009E73"]
+    fig = go.Figure()
+    for i, cat in enumerate(cats):
+        sel = (assigned["tertile"] == cat).to_numpy()
+        fig.add_trace(go.Histogram(
+            x=tiv[sel], name=f"{cat} ({int(sel.sum())})", marker_color=colors[i],
+            xbins={"start": lo, "end": hi + size, "size": size},
+            hovertemplate=f"{cat}<br>TIV %{{x}} ml<br>%{{y}} subjects<extra></extra>",
+        ))
+    for cat in cats[1:]:
+        edge = float(tiv[(assigned["tertile"] == cat).to_numpy()].min())
+        fig.add_vline(x=edge, line={"dash": "dot", "color": "#555555"})
+    fig.update_layout(barmode="stack", title=title, height=420, legend={"title": {"text": "TIV bin (n)"},
+                                                                         "traceorder": "normal"})
+    fig.update_xaxes(title=f"TIV ({tiv_col}, ml)")
+    fig.update_yaxes(title="Subjects")
+    return fig
+
+
+def fig_prob_vs_tiv(
+    predictions: pd.DataFrame,
+    tiv_col: str = "etiv_ml",
+    prob_col: str = "prob_male",
+    threshold: float = 0.5,
+    rtiv: tuple[float, float] | None = None,
+    curves: Mapping[str, Any] | None = None,
+    title: str = "Predicted probability of male against TIV (paper Figure 4)",
+) -> Any:
+    """Scatter of ``prob_col`` against TIV coloured by true sex, with marginal densities (Figure 4).
+
+    Parameters
+    ----------
+    predictions
+        The predictions table (``sex``, ``prob_col``, ``tiv_col``; ``participant_id`` shown on hover).
+    threshold
+        Drawn as a dashed horizontal line.
+    rtiv
+        (low, high) of R_tiv, shaded when given.
+    curves
+        Output of :func:`brainsex.tiv.kde_curves`; its KDEs are the top marginal. Without it the top marginal
+        is a density-normalised histogram.
+    """
+    import plotly.graph_objects as go
+
+    tiv = pd.to_numeric(predictions[tiv_col], errors="coerce")
+    prob = pd.to_numeric(predictions[prob_col], errors="coerce")
+    ids = predictions["participant_id"].astype(str) if "participant_id" in predictions.columns else predictions.index
+    fig = go.Figure()
+    for sex in ("F", "M"):
+        sel = (predictions["sex"] == sex).to_numpy()
+        color, name = SEX_COLORS[sex], _SEX_NAMES[sex]
+        fig.add_trace(go.Scatter(
+            x=tiv[sel], y=prob[sel], mode="markers", name=name, legendgroup=sex,
+            marker={"color": color, "size": 7, "opacity": 0.75, "line": {"width": 0.5, "color": "white"}},
+            text=np.asarray(ids)[sel], xaxis="x", yaxis="y",
+            hovertemplate="%{text}<br>TIV %{x:.0f} ml<br>P(male) %{y:.3f}<extra>" + name + "</extra>",
+        ))
+        if curves is not None:
+            fig.add_trace(go.Scatter(x=curves["grid"], y=curves[f"density_{'female' if sex == 'F' else 'male'}"],
+                                     mode="lines", line={"color": color}, legendgroup=sex, showlegend=False,
+                                     xaxis="x", yaxis="y2", hoverinfo="skip"))
+        else:
+            fig.add_trace(go.Histogram(x=tiv[sel], histnorm="probability density", marker_color=color,
+                                       opacity=0.5, legendgroup=sex, showlegend=False, xaxis="x", yaxis="y2",
+                                       hoverinfo="skip"))
+        fig.add_trace(go.Histogram(y=prob[sel], histnorm="probability density", marker_color=color, opacity=0.5,
+                                   ybins={"start": 0, "end": 1.0001, "size": 0.05}, legendgroup=sex,
+                                   showlegend=False, xaxis="x2", yaxis="y", hoverinfo="skip"))
+    fig.add_shape(type="line", xref="x domain", yref="y", x0=0, x1=1, y0=threshold, y1=threshold,
+                  line={"dash": "dash", "color": "#333333"})
+    fig.add_annotation(xref="x domain", yref="y", x=0.0, y=threshold, text=f"threshold {threshold:g}",
+                       showarrow=False, xanchor="left", yanchor="bottom", font={"size": 10})
+    if rtiv is not None:
+        fig.add_shape(type="rect", xref="x", yref="y domain", x0=rtiv[0], x1=rtiv[1], y0=0, y1=1,
+                      fillcolor="#009E73", opacity=0.12, line={"width": 0}, layer="below")
+        fig.add_annotation(xref="x", yref="y domain", x=(rtiv[0] + rtiv[1]) / 2, y=0.99, showarrow=False,
+                           text=f"R<sub>tiv</sub> {rtiv[0]:.0f}–{rtiv[1]:.0f} ml", yanchor="top",
+                           font={"size": 10}, bgcolor="rgba(255,255,255,0.6)")
+    finite = tiv[np.isfinite(tiv)]
+    pad = 0.05 * float(finite.max() - finite.min()) if len(finite) else 0.0
+    x_range = [float(finite.min()) - pad, float(finite.max()) + pad] if len(finite) else None
+    fig.update_layout(
+        title=title, height=560, barmode="overlay",
+        xaxis={"domain": [0, 0.82], "title": {"text": f"TIV ({tiv_col}, ml)"}, "range": x_range},
+        yaxis={"domain": [0, 0.78], "title": {"text": "Predicted probability of male"}, "range": [-0.02, 1.02]},
+        xaxis2={"domain": [0.84, 1], "anchor": "y", "showticklabels": False, "title": {"text": "density"}},
+        yaxis2={"domain": [0.80, 1], "anchor": "x", "showticklabels": False, "title": {"text": "density"}},
+        legend={"title": {"text": "true sex"}},
+    )
+    return fig
+
+
+def fig_kde_overlap(
+    curves: Mapping[str, Any],
+    tiv_female: Any = None,
+    tiv_male: Any = None,
+    title: str = "TIV densities by sex and the overlap range R<sub>tiv</sub> (paper Figure 5)",
+) -> Any:
+    """Both sexes' TIV KDEs, each sex's threshold line and the shaded R_tiv (Figure 5).
+
+    Parameters
+    ----------
+    curves
+        Output of :func:`brainsex.tiv.kde_curves`.
+    tiv_female, tiv_male
+        Optional raw TIVs, drawn as a rug under the curves.
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    grid = np.asarray(curves["grid"])
+    top = max(float(np.max(curves["density_female"])), float(np.max(curves["density_male"])))
+    pct = f"{curves['threshold']:.0%}"
+    for sex, key in (("F", "female"), ("M", "male")):
+        color = SEX_COLORS[sex]
+        lo, hi = curves[f"interval_{key}"]
+        fig.add_trace(go.Scatter(
+            x=grid, y=curves[f"density_{key}"], mode="lines", name=f"{key} (n={curves[f'n_{key}']})",
+            line={"color": color, "width": 2}, legendgroup=sex,
+            hovertemplate="TIV %{x:.0f} ml<br>density %{y:.2e}<extra>" + key + "</extra>",
+        ))
+        fig.add_trace(go.Scatter(
+            x=[grid[0], grid[-1]], y=[curves[f"level_{key}"]] * 2, mode="lines", legendgroup=sex,
+            name=f"{pct} of {key} maximum ({lo:.0f}–{hi:.0f} ml)", line={"color": color, "dash": "dash", "width": 1},
+            hoverinfo="skip",
+        ))
+        raw = tiv_female if sex == "F" else tiv_male
+        if raw is not None:
+            raw = np.asarray(raw, dtype=float)
+            fig.add_trace(go.Scatter(
+                x=raw, y=np.full(raw.shape, -0.04 * top if sex == "F" else -0.08 * top), mode="markers",
+                marker={"symbol": "line-ns-open", "color": color, "size": 8}, legendgroup=sex, showlegend=False,
+                hovertemplate="TIV %{x:.0f} ml<extra>" + key + "</extra>",
+            ))
+    if curves.get("overlap"):
+        low, high = curves["low"], curves["high"]
+        fig.add_vrect(x0=low, x1=high, fillcolor="#009E73", opacity=0.15, line_width=0, layer="below",
+                      annotation_text=f"R<sub>tiv</sub> = {low:,.0f}–{high:,.0f} ml", annotation_position="top")
+    else:
+        fig.add_annotation(xref="paper", yref="paper", x=0.5, y=1.0, showarrow=False,
+                           text="the two intervals do not overlap: no R<sub>tiv</sub>")
+    dens = np.maximum(np.asarray(curves["density_female"]), np.asarray(curves["density_male"]))
+    shown = grid[dens >= 0.002 * top]
+    pad = 0.03 * float(shown[-1] - shown[0])
+    fig.update_xaxes(title="TIV (ml)", range=[float(shown[0]) - pad, float(shown[-1]) + pad])
+    fig.update_yaxes(title="Density (per ml)")
+    fig.update_layout(title=title, height=500,
+                      legend={"orientation": "h", "x": 0.5, "xanchor": "center", "y": -0.2, "yanchor": "top"})
+    return fig
+
+
+# --- saliency and region chapters (paper Figures 3, 6, 7, 8) ----------------------------------
+
+_PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+#: Region colours: the house palette, then Paul Tol's muted colours, so that ten regions stay distinct.
+REGION_COLORS = list(PALETTE) + ["#332288", "#882255", "#44AA99", "#117733", "#AA4499", "#DDCC77"]
+
+
+def _load(obj: Any, name: str) -> tuple[np.ndarray, Any]:
+    """Array (and image, or None) from an array or a nibabel image."""
+    if obj is None:
+        return None, None
+    if hasattr(obj, "affine") and hasattr(obj, "get_fdata"):
+        return np.asarray(obj.get_fdata(dtype=np.float32)), obj
+    arr = np.asarray(obj)
+    if arr.ndim != 3:
+        raise BrainsexError(f"{name}: expected a 3D volume, got shape {arr.shape}")
+    return arr, None
+
+
+def _to_map_grid(map_data: Any, other: Any, name: str, nearest: bool) -> Any:
+    """Put ``other`` on the map's grid: resample when both are images, else require equal shapes."""
+    if other is None:
+        return None
+    is_img = hasattr(other, "affine") and hasattr(other, "get_fdata")
+    map_is_img = hasattr(map_data, "affine") and hasattr(map_data, "get_fdata")
+    if is_img and map_is_img:
+        same = other.shape[:3] == map_data.shape[:3] and np.allclose(other.affine, map_data.affine, atol=1e-5)
+        if not same:
+            from nilearn.image import resample_to_img
+
+            other = resample_to_img(other, map_data, interpolation="nearest" if nearest else "continuous",
+                                    force_resample=True, copy_header=True)
+        return other
+    arr, _ = _load(other, name)
+    if arr.shape[:3] != tuple(map_data.shape[:3]):
+        raise BrainsexError(f"{name}: shape {arr.shape} differs from the map's {tuple(map_data.shape)}; "
+                            "pass nibabel images to resample")
+    if map_is_img:  # same grid as the map: give it the map's affine so both are reoriented alike
+        import nibabel as nib
+
+        return nib.Nifti1Image(arr, map_data.affine)
+    return arr
+
+
+def _canonical(obj: Any) -> np.ndarray | None:
+    """Data in RAS+ orientation (nibabel's closest canonical) when ``obj`` is an image."""
+    if obj is None:
+        return None
+    if hasattr(obj, "affine") and hasattr(obj, "get_fdata"):
+        import nibabel as nib
+
+        obj = nib.as_closest_canonical(obj)
+        data = np.asarray(obj.get_fdata(dtype=np.float32))
+        return data[..., 0] if data.ndim == 4 else data
+    return np.asarray(obj)
+
+
+def _slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """A 2D slice oriented for display (rows bottom-up: superior / anterior up, right to the right)."""
+    return np.take(vol, index, axis=axis).T
+
+
+def _outline(labels2d: np.ndarray) -> np.ndarray:
+    """Keep only the boundary voxels of each label in a 2D label slice (4-neighbourhood)."""
+    lab = labels2d
+    pad = np.pad(lab, 1, mode="edge")
+    inner = ((pad[1:-1, :-2] == lab) & (pad[1:-1, 2:] == lab) & (pad[:-2, 1:-1] == lab) & (pad[2:, 1:-1] == lab))
+    return np.where((lab > 0) & ~inner, lab, 0)
+
+
+def fig_slice_viewer(
+    map_data: Any,
+    background: Any = None,
+    regions: Any = None,
+    region_names: Mapping[int, str] | None = None,
+    title: str = "Average saliency map",
+    threshold: float | None = 0.1,
+    vmax: float | None = None,
+    colorscale: str = "Jet",
+    max_size: int = 48,
+    n_slices: int = 20,
+    height: int = 430,
+) -> Any:
+    """Interactive three-plane viewer of a map over a background, one slider per plane.
+
+    Parameters
+    ----------
+    map_data
+        The map (nibabel image or 3D array). Images are shown in RAS+ orientation; arrays are assumed
+        to be RAS+ already (i: left -> right, j: posterior -> anterior, k: inferior -> superior).
+    background
+        Template / anatomical image or array (resampled to the map's grid when both are images).
+    regions
+        Optional integer label image/array (e.g. the atlas restricted to the top-10 regions, Figure 7)
+        drawn as coloured outlines; ``region_names`` maps label id -> legend name.
+    title
+        Figure title.
+    threshold
+        Map values at or below it are transparent (None: show every value).
+    vmax
+        Top of the colour scale (default: the map's maximum).
+    colorscale
+        Plotly colour scale of the map (the paper uses blue -> red, "Jet").
+    max_size
+        The volume is downsampled so that its longest side has at most this many voxels.
+    n_slices
+        Slices per plane offered by each slider (evenly spaced where the volume is non-zero).
+    height
+        Figure height in pixels.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    from scipy import ndimage
+
+    if max_size < 4 or n_slices < 1:
+        raise BrainsexError(f"max_size={max_size}, n_slices={n_slices}: need max_size >= 4 and n_slices >= 1")
+    if not (hasattr(map_data, "affine") and hasattr(map_data, "get_fdata")):
+        map_data = np.asarray(map_data)
+    bg_obj = _to_map_grid(map_data, background, "background", nearest=False)
+    reg_obj = _to_map_grid(map_data, regions, "regions", nearest=True)
+    m = _canonical(map_data).astype(np.float32)
+    if m.ndim != 3:
+        raise BrainsexError(f"map_data: expected a 3D map, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise BrainsexError("map_data: contains NaN or infinite values")
+    bg = _canonical(bg_obj)
+    reg = _canonical(reg_obj)
+
+    factor = min(1.0, max_size / max(m.shape))
+    if factor < 1.0:
+        m = ndimage.zoom(m, factor, order=1)
+        bg = ndimage.zoom(bg.astype(np.float32), factor, order=1) if bg is not None else None
+        reg = ndimage.zoom(np.rint(reg).astype(np.int32), factor, order=0) if reg is not None else None
+
+    top = float(vmax if vmax is not None else (m.max() if m.max() > 0 else 1.0))
+    bottom = float(min(0.0, m.min()))
+    shown = m.copy()
+    if threshold is not None:
+        shown[shown <= threshold] = np.nan
+    if bg is not None:
+        lo, hi = np.percentile(bg, [1, 99.5])
+        bg_u8 = np.clip((bg - lo) / (hi - lo if hi > lo else 1.0) * 255, 0, 255).astype(np.uint8)
+    # region ids -> 1..K for a discrete colour scale
+    reg_ids: list[int] = []
+    if reg is not None:
+        reg = np.rint(reg).astype(np.int64)
+        present = [int(v) for v in np.unique(reg) if v != 0]
+        reg_ids = [int(k) for k in region_names if int(k) in present] if region_names else present
+        reg_ids += [r for r in present if r not in reg_ids]
+        dense = np.zeros(reg.shape, dtype=np.uint8)
+        for i, r in enumerate(reg_ids):
+            dense[reg == r] = i + 1
+        reg = dense
+    k_reg = len(reg_ids)
+    if k_reg:
+        colors = [REGION_COLORS[i % len(REGION_COLORS)] for i in range(k_reg)]
+        reg_scale = [[0.0, "rgba(0,0,0,0)"], [0.5 / (k_reg + 0.5), "rgba(0,0,0,0)"]]
+        for i, c in enumerate(colors):
+            lo_, hi_ = (i + 0.5) / (k_reg + 0.5), min((i + 1.5) / (k_reg + 0.5), 1.0)
+            reg_scale += [[lo_, c], [hi_, c]]
+
+    extent = (np.abs(m) > 0) | (bg > 0 if bg is not None else False)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[p for p, _ in _PLANES], horizontal_spacing=0.04)
+    sliders = []
+    for col, (plane, axis) in enumerate(_PLANES, start=1):
+        other = tuple(a for a in range(3) if a != axis)
+        nonempty = np.flatnonzero(extent.any(axis=other))
+        lo_i, hi_i = (int(nonempty[0]), int(nonempty[-1])) if nonempty.size else (0, m.shape[axis] - 1)
+        idx = np.unique(np.linspace(lo_i, hi_i, min(n_slices, hi_i - lo_i + 1)).round().astype(int))
+        start = int(np.argmin(np.abs(idx - (lo_i + hi_i) / 2)))
+        trace_ids = []
+        per_slice = []
+        for s_i, s in enumerate(idx):
+            visible = s_i == start
+            ids = []
+            if bg is not None:
+                fig.add_trace(go.Heatmap(z=_slice(bg_u8, axis, s), colorscale="gray", zmin=0, zmax=255,
+                                         showscale=False, hoverinfo="skip", visible=visible), row=1, col=col)
+                ids.append(len(fig.data) - 1)
+            fig.add_trace(go.Heatmap(
+                z=_slice(shown, axis, s).astype(np.float32), colorscale=colorscale, zmin=bottom, zmax=top,
+                showscale=(col == 3), colorbar={"title": {"text": "value"}, "len": 0.8},  # one visible at a time
+                hovertemplate=f"{plane} slice {s}<br>value %{{z:.3f}}<extra></extra>", visible=visible,
+            ), row=1, col=col)
+            ids.append(len(fig.data) - 1)
+            if k_reg:
+                fig.add_trace(go.Heatmap(z=_outline(_slice(reg, axis, s)).astype(np.uint8), colorscale=reg_scale,
+                                         zmin=0, zmax=k_reg, showscale=False, hoverinfo="skip", visible=visible),
+                              row=1, col=col)
+                ids.append(len(fig.data) - 1)
+            per_slice.append(ids)
+            trace_ids += ids
+        steps = []
+        for s_i, s in enumerate(idx):
+            vis = [tid in per_slice[s_i] for tid in trace_ids]
+            steps.append({"method": "restyle", "label": str(int(s)), "args": [{"visible": vis}, trace_ids]})
+        x0 = (col - 1) / 3
+        sliders.append({"active": start, "steps": steps, "x": x0 + 0.01, "len": 1 / 3 - 0.03, "y": 0,
+                        "yanchor": "top", "pad": {"t": 30}, "currentvalue": {"prefix": f"{plane} slice "},
+                        "font": {"size": 9}})
+        fig.update_xaxes(visible=False, constrain="domain", row=1, col=col)
+        fig.update_yaxes(visible=False, scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)
+    for i, r in enumerate(reg_ids):
+        name = (region_names or {}).get(r, str(r))
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
+                                 marker={"color": REGION_COLORS[i % len(REGION_COLORS)], "size": 10, "symbol": "square"}))
+    fig.update_layout(title=title, height=height, sliders=sliders, margin={"l": 10, "r": 10, "t": 60, "b": 90},
+                      plot_bgcolor="black" if bg is not None else "white",
+                      legend={"orientation": "h", "y": -0.45} if k_reg else None)
+    return fig
+
+
+def fig_top_regions(
+    scores: pd.DataFrame,
+    k: int = 10,
+    value: str = "weighted_score",
+    highlight: Iterable[int] | None = None,
+    title: str | None = None,
+) -> Any:
+    """Horizontal bar chart of the ``k`` best regions of a :func:`brainsex.atlas.region_scores` table.
+
+    Bars are labelled with the score as a percentage (as in the paper's Figure 7); ``highlight`` (e.g.
+    the planted regions of the phantom) colours those labels differently.
+    """
+    import plotly.graph_objects as go
+
+    need = {"label", "name", value}
+    if not isinstance(scores, pd.DataFrame) or need - set(scores.columns):
+        raise BrainsexError(f"scores: expected a region_scores table with columns {sorted(need)}")
+    if k < 1:
+        raise BrainsexError(f"k={k}: must be >= 1")
+    top = scores.sort_values(value, ascending=False, kind="mergesort").head(k).iloc[::-1]
+    hl = set(int(h) for h in highlight) if highlight is not None else set()
+    colors = [PALETTE[5] if int(lab) in hl else PALETTE[0] for lab in top["label"]]
+    names = [f"{n} ({h})" if "hemisphere" in top.columns and isinstance(h, str) and h and h not in str(n) else str(n)
+             for n, h in zip(top["name"], top.get("hemisphere", pd.Series([""] * len(top))), strict=True)]
+    extra = []
+    for _, row in top.iterrows():
+        parts = [f"{c}: {row[c]:.3f}" for c in ("saliency_score", "mean_saliency_norm", "n_voxels")
+                 if c in top.columns and pd.notna(row[c])]
+        extra.append("<br>".join(parts))
+    fig = go.Figure(go.Bar(
+        x=top[value], y=names, orientation="h", marker_color=colors,
+        text=[f"{v:.0%}" for v in top[value]], textposition="auto",
+        hovertext=[f"{n}<br>{value}: {v:.3f}<br>{e}" for n, v, e in zip(names, top[value], extra, strict=True)],
+        hoverinfo="text",
+    ))
+    fig.update_layout(title=title or f"Top {len(top)} regions by {value.replace('_', ' ')}",
+                      xaxis_title=value.replace("_", " "), height=max(260, 28 * len(top) + 110),
+                      margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    return fig
+
+
+def plot_map_static(
+    map_img: Any,
+    bg_img: Any = None,
+    title: str | None = None,
+    cut_coords: int | Sequence[float] = 6,
+    display_mode: str = "z",
+    threshold: float | None = 0.1,
+    vmax: float | None = None,
+    cmap: str = "jet",
+    regions_img: Any = None,
+    region_colors: Sequence[str] | None = None,
+    output_file: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Static nilearn figure of a map over a template (paper Figures 3, 6, 7, 8).
+
+    ``nilearn.plotting.plot_stat_map`` with axial cuts (``display_mode="z"``, ``cut_coords`` a number
+    of cuts or their mm positions), colours from blue (0) to red (1). ``regions_img`` (a label image,
+    e.g. the top-10 regions) adds one contour per label.
+
+    Returns
+    -------
+    The nilearn display (``None`` when ``output_file`` is given: nilearn saves and closes it).
+    """
+    from nilearn import plotting
+    from nilearn.image import math_img
+
+    if not (hasattr(map_img, "affine") or isinstance(map_img, str)):
+        raise BrainsexError("map_img: expected a nibabel image or a NIfTI path")
+    kw = {"bg_img": bg_img} if bg_img is not None else {}
+    display = plotting.plot_stat_map(
+        map_img, display_mode=display_mode, cut_coords=cut_coords, threshold=threshold, vmax=vmax, cmap=cmap,
+        symmetric_cbar=False, title=title, colorbar=True, draw_cross=False, annotate=True,
+        output_file=None, **kw, **kwargs)
+    if regions_img is not None:
+        data = np.rint(np.asarray(regions_img.dataobj)).astype(int)
+        ids = [int(v) for v in np.unique(data) if v != 0]
+        colors = list(region_colors) if region_colors else REGION_COLORS
+        for i, r in enumerate(ids):
+            display.add_contours(math_img(f"img == {r}", img=regions_img), levels=[0.5],
+                                 colors=[colors[i % len(colors)]], linewidths=1.2)
+    if output_file is not None:
+        display.savefig(str(output_file))
+        display.close()
+        return None
+    return display

@@ -279,7 +279,7 @@ def _templateflow_get(**query: object) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _templateflow_available() -> str | None:
     """None when TemplateFlow works, else the reason it does not."""
     try:
@@ -521,7 +521,7 @@ def _vs_key(voxel_size: float) -> str:
     return f"{voxel_size:g}mm".replace(".", "p")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template_array(voxel_size: float, source: str) -> np.ndarray:
     def build_1mm() -> np.ndarray:
         return _templateflow_t1_1mm() if source == "templateflow" else _offline_template_1mm()
@@ -532,7 +532,7 @@ def _template_array(voxel_size: float, source: str) -> np.ndarray:
                          lambda: _smooth_sample(_template_array(1.0, source), voxel_size).astype(np.float32))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mask_array(voxel_size: float, source: str) -> np.ndarray:
     def build_1mm() -> np.ndarray:
         if source == "templateflow":
@@ -547,7 +547,7 @@ def _mask_array(voxel_size: float, source: str) -> np.ndarray:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tissue_1mm() -> dict[str, np.ndarray]:
     gm = _cached_array("offline_gm_1mm", lambda: _offline_tissue_1mm("gm"))
     wm = _cached_array("offline_wm_1mm", lambda: _offline_tissue_1mm("wm"))
@@ -561,7 +561,7 @@ def _tissue_1mm() -> dict[str, np.ndarray]:
     return {"gm": gm, "wm": wm, "csf": csf}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tissue_arrays(voxel_size: float) -> dict[str, np.ndarray]:
     if voxel_size == 1.0:
         return _tissue_1mm()
@@ -572,7 +572,7 @@ def _tissue_arrays(voxel_size: float) -> dict[str, np.ndarray]:
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _atlas_1mm(source: str) -> tuple[np.ndarray, pd.DataFrame]:
     from brainsex.io import write_table
 
@@ -602,7 +602,7 @@ def _atlas_1mm(source: str) -> tuple[np.ndarray, pd.DataFrame]:
     return data, labels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _atlas_array(voxel_size: float, source: str) -> tuple[np.ndarray, pd.DataFrame]:
     data, labels = _atlas_1mm(source)
     if voxel_size == 1.0:

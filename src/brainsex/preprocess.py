@@ -1,0 +1,1263 @@
+"""Minimal preprocessing (paper section 2.2): brain extraction, rigid registration, z-score, and TIV.
+
+The paper extracts the brain with SynthStrip (or uses CC-359's masks), registers it to MNI152 with a
+6-degree-of-freedom rigid FSL FLIRT, keeps the (193, 229, 193) 1 mm grid and z-scores the intensities;
+TIV comes from FreeSurfer ``recon-all`` (eTIV). Here the same steps use pip-installable tools that run
+offline:
+
+1. :func:`skull_strip` -- ``deepbet`` (a deep-learning extractor whose weights ship in its wheel), a
+   mask provided by the cohort, or the template's brain mask carried over by an affine registration.
+2. :func:`rigid_register` -- ANTsPy rigid (rotation + translation, no scaling: brain volumes are kept),
+   estimated on a coarse copy of both images, then applied once to the full-resolution image onto
+   :func:`brainsex.templates.target_grid`.
+3. :func:`zscore` -- mean and sd inside the brain mask (default) or over the whole volume (what the
+   paper's public code does).
+4. TIV -- :func:`etiv_affine` (FreeSurfer's eTIV idea: template TIV divided by the determinant of a
+   12-parameter affine subject -> template) and :func:`mask_volume_ml` (volume of the brain mask).
+5. :func:`nonlinear_transform` / :func:`apply_to_map` -- ANTsPy SyN, computed on request and cached,
+   for warping saliency maps to the template (the paper used FSL FNIRT, section 2.4).
+
+:func:`preprocess_subject` runs the steps for one participant and writes its outputs atomically into
+``out_dir/sub-<id>/`` with a JSON marker written last; :func:`preprocess_cohort` runs them in parallel,
+resumes where a killed run stopped, isolates failures and writes ``qc.tsv`` and ``preprocessed.tsv``.
+
+Threads: ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, at its first use in a process, and
+ANTs registrations are only bit-for-bit reproducible with one thread (and a fixed
+``ANTS_RANDOM_SEED``). :func:`set_threads` sets both (and torch's threads); the parallel workers call
+it before anything else, so ``n_workers`` workers use ``n_workers`` cores in all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from brainsex import BrainsexError
+from brainsex.io import atomic_path, read_table, sha256_file, write_json_atomic, write_table
+
+__all__ = [
+    "PIPELINE_VERSION",
+    "PreprocessError",
+    "Reference",
+    "RigidResult",
+    "set_threads",
+    "load_t1",
+    "skull_strip",
+    "rigid_register",
+    "transform_matrix",
+    "rigid_error",
+    "similarity",
+    "zscore",
+    "mask_volume_ml",
+    "affine_to_template",
+    "etiv_affine",
+    "nonlinear_transform",
+    "apply_to_map",
+    "dice",
+    "subject_dir",
+    "preprocess_subject",
+    "preprocess_cohort",
+    "QC_COLUMNS",
+    "PREPROCESSED_COLUMNS",
+]
+
+logger = logging.getLogger("brainsex")
+
+#: Bump when the outputs of :func:`preprocess_subject` change for the same inputs (invalidates markers).
+PIPELINE_VERSION = "preprocess-1"
+
+#: Columns of ``preprocess/qc.tsv``.
+QC_COLUMNS = [
+    "participant_id", "status", "reason", "method", "similarity", "mask_ml", "etiv_ml", "affine_det",
+    "rotation_deg", "translation_mm", "t_load_s", "t_strip_s", "t_rigid_s", "t_zscore_s", "t_etiv_s",
+    "t_nonlinear_s", "t_write_s", "t_total_s", "image_pp", "mask_pp", "mask_native", "rigid_transform",
+    "affine_transform",
+]
+#: Columns added to the participants table in ``preprocess/preprocessed.tsv`` (run-directory contract).
+PREPROCESSED_COLUMNS = ["image_pp", "mask_pp", "etiv_ml", "mask_ml", "similarity", "status", "reason"]
+
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS (nibabel) <-> LPS (ITK) world coordinates
+_VOXEL_MM_RANGE = (0.2, 12.0)
+_FOV_MM_RANGE = (60.0, 640.0)
+Method = Literal["auto", "deepbet", "mask", "template"]
+
+
+class PreprocessError(BrainsexError):
+    """A participant cannot be preprocessed; the message is the reason recorded in the QC table."""
+
+
+# ------------------------------------------------------------------------------------------ threads
+def set_threads(n: int = 1, seed: int | None = 1) -> None:
+    """Set the threads used by ITK/ANTs, torch and BLAS in this process, and ANTs' random seed.
+
+    ITK takes its thread count from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` the first time it is used
+    in a process, so call this before the first registration. ANTs registrations repeat bit for bit
+    only with one thread and a fixed seed (``ANTS_RANDOM_SEED``).
+
+    Parameters
+    ----------
+    n : int, default=1
+        Threads per process.
+    seed : int or None, default=1
+        ANTs random seed (sampling of the registration metric); None leaves it unset.
+    """
+    n = max(int(n), 1)
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if seed is not None:
+        os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------ conversions
+def _ants():
+    import ants  # imported lazily: ITK must see the thread settings of set_threads first
+
+    return ants
+
+
+def _to_ants(img: nib.spatialimages.SpatialImage, dtype: type = np.float32):
+    """nibabel image (any orientation) -> ANTsImage with the same world coordinates."""
+    ants = _ants()
+    data = np.asarray(img.dataobj, dtype=dtype).reshape(img.shape[:3])
+    aff = _LPS @ img.affine
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    direction = aff[:3, :3] / spacing
+    return ants.from_numpy(np.ascontiguousarray(data), origin=[float(v) for v in aff[:3, 3]],
+                           spacing=[float(v) for v in spacing], direction=direction)
+
+
+def _to_nib(aimg, dtype: type = np.float32) -> nib.Nifti1Image:
+    """ANTsImage -> nibabel image (RAS world coordinates)."""
+    aff = np.eye(4)
+    aff[:3, :3] = np.asarray(aimg.direction) * np.asarray(aimg.spacing)[None, :]
+    aff[:3, 3] = aimg.origin
+    out = nib.Nifti1Image(np.asarray(aimg.numpy(), dtype=dtype), _LPS @ aff)
+    out.header.set_xyzt_units("mm")
+    return out
+
+
+def _new_image(data: np.ndarray, affine: np.ndarray, dtype: type = np.float32) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    return img
+
+
+def _grid_image(shape: Sequence[int], affine: np.ndarray) -> nib.Nifti1Image:
+    return _new_image(np.zeros(tuple(shape), np.float32), affine)
+
+
+def _voxel_sizes(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    return np.linalg.norm(img.affine[:3, :3], axis=0)
+
+
+def _smooth_to(img: nib.Nifti1Image, voxel_mm: float) -> np.ndarray:
+    """Gaussian anti-aliasing before sampling ``img`` on a grid of ``voxel_mm`` (FWHM = voxel)."""
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    vs = _voxel_sizes(img)
+    sigma = np.sqrt(np.clip(voxel_mm**2 - vs**2, 0, None)) / (2.3548 * vs)
+    return ndimage.gaussian_filter(data, sigma) if np.any(sigma > 0.3) else data
+
+
+def _resample(img: nib.Nifti1Image, shape: Sequence[int], affine: np.ndarray, order: int = 1,
+              antialias: bool = True) -> np.ndarray:
+    """Sample ``img`` at the voxel centres of (shape, affine); 0 outside."""
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if antialias and order > 0:
+        data = _smooth_to(img, float(np.max(_voxel_sizes(_grid_image(shape, affine)))))
+    vox = np.linalg.inv(img.affine) @ affine
+    if np.allclose(vox, np.eye(4)) and tuple(data.shape) == tuple(shape):
+        return data
+    return ndimage.affine_transform(data, vox, output_shape=tuple(shape), order=order, mode="constant", cval=0.0)
+
+
+def _coarse_grid(img: nib.Nifti1Image, voxel_mm: float) -> tuple[tuple[int, ...], np.ndarray]:
+    """A grid of ``voxel_mm`` covering ``img`` (same orientation and centre)."""
+    vs = _voxel_sizes(img)
+    shape = tuple(max(int(math.ceil(n * v / voxel_mm)), 1) for n, v in zip(img.shape[:3], vs, strict=True))
+    direction = img.affine[:3, :3] / vs
+    centre = img.affine[:3, :3] @ ((np.asarray(img.shape[:3]) - 1) / 2.0) + img.affine[:3, 3]
+    aff = np.eye(4)
+    aff[:3, :3] = direction * voxel_mm
+    aff[:3, 3] = centre - aff[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    return shape, aff
+
+
+def _downsample(img: nib.Nifti1Image, voxel_mm: float) -> nib.Nifti1Image:
+    """``img`` on a ``voxel_mm`` grid (smoothed first); unchanged when already that coarse."""
+    if np.max(_voxel_sizes(img)) >= voxel_mm - 1e-6:
+        return img
+    shape, aff = _coarse_grid(img, voxel_mm)
+    return _new_image(_resample(img, shape, aff, order=1), aff)
+
+
+# ------------------------------------------------------------------------------------ references
+@dataclass(frozen=True)
+class Reference:
+    """The template the subjects are registered to, on the target grid.
+
+    Attributes
+    ----------
+    template : nibabel.Nifti1Image
+        Brain-extracted T1 template on the target grid (:func:`brainsex.templates.load_template`).
+    mask : nibabel.Nifti1Image
+        Its brain mask on the same grid.
+    tiv_ml : float
+        The template's intracranial volume in ml (the volume of its 1 mm brain mask by default), the
+        numerator of eTIV (:func:`etiv_affine`).
+    name : str
+        Free text for the QC table and the book.
+    """
+
+    template: nib.Nifti1Image
+    mask: nib.Nifti1Image
+    tiv_ml: float
+    name: str = "template"
+
+    @classmethod
+    def load(cls, voxel_size: float = 1.0, source: str = "auto") -> Reference:
+        """The MNI152 template, brain mask and TIV from :mod:`brainsex.templates`."""
+        from brainsex import templates
+
+        tiv = mask_volume_ml(templates.load_brain_mask(1.0, source=source))
+        return cls(templates.load_template(voxel_size, source=source), templates.load_brain_mask(voxel_size, source=source),
+                   tiv, name=f"MNI152 ({source})")
+
+    @property
+    def voxel_size(self) -> float:
+        return float(np.max(_voxel_sizes(self.template)))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.template.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.template.affine
+
+    def fingerprint(self) -> str:
+        """Short hash of the template and mask arrays and grid (part of each subject's marker)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for img in (self.template, self.mask):
+            h.update(np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)).tobytes())
+            h.update(np.asarray(img.affine, dtype=np.float64).tobytes())
+        h.update(f"{self.tiv_ml:.6f}".encode())
+        return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ input
+def load_t1(image: str | os.PathLike | nib.spatialimages.SpatialImage, name: str | None = None) -> nib.Nifti1Image:
+    """Read a T1 image, check it and reorient it to RAS (nibabel ``as_closest_canonical``).
+
+    Parameters
+    ----------
+    image : path or nibabel image
+    name : str, optional
+        How to call the image in error messages (default: its path).
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        3-D float32 image in RAS orientation (a 4-D image with one volume is squeezed).
+
+    Raises
+    ------
+    PreprocessError
+        Missing or corrupt file, more than one volume, voxel sizes or field of view outside plausible
+        ranges for a head scan, non-finite values, or constant intensity.
+    """
+    label = name or (str(image) if not isinstance(image, nib.spatialimages.SpatialImage) else "image")
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        img = image
+    else:
+        path = Path(image)
+        if not path.is_file():
+            raise PreprocessError(f"{label}: image file not found")
+        try:
+            img = nib.load(path)
+        except Exception as exc:
+            raise PreprocessError(f"{label}: cannot read the image ({type(exc).__name__}: {exc})") from exc
+    shape = tuple(img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise PreprocessError(f"{label}: expected a 3-D image, got shape {tuple(img.shape)}"
+                              + (" (a 4-D series; give one volume)" if len(img.shape) == 4 else ""))
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise PreprocessError(f"{label}: corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise PreprocessError(f"{label}: the image affine is invalid (singular or not finite)")
+    vs = np.linalg.norm(affine[:3, :3], axis=0)
+    lo, hi = _VOXEL_MM_RANGE
+    if np.any(vs < lo) or np.any(vs > hi):
+        raise PreprocessError(f"{label}: voxel sizes {np.round(vs, 3).tolist()} mm are outside the plausible range "
+                              f"[{lo}, {hi}] mm for a head scan; check the header")
+    fov = vs * np.asarray(shape)
+    lo, hi = _FOV_MM_RANGE
+    if np.any(fov < lo) or np.any(fov > hi):
+        raise PreprocessError(f"{label}: field of view {np.round(fov, 1).tolist()} mm is implausible for a head "
+                              f"scan (expected {lo}-{hi} mm per axis); check the voxel sizes in the header")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise PreprocessError(f"{label}: {int((~finite).sum())} voxels are NaN or infinite")
+    if float(data.max()) - float(data.min()) <= 0:
+        raise PreprocessError(f"{label}: constant intensity ({float(data.flat[0])}); not an image of a head")
+    out = nib.as_closest_canonical(_new_image(data, affine))
+    return _new_image(np.asarray(out.dataobj, dtype=np.float32), out.affine)
+
+
+def _load_mask(mask: str | os.PathLike | nib.spatialimages.SpatialImage, like: nib.Nifti1Image,
+               name: str = "mask") -> nib.Nifti1Image:
+    """A binary mask on the grid of ``like`` (resampled with nearest neighbour if needed)."""
+    if not isinstance(mask, nib.spatialimages.SpatialImage):
+        if not Path(mask).is_file():
+            raise PreprocessError(f"{name}: mask file {mask} not found")
+        try:
+            mask = nib.load(mask)
+            np.asarray(mask.dataobj)
+        except Exception as exc:
+            raise PreprocessError(f"{name}: cannot read the mask {mask} ({type(exc).__name__}: {exc})") from exc
+    data = np.asarray(mask.dataobj, dtype=np.float32)
+    data = data.reshape(data.shape[:3]) if data.ndim == 4 and data.shape[3] == 1 else data
+    if data.ndim != 3:
+        raise PreprocessError(f"{name}: expected a 3-D mask, got shape {data.shape}")
+    m = _new_image(np.nan_to_num(data) > 0, mask.affine, np.float32)
+    out = _resample(m, like.shape[:3], like.affine, order=0, antialias=False)
+    return _new_image(out > 0.5, like.affine, np.uint8)
+
+
+# ------------------------------------------------------------------------------- brain extraction
+@functools.cache
+def _deepbet_model():
+    from deepbet import BrainExtraction
+
+    return BrainExtraction(no_gpu=True)
+
+
+def _deepbet_mask(data: np.ndarray, threshold: float, network_size: int) -> np.ndarray:
+    import torch
+
+    bet = _deepbet_model()
+    with torch.jit.optimized_execution(False), torch.inference_mode():
+        prob = bet.run_model(data.astype(np.float32).copy(), shape=(network_size,) * 3)
+        mask = prob > threshold
+        if not mask.any():
+            raise PreprocessError("brain extraction found no brain (empty mask)")
+        return bet.postprocess(mask).astype(bool)
+
+
+def skull_strip(
+    img: nib.Nifti1Image,
+    method: Literal["deepbet", "mask", "template"] = "deepbet",
+    mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
+    reference: Reference | None = None,
+    threshold: float = 0.5,
+    work_voxel_mm: float = 2.0,
+    max_voxel_mm: float = 4.0,
+    network_size: int = 256,
+    name: str = "image",
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """Extract the brain (paper section 2.2: SynthStrip, or the masks shipped with CC-359).
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        A T1 head image (from :func:`load_t1`).
+    method : {"deepbet", "mask", "template"}, default="deepbet"
+        ``"deepbet"``: the deepbet network (Fisch et al. 2024; weights ship in its wheel; CPU).
+        ``"mask"``: use ``mask`` (e.g. the CC-359 masks). ``"template"``: register the template
+        brain to the head (ANTs affine, mutual information, 4 mm) and carry the template's brain mask
+        over; cruder, but needs no network.
+    mask : path or image, optional
+        The mask for ``method="mask"`` (resampled to ``img`` with nearest neighbour if on another grid).
+    reference : Reference, optional
+        Template for ``method="template"`` (default :meth:`Reference.load` at 2 mm).
+    threshold : float, default=0.5
+        Probability threshold of deepbet.
+    work_voxel_mm, max_voxel_mm : float, default=2.0, 4.0
+        deepbet expects about 1 mm heads; an image with voxels coarser than ``max_voxel_mm`` is
+        upsampled (linear) to ``work_voxel_mm`` for the extraction and the mask is brought back.
+        deepbet itself resamples the head's bounding box to ``network_size`` voxels a side.
+    network_size : int, default=256
+        deepbet's working size (256 as trained; 192 is about twice as fast, see the chapter).
+    name : str
+        Name for error messages.
+
+    Returns
+    -------
+    brain : nibabel.Nifti1Image
+        ``img`` with zeros outside the brain (float32).
+    mask : nibabel.Nifti1Image
+        The brain mask on ``img``'s grid (uint8).
+
+    Raises
+    ------
+    PreprocessError
+        When no brain is found or the mask is missing/unreadable.
+    """
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if method == "mask":
+        if mask is None or (isinstance(mask, str) and not mask.strip()):
+            raise PreprocessError(f"{name}: method='mask' needs a mask")
+        m = np.asarray(_load_mask(mask, img, name=name).dataobj).astype(bool)
+    elif method == "deepbet":
+        vs = _voxel_sizes(img)
+        try:
+            if np.max(vs) > max_voxel_mm + 1e-6:
+                shape, aff = _coarse_grid(img, work_voxel_mm)
+                up = ndimage.affine_transform(data, np.linalg.inv(img.affine) @ aff, output_shape=shape, order=1,
+                                              mode="nearest")
+                m_up = _deepbet_mask(up, threshold, network_size)
+                back = _resample(_new_image(m_up, aff), img.shape, img.affine, order=1)
+                m = back >= 0.5
+            else:
+                m = _deepbet_mask(data, threshold, network_size)
+        except PreprocessError:
+            raise
+        except (AssertionError, ValueError) as exc:  # deepbet's own checks (no foreground, empty mask)
+            raise PreprocessError(f"{name}: brain extraction failed ({exc or type(exc).__name__})") from exc
+    elif method == "template":
+        m = _template_mask(img, reference, name)
+    else:
+        raise BrainsexError(f"method must be 'deepbet', 'mask' or 'template', got {method!r}")
+    if not m.any():
+        raise PreprocessError(f"{name}: the brain mask is empty after extraction ({method})")
+    mask_img = _new_image(m, img.affine, np.uint8)
+    brain = _new_image(np.where(m, data, 0.0), img.affine)
+    return brain, mask_img
+
+
+def _template_mask(img: nib.Nifti1Image, reference: Reference | None, name: str,
+                   reg_voxel_mm: float = 4.0) -> np.ndarray:
+    """Brain mask from the template: affine template -> head (MI), mask carried over."""
+    ants = _ants()
+    ref = reference if reference is not None else Reference.load(2.0)
+    head = _to_ants(_downsample(img, reg_voxel_mm))
+    tmpl = _to_ants(_downsample(ref.template, reg_voxel_mm))
+    with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
+        try:
+            reg = ants.registration(
+                fixed=head, moving=tmpl, type_of_transform="Affine", outprefix=str(Path(tmp) / "t_"),
+                aff_metric="mattes", aff_iterations=(200, 100, 50), aff_shrink_factors=(4, 2, 1),
+                aff_smoothing_sigmas=(2, 1, 0), aff_random_sampling_rate=0.5,
+            )
+        except RuntimeError as exc:
+            raise PreprocessError(f"{name}: template registration for brain extraction failed ({exc})") from exc
+        warped = ants.apply_transforms(fixed=_to_ants(img), moving=_to_ants(ref.mask), transformlist=reg["fwdtransforms"],
+                                       interpolator="linear")
+    return warped.numpy() >= 0.5
+
+
+# ---------------------------------------------------------------------------------- registration
+@dataclass
+class RigidResult:
+    """Output of :func:`rigid_register`.
+
+    Attributes
+    ----------
+    image : nibabel.Nifti1Image
+        The brain resampled once onto the target grid.
+    mask : nibabel.Nifti1Image or None
+        The brain mask on the target grid (when a mask was given).
+    transform : pathlib.Path
+        ANTs transform file (``.mat``), template -> subject in ITK's sense (use it as
+        ``transformlist`` of ``ants.apply_transforms`` to bring a subject image to the template grid).
+    matrix : numpy.ndarray
+        The same transform as a 4 x 4 RAS world matrix mapping template coordinates to subject ones.
+    similarity : float
+        :func:`similarity` of the registered brain with the template inside the template mask.
+    """
+
+    image: nib.Nifti1Image
+    mask: nib.Nifti1Image | None
+    transform: Path
+    matrix: np.ndarray
+    similarity: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def transform_matrix(transform: str | os.PathLike) -> np.ndarray:
+    """The 4 x 4 RAS world matrix of an ANTs/ITK linear transform file.
+
+    ANTs transforms map points of the fixed image's space to the moving image's space (the direction
+    used for resampling), so for a registration of a subject (moving) to the template (fixed) the
+    matrix maps template coordinates to subject coordinates.
+    """
+    ants = _ants()
+    tx = ants.read_transform(str(transform))
+    p = np.asarray(tx.parameters, dtype=np.float64)
+    c = np.asarray(tx.fixed_parameters, dtype=np.float64)[:3]
+    lin, t = p[:9].reshape(3, 3), p[9:12]
+    lps = np.eye(4)
+    lps[:3, :3] = lin
+    lps[:3, 3] = t + c - lin @ c
+    return _LPS @ lps @ _LPS
+
+
+def rigid_error(estimated: np.ndarray, true: np.ndarray, centre: Sequence[float] = (0.0, -18.0, 18.0)
+                ) -> tuple[float, float]:
+    """Rotation (degrees) and translation (mm, at ``centre``) between two rigid world matrices.
+
+    Parameters
+    ----------
+    estimated, true : numpy.ndarray of shape (4, 4)
+        Matrices mapping template coordinates to subject coordinates (e.g. :attr:`RigidResult.matrix`
+        and :func:`brainsex.synthetic.pose_matrix`).
+    centre : sequence of 3 floats
+        Point (template mm) where the translation error is measured (default: the centre of the brain).
+    """
+    err = np.linalg.inv(true) @ estimated
+    cos = np.clip((np.trace(err[:3, :3]) - 1.0) / 2.0, -1.0, 1.0)
+    c = np.append(np.asarray(centre, float), 1.0)
+    return float(np.degrees(np.arccos(cos))), float(np.linalg.norm((err @ c - c)[:3]))
+
+
+def similarity(img: nib.Nifti1Image, template: nib.Nifti1Image, mask: nib.Nifti1Image | None = None) -> float:
+    """Normalised cross-correlation (Pearson r) of two images on one grid, inside ``mask``.
+
+    Used as the registration QC score: about 0.9 for a well registered brain, much lower when the
+    registration failed.
+    """
+    a = np.asarray(img.dataobj, dtype=np.float64)
+    b = np.asarray(template.dataobj, dtype=np.float64)
+    if a.shape != b.shape:
+        raise BrainsexError(f"similarity: images have different shapes {a.shape} and {b.shape}")
+    m = np.asarray(mask.dataobj).astype(bool) if mask is not None else np.ones(a.shape, bool)
+    a, b = a[m], b[m]
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _register(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, type_of_transform: str, outprefix: str,
+              reg_voxel_mm: float, iterations: Sequence[int], shrink_factors: Sequence[int],
+              smoothing_sigmas: Sequence[float], sampling: float, metric: str = "mattes",
+              initial_transform: str | None = None, fixed_mask: nib.Nifti1Image | None = None) -> list[str]:
+    """ANTs linear registration estimated on ``reg_voxel_mm`` copies of both images."""
+    ants = _ants()
+    f = _to_ants(_downsample(fixed, reg_voxel_mm))
+    m = _to_ants(_downsample(moving, reg_voxel_mm))
+    kwargs: dict[str, Any] = {}
+    if fixed_mask is not None:
+        fm = _downsample(_new_image(np.asarray(fixed_mask.dataobj, np.float32), fixed_mask.affine), reg_voxel_mm)
+        kwargs["mask"] = _to_ants(_new_image(np.asarray(fm.dataobj) > 0.1, fm.affine, np.float32))
+    reg = ants.registration(
+        fixed=f, moving=m, type_of_transform=type_of_transform, outprefix=outprefix,
+        initial_transform=initial_transform, aff_metric=metric, aff_iterations=tuple(iterations),
+        aff_shrink_factors=tuple(shrink_factors), aff_smoothing_sigmas=tuple(smoothing_sigmas),
+        aff_random_sampling_rate=sampling, **kwargs,
+    )
+    return list(reg["fwdtransforms"])
+
+
+def rigid_register(
+    brain_img: nib.Nifti1Image,
+    template_brain: nib.Nifti1Image,
+    voxel_size: float | None = None,
+    mask: nib.Nifti1Image | None = None,
+    template_mask: nib.Nifti1Image | None = None,
+    transform_path: str | os.PathLike | None = None,
+    reg_voxel_mm: float = 3.0,
+    iterations: Sequence[int] = (200, 100, 50),
+    shrink_factors: Sequence[int] = (4, 2, 1),
+    smoothing_sigmas: Sequence[float] = (2, 1, 0),
+    sampling: float = 0.5,
+    metric: str = "mattes",
+    type_of_transform: Literal["Rigid", "QuickRigid", "DenseRigid"] = "Rigid",
+) -> RigidResult:
+    """Rigid (6 degrees of freedom) registration of a brain to the template (paper section 2.2).
+
+    The paper used FSL FLIRT with 6 DOF so that brain volumes are kept. Here ANTsPy estimates the
+    rigid transform on copies of both images smoothed and sampled at ``reg_voxel_mm`` (a pyramid of
+    ``shrink_factors`` on top of that), starting from the alignment of the centres of mass; the
+    full-resolution image is then resampled once (linear interpolation) onto the target grid.
+
+    Parameters
+    ----------
+    brain_img : nibabel.Nifti1Image
+        Brain-extracted subject image (any grid, RAS or not).
+    template_brain : nibabel.Nifti1Image
+        Brain-extracted template.
+    voxel_size : float, optional
+        Target grid :func:`brainsex.templates.target_grid` (``voxel_size``); default: the template's own
+        grid.
+    mask : nibabel.Nifti1Image, optional
+        Subject brain mask; resampled too (linear, >= 0.5) and zeroing the image outside it.
+    template_mask : nibabel.Nifti1Image, optional
+        Template brain mask, for :attr:`RigidResult.similarity` (default: template > 0).
+    transform_path : path, optional
+        Where to copy the ANTs ``.mat`` file (atomically); default: a temporary file.
+    reg_voxel_mm : float, default=3.0
+        Voxel size of the copies the transform is estimated on (never finer than the inputs).
+    iterations, shrink_factors, smoothing_sigmas, sampling, metric
+        ANTs settings per pyramid level; sampling is the fraction of voxels for the metric.
+    type_of_transform : {"Rigid", "QuickRigid", "DenseRigid"}, default="Rigid"
+        ANTs' rigid variants (all rotation + translation only). "QuickRigid" uses ANTs' own
+        (short) iteration schedule.
+
+    Returns
+    -------
+    RigidResult
+    """
+    ants = _ants()
+    if type_of_transform not in ("Rigid", "QuickRigid", "DenseRigid"):
+        raise BrainsexError(f"type_of_transform must be a rigid type, got {type_of_transform!r}")
+    if voxel_size is not None:
+        from brainsex import templates
+
+        shape, affine = templates.target_grid(voxel_size)
+        tmpl = _new_image(_resample(template_brain, shape, affine, order=1), affine)
+        tmask = None if template_mask is None else _new_image(
+            _resample(template_mask, shape, affine, order=1, antialias=False) >= 0.5, affine, np.uint8)
+    else:
+        tmpl, tmask = template_brain, template_mask
+    shape, affine = tmpl.shape[:3], tmpl.affine
+    coarse = max(float(reg_voxel_mm), float(np.max(_voxel_sizes(brain_img))), float(np.max(_voxel_sizes(tmpl))))
+    with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
+        kw: dict[str, Any] = {}
+        if type_of_transform == "QuickRigid":
+            kw = {"iterations": (20, 20, 0, 0), "shrink_factors": (8, 4, 2, 1), "smoothing_sigmas": (3, 2, 1, 0)}
+        try:
+            fwd = _register(tmpl, brain_img, "DenseRigid" if type_of_transform == "DenseRigid" else "Rigid",
+                            str(Path(tmp) / "rigid_"), coarse,
+                            kw.get("iterations", iterations), kw.get("shrink_factors", shrink_factors),
+                            kw.get("smoothing_sigmas", smoothing_sigmas), sampling, metric)
+        except RuntimeError as exc:
+            raise PreprocessError(f"rigid registration failed ({exc})") from exc
+        src = Path(fwd[0])
+        if transform_path is None:
+            fd, dst = tempfile.mkstemp(prefix="brainsex-rigid-", suffix=".mat")
+            os.close(fd)
+            shutil.copyfile(src, dst)
+            out_tx = Path(dst)
+        else:
+            out_tx = Path(transform_path)
+            with atomic_path(out_tx) as t:
+                shutil.copyfile(src, t)
+    matrix = transform_matrix(out_tx)
+    # resample once: full resolution subject -> target grid (anti-aliased when the grid is coarser)
+    target = _to_ants(_grid_image(shape, affine))
+    grid_vs = float(np.max(_voxel_sizes(tmpl)))
+    src_img = brain_img
+    if grid_vs > 1.5 * float(np.max(_voxel_sizes(brain_img))):
+        src_img = _new_image(_smooth_to(brain_img, grid_vs), brain_img.affine)
+    moved = ants.apply_transforms(fixed=target, moving=_to_ants(src_img), transformlist=[str(out_tx)],
+                                  interpolator="linear")
+    data = moved.numpy().astype(np.float32)
+    mask_out = None
+    if mask is not None:
+        mm = ants.apply_transforms(fixed=target, moving=_to_ants(mask), transformlist=[str(out_tx)],
+                                   interpolator="linear")
+        m = mm.numpy() >= 0.5
+        data = np.where(m, data, 0.0).astype(np.float32)
+        mask_out = _new_image(m, affine, np.uint8)
+    image = _new_image(data, affine)
+    if tmask is None:
+        tmask = _new_image(np.asarray(tmpl.dataobj) > 0, affine, np.uint8)
+    sim = similarity(image, tmpl, tmask)
+    return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
+                       info={"reg_voxel_mm": coarse})
+
+
+# ------------------------------------------------------------------------------------- intensity
+def zscore(img: nib.Nifti1Image, mask: nib.Nifti1Image | np.ndarray | None = None,
+           mode: Literal["brain", "volume"] = "brain") -> nib.Nifti1Image:
+    """z-score the intensities (paper section 2.2: subtract the mean, divide by the standard deviation).
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+    mask : image or array, optional
+        Brain mask; default: the non-zero voxels of ``img``.
+    mode : {"brain", "volume"}, default="brain"
+        ``"brain"``: mean and sd of the voxels inside the mask; voxels outside are set to 0 (the brain's
+        mean). ``"volume"``: mean and sd of the whole volume, background included, and every voxel
+        transformed -- what the paper's public code does; the statistics then depend on how much
+        background the field of view holds.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        float32, same grid.
+    """
+    data = np.asarray(img.dataobj, dtype=np.float64)
+    if mode == "volume":
+        values = data.ravel()
+    elif mode == "brain":
+        m = (np.asarray(mask.dataobj) if isinstance(mask, nib.spatialimages.SpatialImage) else
+             (data != 0) if mask is None else np.asarray(mask)).astype(bool)
+        if m.shape != data.shape:
+            raise BrainsexError(f"zscore: mask shape {m.shape} differs from image shape {data.shape}")
+        values = data[m]
+    else:
+        raise BrainsexError(f"zscore: mode must be 'brain' or 'volume', got {mode!r}")
+    if values.size < 2:
+        raise PreprocessError("zscore: the mask holds fewer than 2 voxels")
+    mean, sd = float(values.mean()), float(values.std())
+    if not np.isfinite(sd) or sd <= 0:
+        raise PreprocessError(f"zscore: zero or undefined standard deviation ({sd}) inside the {mode}")
+    z = (data - mean) / sd
+    if mode == "brain":
+        z = np.where(m, z, 0.0)
+    return _new_image(z, img.affine)
+
+
+# --------------------------------------------------------------------------------------------- TIV
+def mask_volume_ml(mask: nib.spatialimages.SpatialImage | str | os.PathLike) -> float:
+    """Volume of a binary mask in ml (voxels > 0 times the voxel volume / 1000)."""
+    img = nib.load(mask) if not isinstance(mask, nib.spatialimages.SpatialImage) else mask
+    vox_ml = abs(float(np.linalg.det(img.affine[:3, :3]))) / 1000.0
+    return float(np.count_nonzero(np.asarray(img.dataobj))) * vox_ml
+
+
+def affine_to_template(
+    img: nib.Nifti1Image,
+    template: nib.Nifti1Image,
+    transform_path: str | os.PathLike | None = None,
+    initial_transform: str | os.PathLike | None = None,
+    reg_voxel_mm: float = 4.0,
+    iterations: Sequence[int] = (200, 100),
+    shrink_factors: Sequence[int] = (2, 1),
+    smoothing_sigmas: Sequence[float] = (1, 0),
+    sampling: float = 0.5,
+    metric: str = "mattes",
+) -> np.ndarray:
+    """12-parameter affine registration of ``img`` (moving) to ``template`` (fixed), estimated coarsely.
+
+    Returns
+    -------
+    numpy.ndarray of shape (4, 4)
+        RAS world matrix mapping template coordinates to subject coordinates; its determinant is
+        subject volume / template volume.
+    """
+    coarse = max(float(reg_voxel_mm), float(np.max(_voxel_sizes(img))), float(np.max(_voxel_sizes(template))))
+    with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
+        try:
+            fwd = _register(template, img, "Affine", str(Path(tmp) / "affine_"), coarse, iterations, shrink_factors,
+                            smoothing_sigmas, sampling, metric,
+                            initial_transform=None if initial_transform is None else str(initial_transform))
+        except RuntimeError as exc:
+            raise PreprocessError(f"affine registration (eTIV) failed ({exc})") from exc
+        # with an initial transform ANTs writes the composed affine as the first forward transform
+        matrix = transform_matrix(fwd[0])
+        if transform_path is not None:
+            with atomic_path(transform_path) as t:
+                shutil.copyfile(fwd[0], t)
+    return matrix
+
+
+def etiv_affine(
+    img: nib.Nifti1Image,
+    template: nib.Nifti1Image,
+    template_tiv_ml: float,
+    transform_path: str | os.PathLike | None = None,
+    initial_transform: str | os.PathLike | None = None,
+    reg_voxel_mm: float = 4.0,
+) -> float:
+    """Estimated total intracranial volume in the FreeSurfer sense (paper section 2.2, TIV).
+
+    FreeSurfer's eTIV (Buckner et al. 2004) divides the atlas' intracranial volume by the determinant
+    of the 12-parameter affine that maps the subject to the atlas::
+
+        eTIV = TIV_template / det(A_subject->template) = TIV_template * det(A_template->subject)
+
+    Here the affine is an ANTsPy registration of the brain-extracted image to the brain-extracted
+    template, estimated on ``reg_voxel_mm`` copies (optionally starting from the rigid transform).
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        Brain-extracted subject image.
+    template : nibabel.Nifti1Image
+        Brain-extracted template.
+    template_tiv_ml : float
+        The template's TIV in ml (:attr:`Reference.tiv_ml`).
+    transform_path : path, optional
+        Where to keep the affine ``.mat`` file.
+    initial_transform : path, optional
+        ANTs transform to start from (e.g. :attr:`RigidResult.transform`).
+    reg_voxel_mm : float, default=4.0
+        Voxel size the affine is estimated at.
+
+    Returns
+    -------
+    float
+        eTIV in ml.
+    """
+    if not (np.isfinite(template_tiv_ml) and template_tiv_ml > 0):
+        raise BrainsexError(f"template_tiv_ml must be a positive volume in ml, got {template_tiv_ml!r}")
+    matrix = affine_to_template(img, template, transform_path=transform_path, initial_transform=initial_transform,
+                                reg_voxel_mm=reg_voxel_mm)
+    det = float(np.linalg.det(matrix[:3, :3]))
+    if not np.isfinite(det) or det <= 0:
+        raise PreprocessError(f"affine registration (eTIV) gave a degenerate transform (det {det})")
+    return float(template_tiv_ml) * det
+
+
+# ------------------------------------------------------------------------------------- non-linear
+def nonlinear_transform(
+    moving: nib.Nifti1Image,
+    fixed: nib.Nifti1Image,
+    cache_prefix: str | os.PathLike,
+    type_of_transform: str = "SyN",
+    reg_iterations: Sequence[int] = (40, 20, 0),
+    initial_transform: str | os.PathLike | None = None,
+    recompute: bool = False,
+) -> list[Path]:
+    """Non-linear (ANTsPy SyN) transform of ``moving`` to ``fixed``, computed once and cached on disk.
+
+    The paper warps its saliency maps to MNI152 with FSL FNIRT before averaging them (section 2.4).
+    Here SyN (affine + symmetric diffeomorphic; Avants et al. 2008) is used; its files are stored as
+    ``<cache_prefix>warp.nii.gz`` and ``<cache_prefix>affine.mat`` and reused on later calls.
+
+    Parameters
+    ----------
+    moving : nibabel.Nifti1Image
+        Typically the subject's preprocessed (rigidly registered) image.
+    fixed : nibabel.Nifti1Image
+        The template.
+    cache_prefix : path
+        Prefix of the cached files (its folder is created).
+    type_of_transform : str, default="SyN"
+        ANTs transform type (e.g. "SyN", "SyNCC", "SyNOnly").
+    reg_iterations : sequence of int, default=(40, 20, 0)
+        SyN iterations per level.
+    initial_transform : path, optional
+        Passed to ANTs.
+    recompute : bool, default=False
+        Ignore the cache.
+
+    Returns
+    -------
+    list of pathlib.Path
+        Transform files in the order ``ants.apply_transforms`` takes them (moving -> fixed).
+    """
+    ants = _ants()
+    prefix = str(cache_prefix)
+    warp, aff = Path(prefix + "warp.nii.gz"), Path(prefix + "affine.mat")
+    if not recompute and aff.is_file() and (warp.is_file() or type_of_transform in ("Affine", "Rigid")):
+        return [warp, aff] if warp.is_file() else [aff]
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="brainsex-syn-") as tmp:
+        try:
+            reg = ants.registration(fixed=_to_ants(fixed), moving=_to_ants(moving), type_of_transform=type_of_transform,
+                                    outprefix=str(Path(tmp) / "syn_"), reg_iterations=tuple(reg_iterations),
+                                    initial_transform=None if initial_transform is None else str(initial_transform))
+        except RuntimeError as exc:
+            raise PreprocessError(f"non-linear registration failed ({exc})") from exc
+        out: list[Path] = []
+        for f in reg["fwdtransforms"]:
+            dst = warp if f.endswith("Warp.nii.gz") else aff
+            with atomic_path(dst) as t:
+                shutil.copyfile(f, t)
+            out.append(dst)
+    return out
+
+
+def apply_to_map(map_img: nib.Nifti1Image, transforms: Sequence[str | os.PathLike], reference: nib.Nifti1Image,
+                 interpolator: str = "linear") -> nib.Nifti1Image:
+    """Warp an image (e.g. a saliency map in a subject's preprocessed space) onto ``reference``'s grid.
+
+    Parameters
+    ----------
+    map_img : nibabel.Nifti1Image
+        Image in the space of the ``moving`` image of :func:`nonlinear_transform`.
+    transforms : sequence of paths
+        As returned by :func:`nonlinear_transform`.
+    reference : nibabel.Nifti1Image
+        The fixed image (template); defines the output grid.
+    interpolator : str, default="linear"
+        ANTs interpolator ("linear", "nearestNeighbor", "bSpline", ...).
+    """
+    ants = _ants()
+    out = ants.apply_transforms(fixed=_to_ants(reference), moving=_to_ants(map_img),
+                                transformlist=[str(t) for t in transforms], interpolator=interpolator)
+    return _new_image(out.numpy(), reference.affine)
+
+
+def dice(a: nib.spatialimages.SpatialImage | np.ndarray, b: nib.spatialimages.SpatialImage | np.ndarray) -> float:
+    """Dice overlap 2|A and B| / (|A| + |B|) of two masks on one grid."""
+    x = (np.asarray(a.dataobj) if isinstance(a, nib.spatialimages.SpatialImage) else np.asarray(a)).astype(bool)
+    y = (np.asarray(b.dataobj) if isinstance(b, nib.spatialimages.SpatialImage) else np.asarray(b)).astype(bool)
+    if x.shape != y.shape:
+        raise BrainsexError(f"dice: masks have different shapes {x.shape} and {y.shape}")
+    total = int(x.sum()) + int(y.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(x, y).sum()) / total
+
+
+# --------------------------------------------------------------------------------------- subjects
+def _pid(row: Mapping[str, Any]) -> str:
+    pid = str(row.get("participant_id", "")).strip()
+    if not pid or pid.lower() == "nan":
+        raise BrainsexError("participants row without participant_id")
+    return pid if pid.startswith("sub-") else f"sub-{pid}"
+
+
+def subject_dir(out_dir: str | os.PathLike, participant_id: str) -> Path:
+    """``out_dir/sub-<id>/`` (the id keeps its ``sub-`` prefix once)."""
+    return Path(out_dir) / _pid({"participant_id": participant_id})
+
+
+def _output_paths(sdir: Path, pid: str) -> dict[str, Path]:
+    return {
+        "image_pp": sdir / f"{pid}_space-template_desc-preproc_T1w.nii.gz",
+        "mask_pp": sdir / f"{pid}_space-template_desc-brain_mask.nii.gz",
+        "mask_native": sdir / f"{pid}_space-T1w_desc-brain_mask.nii.gz",
+        "rigid_transform": sdir / f"{pid}_from-T1w_to-template_mode-rigid_xfm.mat",
+        "affine_transform": sdir / f"{pid}_from-T1w_to-template_mode-affine_xfm.mat",
+    }
+
+
+def _marker_path(sdir: Path, pid: str) -> Path:
+    return sdir / f"{pid}_preprocess.json"
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) and str(value).strip() not in ("", "nan", "None")
+
+
+def _file_fingerprint(path: Any) -> dict[str, Any]:
+    p = Path(str(path))
+    if not p.is_file():
+        return {"path": str(p), "missing": True}
+    return {"path": str(p), "size": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _read_marker(marker: Path, params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The marker's QC row when the subject is done with ``params`` and its outputs verify, else None."""
+    if not marker.is_file():
+        return None
+    try:
+        content = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if content.get("version") != PIPELINE_VERSION or content.get("params") != json.loads(json.dumps(params)):
+        return None
+    for entry in content.get("outputs", {}).values():
+        p = marker.parent / entry["file"]
+        if not p.is_file() or p.stat().st_size != entry["size"] or sha256_file(p) != entry["sha256"]:
+            return None
+    qc = dict(content.get("qc", {}))
+    for key, entry in content.get("outputs", {}).items():
+        qc[key] = str(marker.parent / entry["file"])
+    return qc
+
+
+def _remove_strays(sdir: Path) -> None:
+    """Delete temporary files a killed run left behind (names start with '.' and contain '.tmp')."""
+    if not sdir.is_dir():
+        return
+    for p in sdir.iterdir():
+        if p.is_file() and p.name.startswith(".") and ".tmp" in p.name:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _save_nifti(img: nib.Nifti1Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def preprocess_subject(
+    row: Mapping[str, Any] | pd.Series,
+    out_dir: str | os.PathLike,
+    voxel_size: float = 1.0,
+    reference: Reference | None = None,
+    method: Method = "auto",
+    similarity_threshold: float = 0.5,
+    zscore_mode: Literal["brain", "volume"] = "brain",
+    etiv: bool = True,
+    mask_ml_range: tuple[float, float] = (500.0, 3000.0),
+    reg_voxel_mm: float = 3.0,
+    etiv_voxel_mm: float = 4.0,
+    deepbet_size: int = 256,
+    resume: bool = True,
+    retry_failed: bool = False,
+) -> dict[str, Any]:
+    """Preprocess one participant and write its outputs into ``out_dir/sub-<id>/`` (atomically).
+
+    Steps (paper section 2.2): :func:`load_t1` (reorients to RAS), :func:`skull_strip`,
+    :func:`rigid_register` onto :func:`brainsex.templates.target_grid` (``voxel_size``), :func:`zscore`
+    inside the registered mask, and the TIV estimates :func:`mask_volume_ml` and :func:`etiv_affine`.
+
+    Every file is written under a temporary name and renamed; a JSON marker
+    (``sub-<id>_preprocess.json``) with the QC row, the parameters and each output's size and SHA-256 is
+    written last. A subject counts as done only when its marker matches the parameters and every
+    output verifies; otherwise it is recomputed (stray temporary files of a killed run are removed).
+    A failure (bad input, empty mask, diverged registration) is recorded, not raised.
+
+    Parameters
+    ----------
+    row : mapping
+        A row of ``cohort/participants.tsv`` (``participant_id``, ``image``, optional ``mask``).
+    out_dir : path
+        The ``preprocess`` folder of the run directory.
+    voxel_size : float, default=1.0
+        Target grid (1 mm: the paper's 193 x 229 x 193).
+    reference : Reference, optional
+        Template; default :meth:`Reference.load` (``voxel_size``).
+    method : {"auto", "deepbet", "mask", "template"}, default="auto"
+        Brain extraction; "auto" uses the row's ``mask`` when present, deepbet otherwise.
+    similarity_threshold : float, default=0.5
+        A registration whose :func:`similarity` is below this is recorded as failed (diverged).
+    zscore_mode : {"brain", "volume"}, default="brain"
+        See :func:`zscore`.
+    etiv : bool, default=True
+        Compute :func:`etiv_affine` (otherwise ``etiv_ml`` is NaN).
+    mask_ml_range : (float, float), default=(500, 3000)
+        Plausible native brain-mask volumes in ml; outside means a failed extraction or a wrong voxel
+        size in the header.
+    reg_voxel_mm, etiv_voxel_mm : float, default=3.0, 4.0
+        Voxel sizes the rigid and the affine (eTIV) transforms are estimated at.
+    deepbet_size : int, default=256
+        ``network_size`` of :func:`skull_strip`.
+    resume : bool, default=True
+        Reuse a verified earlier result.
+    retry_failed : bool, default=False
+        With ``resume``, recompute subjects recorded as failed.
+
+    Returns
+    -------
+    dict
+        The QC row (:data:`QC_COLUMNS`).
+    """
+    t_start = time.perf_counter()
+    pid = _pid(row)
+    sdir = subject_dir(out_dir, pid)
+    paths = _output_paths(sdir, pid)
+    marker = _marker_path(sdir, pid)
+    image_path = row.get("image")
+    mask_path = row.get("mask") if _present(row.get("mask")) else None
+    use = method if method != "auto" else ("mask" if mask_path is not None else "deepbet")
+    ref = reference if reference is not None else Reference.load(voxel_size)
+    params = {
+        "image": _file_fingerprint(image_path) if _present(image_path) else None,
+        "mask": _file_fingerprint(mask_path) if mask_path is not None else None,
+        "voxel_size": float(voxel_size), "method": use, "similarity_threshold": float(similarity_threshold),
+        "zscore_mode": zscore_mode, "etiv": bool(etiv), "mask_ml_range": [float(v) for v in mask_ml_range],
+        "reg_voxel_mm": float(reg_voxel_mm), "etiv_voxel_mm": float(etiv_voxel_mm), "deepbet_size": int(deepbet_size),
+        "reference": ref.fingerprint(),
+    }
+    if resume:
+        done = _read_marker(marker, params)
+        if done is not None and (done.get("status") == "ok" or not retry_failed):
+            return done
+    _remove_strays(sdir)
+    sdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        marker.unlink()
+
+    qc: dict[str, Any] = {c: None for c in QC_COLUMNS}
+    qc.update({"participant_id": pid, "method": use, "status": "failed", "reason": ""})
+    times: dict[str, float] = {}
+    written: dict[str, Path] = {}
+
+    def tick(key: str, t0: float) -> float:
+        now = time.perf_counter()
+        times[key] = round(now - t0, 3)
+        return now
+
+    try:
+        if not _present(image_path):
+            raise PreprocessError(f"{pid}: no image path in the participants table")
+        t = time.perf_counter()
+        img = load_t1(image_path, name=f"{pid} ({image_path})")
+        t = tick("t_load_s", t)
+        brain, mask = skull_strip(img, method=use, mask=mask_path, reference=ref, network_size=deepbet_size,
+                                  name=f"{pid} ({image_path})")
+        qc["mask_ml"] = mask_volume_ml(mask)
+        t = tick("t_strip_s", t)
+        lo, hi = mask_ml_range
+        if not lo <= qc["mask_ml"] <= hi:
+            raise PreprocessError(f"{pid}: brain mask volume {qc['mask_ml']:.0f} ml outside the plausible range "
+                                  f"[{lo:.0f}, {hi:.0f}] ml (failed extraction, or wrong voxel sizes in the header)")
+        reg = rigid_register(brain, ref.template, mask=mask, template_mask=ref.mask,
+                             transform_path=paths["rigid_transform"], reg_voxel_mm=reg_voxel_mm)
+        written["rigid_transform"] = paths["rigid_transform"]
+        qc["similarity"] = reg.similarity
+        rot = np.degrees(np.arccos(np.clip((np.trace(reg.matrix[:3, :3]) - 1) / 2, -1, 1)))
+        qc["rotation_deg"], qc["translation_mm"] = float(rot), float(np.linalg.norm(reg.matrix[:3, 3]))
+        t = tick("t_rigid_s", t)
+        if not np.isfinite(reg.similarity) or reg.similarity < similarity_threshold:
+            raise PreprocessError(f"{pid}: registration diverged (similarity {reg.similarity:.3f} < threshold "
+                                  f"{similarity_threshold})")
+        assert reg.mask is not None
+        if not np.asarray(reg.mask.dataobj).any():
+            raise PreprocessError(f"{pid}: the registered brain mask is empty")
+        z = zscore(reg.image, reg.mask, mode=zscore_mode)
+        t = tick("t_zscore_s", t)
+        if etiv:
+            qc["etiv_ml"] = etiv_affine(brain, ref.template, ref.tiv_ml, transform_path=paths["affine_transform"],
+                                        initial_transform=paths["rigid_transform"], reg_voxel_mm=etiv_voxel_mm)
+            qc["affine_det"] = qc["etiv_ml"] / ref.tiv_ml
+            written["affine_transform"] = paths["affine_transform"]
+        t = tick("t_etiv_s", t)
+        _save_nifti(z, paths["image_pp"])
+        _save_nifti(reg.mask, paths["mask_pp"])
+        _save_nifti(mask, paths["mask_native"])
+        written.update({k: paths[k] for k in ("image_pp", "mask_pp", "mask_native")})
+        tick("t_write_s", t)
+        qc["status"] = "ok"
+    except BrainsexError as exc:
+        qc["reason"] = str(exc)
+    except (MemoryError, RuntimeError, OSError, ValueError, AssertionError) as exc:  # library failures
+        qc["reason"] = f"{pid}: {type(exc).__name__}: {exc}"
+    if qc["status"] != "ok":
+        for p in written.values():  # nothing half-done is left for a later stage to read
+            with contextlib.suppress(OSError):
+                p.unlink()
+        written = {}
+    qc.update(times)
+    qc["t_nonlinear_s"] = None
+    qc["t_total_s"] = round(time.perf_counter() - t_start, 3)
+    outputs = {k: {"file": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for k, p in written.items()}
+    for k in paths:
+        qc[k] = str(written[k]) if k in written else None
+    stored = {k: _clean(v) for k, v in qc.items() if k not in paths}
+    write_json_atomic(marker, {"version": PIPELINE_VERSION, "params": params, "qc": stored, "outputs": outputs})
+    return {k: _clean(v) for k, v in qc.items()}
+
+
+def _subject_task(row: dict[str, Any], out_dir: str, kwargs: dict[str, Any], threads: int, seed: int) -> dict[str, Any]:
+    set_threads(threads, seed)
+    try:
+        return preprocess_subject(row, out_dir, **kwargs)
+    except Exception as exc:  # never let one subject stop the batch
+        pid = str(row.get("participant_id"))
+        return {**{c: None for c in QC_COLUMNS}, "participant_id": pid, "status": "failed",
+                "reason": f"{pid}: unexpected {type(exc).__name__}: {exc}"}
+
+
+def preprocess_cohort(
+    participants: pd.DataFrame | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    voxel_size: float = 1.0,
+    n_workers: int = 2,
+    resume: bool = True,
+    progress: bool = True,
+    similarity_threshold: float = 0.5,
+    reference: Reference | None = None,
+    method: Method = "auto",
+    zscore_mode: Literal["brain", "volume"] = "brain",
+    etiv: bool = True,
+    threads_per_worker: int = 1,
+    seed: int = 1,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Preprocess every participant, in parallel, resumably; write ``qc.tsv`` and ``preprocessed.tsv``.
+
+    Parameters
+    ----------
+    participants : DataFrame or path
+        ``cohort/participants.tsv`` (columns ``participant_id``, ``image``, optional ``mask``, ...).
+    out_dir : path
+        The run directory's ``preprocess`` folder.
+    voxel_size : float, default=1.0
+        Target grid voxel size (profiles: paper 1, demo 4, smoke 8).
+    n_workers : int, default=2
+        Parallel worker processes (joblib/loky); 1 runs in this process.
+    resume : bool, default=True
+        Keep subjects whose outputs verify (see :func:`preprocess_subject`).
+    progress : bool, default=True
+        tqdm progress bar.
+    similarity_threshold : float, default=0.5
+        Registrations below this are recorded as failed.
+    reference : Reference, optional
+        Default :meth:`Reference.load` (``voxel_size``).
+    method, zscore_mode, etiv
+        See :func:`preprocess_subject`.
+    threads_per_worker : int, default=1
+        ITK/torch threads in each worker (:func:`set_threads`). Outputs repeat bit for bit only with 1.
+    seed : int, default=1
+        ANTs random seed.
+    **kwargs
+        More :func:`preprocess_subject` parameters.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``preprocessed.tsv``: the participants columns plus :data:`PREPROCESSED_COLUMNS`, one row per
+        participant in the input order (failed ones with ``status="failed"`` and their ``reason``).
+    """
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    table = read_table(participants) if not isinstance(participants, pd.DataFrame) else participants.copy()
+    for col in ("participant_id", "image"):
+        if col not in table.columns:
+            raise BrainsexError(f"participants table lacks the column '{col}'")
+    if table["participant_id"].duplicated().any():
+        dup = table.loc[table["participant_id"].duplicated(), "participant_id"].tolist()[:5]
+        raise BrainsexError(f"participants table has duplicate participant_id values: {dup}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = reference if reference is not None else Reference.load(voxel_size)
+    sub_kwargs = dict(voxel_size=voxel_size, reference=ref, method=method, similarity_threshold=similarity_threshold,
+                      zscore_mode=zscore_mode, etiv=etiv, resume=resume, **kwargs)
+    rows = table.to_dict("records")
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(rows), desc=f"preprocess ({voxel_size:g} mm)", unit="subject", disable=not progress)
+    if n_workers <= 1 or len(rows) <= 1:
+        set_threads(threads_per_worker, seed)
+        for row in rows:
+            results.append(_subject_task(row, str(out), sub_kwargs, threads_per_worker, seed))
+            bar.update()
+    else:
+        tasks = (delayed(_subject_task)(row, str(out), sub_kwargs, threads_per_worker, seed) for row in rows)
+        for res in Parallel(n_jobs=n_workers, backend="loky", return_as="generator_unordered")(tasks):
+            results.append(res)
+            bar.update()
+    bar.close()
+    qc = pd.DataFrame(results)
+    for c in QC_COLUMNS:
+        if c not in qc.columns:
+            qc[c] = None
+    order = {_pid(r): i for i, r in enumerate(rows)}
+    qc = qc[QC_COLUMNS].assign(_o=qc["participant_id"].map(order)).sort_values("_o").drop(columns="_o")
+    qc = qc.reset_index(drop=True)
+    write_table(qc, out / "qc.tsv")
+    pp = table.drop(columns=[c for c in PREPROCESSED_COLUMNS if c in table.columns])
+    key = pp["participant_id"].map(lambda p: _pid({"participant_id": p}))
+    merged = qc.set_index("participant_id")[PREPROCESSED_COLUMNS]
+    pp = pd.concat([pp.reset_index(drop=True), merged.loc[key.to_numpy()].reset_index(drop=True)], axis=1)
+    write_table(pp, out / "preprocessed.tsv")
+    n_failed = int((pp["status"] != "ok").sum())
+    if n_failed:
+        logger.warning("preprocessing: %d of %d participants failed (see %s)", n_failed, len(pp), out / "qc.tsv")
+    return pp

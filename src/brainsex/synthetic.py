@@ -1,0 +1,845 @@
+"""The paper-shaped synthetic phantom: T1-weighted heads with planted, known sex differences.
+
+:func:`make_cohort` writes a BIDS-like tree that stands in for the paper's four cohorts (section 2.1,
+Table 1) so that the whole book runs with no data agreement, and so that every method can be checked
+against a known truth::
+
+    out_dir/
+      dataset_description.json
+      participants.tsv                     participant_id, sex, age, dataset, vendor, field, tiv_ml
+      sub-0001/anat/sub-0001_T1w.nii.gz    scanner space, scanner-like int16 intensities
+      ground_truth/
+        regions.tsv                        planted regions: atlas label, sign, signed effect
+        sex_effect_map.nii.gz              male/female local volume ratio - 1, template space
+        sex_contrast_map.nii.gz            (only with contrast_effect != 0)
+        poses.tsv                          true rigid pose, global scale and scanner settings
+        masks/sub-0001_desc-brain_mask.nii.gz   true brain mask in scanner space
+      generation.json                      the arguments; a tree is reused only if they match
+
+How one subject is made (all in template space first, then placed in the scanner):
+
+1. **Demographics** (:func:`paper_demographics`): the paper's counts by dataset x vendor x field x sex
+   and its ages (mean +- sd, range; truncated normals matched to them). TIV is drawn from a normal
+   distribution per sex (see :data:`TIV_MODEL`).
+2. **Anatomy**: the template's grey matter, white matter and CSF maps are warped by (a) the planted
+   sex effect -- each planted atlas region is expanded or shrunk about its centroid by a smooth local
+   displacement so that its volume changes by ``+-region_effect / 2`` (males one way, females the
+   other; male/female volume ratio ``(1 + e/2) / (1 - e/2)``, about ``1 + e``), applied before any
+   scaling, so it does not depend on head size; (b) age: ventricles enlarge (volume
+   ``exp(0.018 (age - 25))``) and grey matter thins (0.25 % of its volume per year after 20, moved to
+   CSF); (c) an individual smooth random deformation (about 2.5 mm); (d) a global scaling that sets the
+   intracranial volume to the sampled TIV (``tiv_effect=False``: both sexes share one TIV
+   distribution; ``region_effect=0``: size is the only sex difference).
+3. **Acquisition**: a skull and scalp shell (individual thickness) around the intracranial volume, a
+   random rigid pose (rotations up to 10 degrees about each axis, translations up to 10 mm), vendor-
+   and field-dependent tissue contrast and gain, a smooth multiplicative bias field (stronger at 3 T),
+   and Rician noise (1.5 T noisier). Images are written at ``voxel_size`` directly: the demo profile
+   uses 4 mm, the smoke profile 8 mm, the paper profile 1 mm.
+
+Every subject has its own random stream (``numpy.random.SeedSequence(seed).spawn``), so a tree is the
+same for a given seed whatever ``n_jobs`` is.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage, optimize, special, stats
+
+from brainsex import BrainsexError, templates
+from brainsex.io import atomic_path, write_json_atomic, write_table
+
+__all__ = [
+    "PAPER_STRATA",
+    "PAPER_AGES",
+    "TIV_MODEL",
+    "make_cohort",
+    "paper_demographics",
+    "allocate_strata",
+    "tiv_distribution",
+    "pose_matrix",
+    "strata_counts",
+]
+
+GENERATOR_VERSION = "phantom-1"
+
+# ------------------------------------------------------------------------------------ demographics
+_STRATA_ROWS = [
+    # dataset, vendor, field, females, males   (paper's Table 1, as given in the issue)
+    ("ADNI", "GE", 1.5, 51, 53), ("ADNI", "GE", 3.0, 1, 1), ("ADNI", "Philips", 1.5, 6, 11),
+    ("ADNI", "Philips", 3.0, 25, 20), ("ADNI", "Siemens", 1.5, 48, 41), ("ADNI", "Siemens", 3.0, 55, 55),
+    ("CC-359", "GE", 1.5, 30, 30), ("CC-359", "GE", 3.0, 30, 30), ("CC-359", "Philips", 1.5, 33, 26),
+    ("CC-359", "Philips", 3.0, 30, 30), ("CC-359", "Siemens", 1.5, 30, 30), ("CC-359", "Siemens", 3.0, 30, 30),
+    ("Cam-CAN", "Siemens", 3.0, 330, 323),
+    ("OASIS-3", "Siemens", 1.5, 33, 19), ("OASIS-3", "Siemens", 3.0, 383, 296),
+]
+#: Subjects per dataset x vendor x field x sex in the paper (2,110 in all).
+PAPER_STRATA = pd.DataFrame(
+    [(d, v, f, s, c) for d, v, f, nf, nm in _STRATA_ROWS for s, c in (("F", nf), ("M", nm))],
+    columns=["dataset", "vendor", "field", "sex", "count"],
+)
+#: Ages per dataset and sex in the paper: mean, sd, min, max (years).
+PAPER_AGES = pd.DataFrame(
+    [
+        ("ADNI", "F", 74.7, 5.7, 56, 90), ("ADNI", "M", 75.8, 6.0, 60, 88),
+        ("CC-359", "F", 55.5, 7.0, 36, 80), ("CC-359", "M", 51.4, 8.1, 29, 71),
+        ("Cam-CAN", "F", 53.8, 18.8, 18, 88), ("Cam-CAN", "M", 54.8, 18.4, 18, 87),
+        ("OASIS-3", "F", 67.7, 9.2, 43, 95), ("OASIS-3", "M", 69.8, 8.6, 42, 89),
+    ],
+    columns=["dataset", "sex", "mean", "sd", "min", "max"],
+)
+
+# TIV model, calibrated once (not tuned): normal TIV per sex, females 10 % smaller on average, the same
+# coefficient of variation in both sexes, and the parameters solved so that the KDE-overlap range at
+# 20 % of each sex's maximum density (section 2.6) is the paper's R_tiv = [1,378, 1,666] ml. For a
+# normal density the 20 % level sits at mean +- z sd with z = sqrt(2 ln 5) = 1.794; scipy's
+# gaussian_kde (Scott's rule, bandwidth factor n^(-1/5)) widens the sd by sqrt(1 + n^(-2/5)) (1.030
+# for the paper's 1,115 females, 1.031 for its 995 males). Solving
+#     mu_M - z * 1.031 * c * mu_M = 1378,   0.9 mu_M + z * 1.030 * c * 0.9 mu_M = 1666
+# gives c = 0.0792, mu_M = 1614.7 ml, mu_F = 1453.2 ml (tests/test_synthetic.py re-derives this).
+#: TIV distribution (mean, sd) in ml per sex; ``"pooled"`` is used for both sexes with tiv_effect=False.
+TIV_MODEL: dict[str, tuple[float, float]] = {
+    "F": (1453.2, 115.2),
+    "M": (1614.7, 128.0),
+    "pooled": (1534.0, 121.6),
+}
+_TIV_LIMITS = (900.0, 2300.0)
+
+
+def tiv_distribution(tiv_effect: bool = True) -> pd.DataFrame:
+    """Mean and sd of the phantom's TIV (ml) for each sex (see :data:`TIV_MODEL`)."""
+    rows = [(s, *(TIV_MODEL[s] if tiv_effect else TIV_MODEL["pooled"])) for s in ("F", "M")]
+    return pd.DataFrame(rows, columns=["sex", "mean_ml", "sd_ml"])
+
+
+def allocate_strata(counts: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
+    """Share ``n`` subjects over strata in proportion to ``counts`` (largest-remainder rounding).
+
+    Ties in the remainders go to the earlier stratum. The result sums to ``n``; with ``n`` equal to
+    ``sum(counts)`` it is ``counts`` itself.
+    """
+    counts = np.asarray(counts, dtype=float)
+    if n < 0 or counts.sum() <= 0:
+        raise BrainsexError(f"cannot share n={n} subjects over strata with counts {counts.tolist()}")
+    quota = counts * n / counts.sum()
+    out = np.floor(quota + 1e-9).astype(int)
+    left = n - out.sum()
+    order = np.argsort(-(quota - out), kind="stable")
+    out[order[:left]] += 1
+    return out
+
+
+@functools.cache
+def _truncnorm_params(mean: float, sd: float, lo: float, hi: float) -> tuple[float, float]:
+    """loc and scale of a normal truncated to [lo, hi] whose own mean and sd are ``mean`` and ``sd``."""
+
+    def moments(p: np.ndarray) -> np.ndarray:
+        loc, log_scale = p
+        scale = math.exp(log_scale)
+        m, v = stats.truncnorm.stats((lo - loc) / scale, (hi - loc) / scale, loc=loc, scale=scale, moments="mv")
+        return np.array([float(m) - mean, math.sqrt(float(v)) - sd])
+
+    fit = optimize.least_squares(moments, x0=[mean, math.log(sd)], method="lm")
+    return round(float(fit.x[0]), 6), round(math.exp(float(fit.x[1])), 6)
+
+
+def _strata_for(n: int | None) -> pd.DataFrame:
+    strata = PAPER_STRATA.copy()
+    total = int(strata["count"].sum())
+    n = total if n is None else int(n)
+    if n < 1:
+        raise BrainsexError(f"n must be a positive number of subjects, got {n}")
+    strata["n"] = allocate_strata(strata["count"].to_numpy(), n)
+    # at least one female and one male per dataset whenever n allows it (n >= 2 per dataset), taken
+    # from the largest stratum; keeps every dataset x sex cell of Table 1 populated in small cohorts
+    if n >= 2 * strata["dataset"].nunique() and n < total:
+        for (_dataset, _sex), grp in strata.groupby(["dataset", "sex"], sort=False):
+            if strata.loc[grp.index, "n"].sum() == 0:
+                strata.loc[grp["count"].idxmax(), "n"] += 1
+                donor = strata["n"].idxmax()
+                strata.loc[donor, "n"] -= 1
+    return strata
+
+
+def paper_demographics(n: int | None = None, seed: int = 0, tiv_effect: bool = True) -> pd.DataFrame:
+    """The phantom's participants table (no images): the paper's strata, ages and a sampled TIV.
+
+    Parameters
+    ----------
+    n : int or None, default=None
+        Number of subjects; None gives the paper's 2,110. Smaller (or larger) cohorts keep the
+        strata's proportions by largest-remainder rounding over the 30 dataset x vendor x field x sex
+        cells; when ``n >= 8`` every dataset keeps at least one female and one male (one subject is
+        moved from the largest cell for each empty dataset x sex pair).
+    seed : int, default=0
+        Random seed (ages, TIV, the order of participant IDs). Ages (per dataset and sex) and TIV (per
+        sex) are drawn by Latin hypercube sampling from their distributions, so that Table 1's means
+        and sds and the KDE-overlap range come out close to the paper's for every seed.
+    tiv_effect : bool, default=True
+        False draws both sexes' TIV from one pooled distribution.
+
+    Returns
+    -------
+    pandas.DataFrame
+        participant_id (``sub-0001``...), sex (F/M), age (years, 0.1), dataset, vendor, field (1.5/3.0),
+        tiv_ml, sorted by participant_id.
+    """
+    strata = _strata_for(n)
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(1)[0])
+    df = strata.loc[strata.index.repeat(strata["n"]), ["sex", "dataset", "vendor", "field"]].reset_index(drop=True)
+    df["field"] = df["field"].astype(float)
+
+    def stratified_uniform(k: int) -> np.ndarray:
+        # one draw in each of k equal-probability bins, in random order (Latin hypercube sampling): the
+        # sample's mean and spread stay close to the distribution's, whatever the seed
+        return (rng.permutation(k) + rng.random(k)) / k
+
+    df["age"] = np.nan
+    ages = PAPER_AGES.set_index(["dataset", "sex"])
+    for (dataset, sex), idx in df.groupby(["dataset", "sex"], sort=True).groups.items():
+        a = ages.loc[(dataset, sex)]
+        loc, scale = _truncnorm_params(float(a["mean"]), float(a["sd"]), float(a["min"]), float(a["max"]))
+        lo, hi = (float(a["min"]) - loc) / scale, (float(a["max"]) - loc) / scale
+        df.loc[idx, "age"] = np.round(stats.truncnorm.ppf(stratified_uniform(len(idx)), lo, hi, loc=loc, scale=scale), 1)
+    df["tiv_ml"] = np.nan
+    for sex, idx in df.groupby("sex", sort=True).groups.items():
+        mu, sd = TIV_MODEL[str(sex)] if tiv_effect else TIV_MODEL["pooled"]
+        tiv = stats.norm.ppf(stratified_uniform(len(idx)), loc=mu, scale=sd)
+        df.loc[idx, "tiv_ml"] = np.round(np.clip(tiv, *_TIV_LIMITS), 1)
+    df = df[["sex", "age", "dataset", "vendor", "field", "tiv_ml"]]
+    order = rng.permutation(len(df))
+    width = max(4, len(str(len(df))))
+    df = df.iloc[order].reset_index(drop=True)
+    df.insert(0, "participant_id", [f"sub-{i + 1:0{width}d}" for i in range(len(df))])
+    return df
+
+
+def strata_counts(participants: pd.DataFrame) -> pd.DataFrame:
+    """Subjects per dataset x vendor x field x sex (the layout of :data:`PAPER_STRATA`)."""
+    return (participants.groupby(["dataset", "vendor", "field", "sex"]).size().rename("count").reset_index())
+
+
+# ----------------------------------------------------------------------------------- acquisition
+# Tissue intensities relative to white matter, WM level in scanner units, noise (fraction of WM) and
+# bias-field strength (sd of the log gain) by vendor and field. Plausible, not measured, values: GE
+# IR-SPGR, Philips TFE and Siemens MPRAGE differ in grey/white contrast, CSF level and scaling.
+_SCANNER = {
+    # (vendor, field): gm, csf, wm_level, noise, bias
+    ("GE", 1.5): (0.72, 0.24, 1100.0, 0.045, 0.06),
+    ("GE", 3.0): (0.68, 0.20, 1500.0, 0.025, 0.12),
+    ("Philips", 1.5): (0.78, 0.32, 2200.0, 0.045, 0.06),
+    ("Philips", 3.0): (0.75, 0.28, 3000.0, 0.025, 0.12),
+    ("Siemens", 1.5): (0.74, 0.22, 450.0, 0.045, 0.06),
+    ("Siemens", 3.0): (0.70, 0.18, 650.0, 0.025, 0.12),
+}
+_SKULL, _DIPLOE, _SCALP = 0.08, 0.45, 0.95  # relative to white matter
+_SCANNER_FOV_MM = (224.0, 256.0, 224.0)
+_SCANNER_CENTRE = np.array([0.0, -18.0, 10.0])
+_POSE_CENTRE = np.array([0.0, -18.0, 18.0])  # centre of the template grid: rotations and scaling act here
+_MAX_ROT_DEG, _MAX_SHIFT_MM = 10.0, 10.0
+_WARP_SPACING_MM, _WARP_SD_MM = 12.0, 2.5
+
+
+def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
+    ax, ay, az = np.deg2rad([rx, ry, rz])
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rot_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    rot_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rot_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rot_z @ rot_y @ rot_x
+
+
+def pose_matrix(pose: Mapping[str, Any] | pd.Series, include_scale: bool = False) -> np.ndarray:
+    """The 4 x 4 world-to-world matrix that placed a subject in the scanner.
+
+    Maps template-space coordinates (mm, RAS) of the subject's anatomy to scanner coordinates:
+    ``y = c + R (s (x - c)) + t`` with ``R = Rz Ry Rx`` (degrees about the world axes),
+    ``c = (center_x, center_y, center_z)`` and ``s = scale`` (only with ``include_scale=True``).
+    Rigid registration of the image back to the template should recover the inverse of the rigid part.
+
+    Parameters
+    ----------
+    pose : mapping or pandas.Series
+        A row of ``ground_truth/poses.tsv`` (rot_x_deg, rot_y_deg, rot_z_deg, trans_x_mm, trans_y_mm,
+        trans_z_mm, center_x, center_y, center_z, scale).
+    include_scale : bool, default=False
+        Include the global (TIV) scaling.
+    """
+    rot = _rotation(float(pose["rot_x_deg"]), float(pose["rot_y_deg"]), float(pose["rot_z_deg"]))
+    c = np.array([float(pose["center_x"]), float(pose["center_y"]), float(pose["center_z"])])
+    t = np.array([float(pose["trans_x_mm"]), float(pose["trans_y_mm"]), float(pose["trans_z_mm"])])
+    lin = rot * (float(pose["scale"]) if include_scale else 1.0)
+    out = np.eye(4)
+    out[:3, :3] = lin
+    out[:3, 3] = c + t - lin @ c
+    return out
+
+
+def _scanner_grid(voxel_size: float) -> tuple[tuple[int, int, int], np.ndarray]:
+    shape = tuple(int(math.ceil(f / voxel_size - 1e-9)) for f in _SCANNER_FOV_MM)
+    affine = np.eye(4)
+    affine[:3, :3] *= voxel_size
+    affine[:3, 3] = _SCANNER_CENTRE - (np.asarray(shape) - 1) / 2.0 * voxel_size
+    return shape, affine  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ planted regions
+def _normalise_regions(sex_regions: Any) -> list[tuple[Any, int]]:
+    """[(region spec, sign)] from None / a sequence / a mapping {region: sign}."""
+    if sex_regions is None:
+        items: list[Any] = list(templates.PAPER_TOP10)
+        return [(r, 1 if i % 2 == 0 else -1) for i, r in enumerate(items)]
+    if isinstance(sex_regions, Mapping):
+        out = []
+        for r, s in sex_regions.items():
+            if s not in (1, -1, 1.0, -1.0):
+                raise BrainsexError(f"sex_regions: the sign of {r!r} must be +1 or -1, got {s!r}")
+            out.append((r, int(s)))
+        return out
+    if isinstance(sex_regions, str) or not isinstance(sex_regions, Sequence):
+        raise BrainsexError(
+            "sex_regions must be None, a list of regions (('Pallidum', 'right'), 'Right Pallidum' or a label "
+            f"number) or a mapping region -> +1/-1; got {sex_regions!r}"
+        )
+    return [(r, 1 if i % 2 == 0 else -1) for i, r in enumerate(sex_regions)]
+
+
+def _region_weights(
+    atlas: np.ndarray, groups: list[list[int]], tau_mm: float, grid_vs: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth weights of label groups on the grid at ``grid_vs``, and the groups' centroids (mm).
+
+    ``w_r = 1`` inside region r and ``exp(-d^2 / (2 tau^2))`` at distance ``d`` (mm) outside it,
+    computed on the 1 mm atlas (in a box around the region) and sampled at the coarse grid.
+    """
+    shape, affine = templates.target_grid(grid_vs)
+    weights = np.zeros((len(groups), *shape), np.float32)
+    centroids = np.zeros((len(groups), 3))
+    objects = ndimage.find_objects(atlas.astype(np.int32))
+    pad = int(math.ceil(3.5 * tau_mm)) + 2
+    coarse_in_1mm = np.linalg.inv(templates.GRID_AFFINE) @ affine
+    axes = [coarse_in_1mm[i, i] * np.arange(shape[i]) + coarse_in_1mm[i, 3] for i in range(3)]
+    for g, labs in enumerate(groups):
+        boxes = [objects[lab - 1] for lab in labs if lab - 1 < len(objects) and objects[lab - 1] is not None]
+        if not boxes:
+            continue
+        lo = np.maximum(np.min([[sl.start for sl in b] for b in boxes], 0) - pad, 0)
+        hi = np.minimum(np.max([[sl.stop for sl in b] for b in boxes], 0) + pad, templates.GRID_SHAPE)
+        box = np.isin(atlas[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], labs)
+        centroid_vox = np.argwhere(box).mean(0) + lo
+        centroids[g] = templates.GRID_AFFINE[:3, :3] @ centroid_vox + templates.GRID_AFFINE[:3, 3]
+        dist = ndimage.distance_transform_edt(~box)
+        w_box = np.exp(-(dist**2) / (2 * tau_mm**2)).astype(np.float32)
+        # coarse grid points inside the box, as box voxel coordinates
+        sel = [np.flatnonzero((ax >= lo[i]) & (ax <= hi[i] - 1)) for i, ax in enumerate(axes)]
+        if any(len(x) == 0 for x in sel):
+            continue
+        grid = np.meshgrid(*[axes[i][sel[i]] - lo[i] for i in range(3)], indexing="ij")
+        vals = ndimage.map_coordinates(w_box, np.stack([x.ravel() for x in grid]), order=1)
+        weights[g][np.ix_(*sel)] = vals.reshape([len(x) for x in sel])
+    return weights, centroids
+
+
+def _scaling_field(weights: np.ndarray, centroids: np.ndarray, scales: Sequence[float], grid_vs: float) -> np.ndarray:
+    """Backward displacement ``D(y) = -sum_r w_r(y) (1 - 1/k_r) (y - c_r)`` on the grid (3, *shape).
+
+    Sampling the template at ``y + D(y)`` makes region r ``k_r^3`` times larger (``k = inf`` gives the
+    unit field ``-w (y - c)``).
+    """
+    shape, affine = templates.target_grid(grid_vs)
+    world = [affine[i, i] * np.arange(shape[i]) + affine[i, 3] for i in range(3)]
+    disp = np.zeros((3, *shape), np.float32)
+    for w, c, k in zip(weights, centroids, scales, strict=True):
+        a = np.float32(1.0 - 1.0 / k)
+        if a == 0:
+            continue
+        for i in range(3):
+            rel = (world[i] - c[i]).astype(np.float32).reshape([-1 if j == i else 1 for j in range(3)])
+            disp[i] -= a * w * rel
+    return disp
+
+
+def _jacobian_det(disp: np.ndarray, voxel_size: float) -> np.ndarray:
+    """det(I + grad D) of a backward displacement field on a regular grid."""
+    grads = [np.gradient(disp[i], voxel_size) for i in range(3)]
+    j = np.empty((3, 3, *disp.shape[1:]), np.float64)
+    for i in range(3):
+        for k in range(3):
+            j[i, k] = grads[i][k] + (1.0 if i == k else 0.0)
+    return np.linalg.det(np.moveaxis(j, (0, 1), (-2, -1)))
+
+
+# ------------------------------------------------------------------------------ context (shared)
+def _context(voxel_size: float, regions: list[tuple[Any, int]], region_effect: float, contrast_effect: float,
+             source: str) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict[str, float]]:
+    """Everything the subjects share: template maps, planted fields, region table."""
+    vs = voxel_size
+    shape, affine = templates.target_grid(vs)
+    tissue = templates._tissue_arrays(vs)  # offline, nilearn (see templates.load_tissue_maps)
+    mask1 = templates._mask_array(1.0, "offline")
+    key = f"{vs:g}mm".replace(".", "p")
+    mask = templates._cached_array(
+        f"offline_softmask_{key}", lambda: templates._smooth_sample(mask1.astype(np.float32), vs).astype(np.float32))
+    icv_template_ml = float(mask1.sum()) / 1000.0
+
+    def signed_distance() -> np.ndarray:
+        inside = mask1.astype(bool)
+        return (ndimage.distance_transform_edt(~inside) - ndimage.distance_transform_edt(inside)).astype(np.float32)
+
+    dist1 = templates._cached_array("offline_signed_distance_1mm", signed_distance)
+    dist = dist1 if vs == 1.0 else templates._cached_array(
+        f"offline_signed_distance_{key}", lambda: templates._smooth_sample(dist1, vs).astype(np.float32))
+
+    atlas_img, labels = templates.load_atlas(1.0, source)
+    atlas1 = np.asarray(atlas_img.dataobj)
+    ids = templates.region_label_ids([r for r, _ in regions], labels) if regions else []
+    signs = [s for _, s in regions]
+    lab_tab = labels.set_index("label")
+    rows = []
+    counts = np.bincount(atlas1.ravel().astype(np.int64), minlength=int(labels["label"].max()) + 1)
+    for (_spec, sign), lab in zip(regions, ids, strict=True):
+        r = lab_tab.loc[lab]
+        vol = float(counts[lab]) / 1000.0
+        rows.append({"name": r["name"], "region": r["region"], "hemisphere": r["hemisphere"], "label": int(lab),
+                     "atlas": labels.attrs.get("atlas", ""), "atlas_source": labels.attrs.get("source", ""),
+                     "sign": int(sign), "effect": sign * float(region_effect),
+                     "contrast": sign * float(contrast_effect) + 0.0, "template_volume_ml": round(vol, 3)})
+    if len(set(ids)) != len(ids):
+        raise BrainsexError(f"sex_regions lists a region twice: {[r['name'] for r in rows]}")
+    if any(r["template_volume_ml"] == 0 for r in rows):
+        empty = [r["name"] for r in rows if r["template_volume_ml"] == 0]
+        raise BrainsexError(f"sex_regions {empty} have no voxels in the atlas ({labels.attrs.get('atlas')})")
+    region_table = pd.DataFrame(rows, columns=["name", "region", "hemisphere", "label", "atlas", "atlas_source",
+                                               "sign", "effect", "contrast", "template_volume_ml"])
+
+    tau = max(3.0, vs)
+    # template maps sampled together: grey matter, white matter, CSF, signed distance to the brain, mask
+    ctx: dict[str, np.ndarray] = {"tmaps": np.stack([tissue["gm"], tissue["wm"], tissue["csf"], dist, mask]),
+                                  "dist": dist[None]}
+    e = float(region_effect)
+    weights, centroids = _region_weights(atlas1, [[i] for i in ids], tau, vs)
+    if e != 0.0 and ids:
+        disp_m = _scaling_field(weights, centroids, [(1 + s * e / 2) ** (1 / 3) for s in signs], vs)
+        disp_f = _scaling_field(weights, centroids, [(1 - s * e / 2) ** (1 / 3) for s in signs], vs)
+        effect_map = _jacobian_det(disp_f, vs) / _jacobian_det(disp_m, vs) - 1.0
+        ctx["disp_M"], ctx["disp_F"] = disp_m, disp_f
+    else:
+        ctx["disp_M"] = ctx["disp_F"] = np.zeros((3, *shape), np.float32)
+        effect_map = np.zeros(shape)
+    ctx["effect_map"] = effect_map.astype(np.float32)
+    if contrast_effect != 0.0 and ids:
+        signed = np.tensordot(np.asarray(signs, np.float32), weights, axes=1)
+        ctx["contrast_M"] = (1.0 + signed * contrast_effect / 2).astype(np.float32)[None]
+        ctx["contrast_F"] = (1.0 - signed * contrast_effect / 2).astype(np.float32)[None]
+    # ventricles: unit-effect field; the subject's field is a(age) * this (a = 1 - V^(-1/3))
+    vent_names = [("Lateral Ventricle", "right"), ("Lateral Ventricle", "left"),
+                  ("Inferior Lateral Ventricle", "right"), ("Inferior Lateral Ventricle", "left")]
+    vent_groups = [templates.region_label_ids([v], labels) for v in vent_names]
+    vent_groups.append(templates.region_label_ids([("Third Ventricle", "right"), ("Third Ventricle", "left")], labels))
+    v_weights, v_centroids = _region_weights(atlas1, vent_groups, max(8.0, vs), vs)
+    ctx["disp_vent"] = _scaling_field(v_weights, v_centroids, [np.inf] * len(vent_groups), vs)
+    info = {"icv_template_ml": icv_template_ml, "voxel_size": vs}
+    return ctx, region_table, info
+
+
+@functools.lru_cache(maxsize=2)
+def _load_context(folder: str) -> dict[str, np.ndarray]:
+    return {p.stem: np.load(p, mmap_mode="r") for p in Path(folder).glob("*.npy")}
+
+
+# ------------------------------------------------------------------------------------- one subject
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    f = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+    return f / max(float(f.std()), 1e-12)
+
+
+def _subject_params(row: Mapping[str, Any], ss: np.random.SeedSequence) -> tuple[dict[str, Any], np.random.Generator]:
+    """The subject's scalar draws (pose, scanner settings); the generator continues with the fields."""
+    rng = np.random.default_rng(ss)
+    gm_ratio, csf_ratio, wm_level, noise, bias = _SCANNER[(str(row["vendor"]), float(row["field"]))]
+    rot = rng.uniform(-_MAX_ROT_DEG, _MAX_ROT_DEG, 3)
+    shift = rng.uniform(-_MAX_SHIFT_MM, _MAX_SHIFT_MM, 3)
+    age = float(row["age"])
+    p = {
+        "participant_id": row["participant_id"],
+        "rot_x_deg": round(float(rot[0]), 4), "rot_y_deg": round(float(rot[1]), 4), "rot_z_deg": round(float(rot[2]), 4),
+        "trans_x_mm": round(float(shift[0]), 4), "trans_y_mm": round(float(shift[1]), 4),
+        "trans_z_mm": round(float(shift[2]), 4),
+        "center_x": _POSE_CENTRE[0], "center_y": _POSE_CENTRE[1], "center_z": _POSE_CENTRE[2],
+        "gm_ratio": round(gm_ratio + rng.normal(0, 0.015), 4),
+        "csf_ratio": round(max(csf_ratio + rng.normal(0, 0.02), 0.05), 4),
+        "wm_level": round(wm_level * float(np.exp(rng.normal(0, 0.15))), 2),
+        "noise_frac": round(noise * float(np.exp(rng.normal(0, 0.2))), 5),
+        "bias_sd": bias,
+        "ventricle_factor": round(float(np.exp(0.018 * (age - 25) + rng.normal(0, 0.2))), 4),
+        "gm_loss": round(float(np.clip(0.0025 * max(age - 20, 0) * np.exp(rng.normal(0, 0.2)), 0, 0.4)), 4),
+        "skull_mm": round(float(rng.uniform(4.0, 7.0)), 3),
+        "scalp_mm": round(float(rng.uniform(4.0, 8.0)), 3),
+    }
+    return p, rng
+
+
+def _edge(v: np.ndarray) -> np.ndarray:
+    """Smooth step (logistic, 0.7 mm) used for the skull and scalp boundaries."""
+    return special.expit(v * np.float32(1 / 0.7))
+
+
+_CORNERS = np.array([(dx, dy, dz) for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)])
+
+
+def _trilinear_plan(v: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Corner indices and weights for trilinear sampling at voxel coordinates ``v`` (3, N).
+
+    Coordinates outside the grid are clamped to its edge (``mode="nearest"``); the third output marks
+    the points that lie inside the grid. One plan serves any number of fields on the same grid.
+    """
+    size = np.asarray(shape, np.float32)[:, None]
+    v = v.astype(np.float32)
+    inside = ((v > -0.5) & (v < size - 0.5)).all(axis=0)
+    np.clip(v, 0.0, size - 1.0001, out=v)
+    i0 = v.astype(np.intp)
+    f = v - i0
+    st = (shape[1] * shape[2], shape[2], 1)
+    base = i0[0] * st[0] + i0[1] * st[1] + i0[2]
+    idx = base[None, :] + (_CORNERS @ np.asarray(st))[:, None]
+    wx, wy, wz = (np.stack([1.0 - f[i], f[i]]) for i in range(3))
+    w = (wx[:, None, None] * wy[None, :, None] * wz[None, None, :]).reshape(8, -1)
+    return idx, w, inside
+
+
+def _gather(field: np.ndarray, plan: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """Sample a channel-first field ((F,) + grid) with a :func:`_trilinear_plan`; returns (F, N) float32."""
+    idx, w, _ = plan
+    flat = field.reshape(field.shape[0], -1)
+    out = np.empty((flat.shape[0], idx.shape[1]), np.float32)
+    for ch in range(flat.shape[0]):
+        f = np.asarray(flat[ch])
+        acc = f.take(idx[0]) * w[0]
+        for k in range(1, 8):
+            acc += f.take(idx[k]) * w[k]
+        out[ch] = acc
+    return out
+
+
+def _interp_matrix(n_out: int, n_in: int, step: float, offset: float) -> np.ndarray:
+    """(n_out, n_in) linear-interpolation weights: output i reads input position ``offset + i * step``."""
+    pos = np.clip(offset + step * np.arange(n_out), 0, n_in - 1.0001)
+    i0 = pos.astype(int)
+    f = pos - i0
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), i0] = 1 - f
+    m[np.arange(n_out), i0 + 1] += f
+    return m
+
+
+def _upsample(coarse: np.ndarray, out_shape: Sequence[int], step: Sequence[float], offset: Sequence[float]) -> np.ndarray:
+    """Separable linear interpolation of a small grid onto a larger one (see :func:`_interp_matrix`)."""
+    mi, mj, mk = (_interp_matrix(n, c, st, of) for n, c, st, of in zip(out_shape, coarse.shape, step, offset, strict=True))
+    out = np.tensordot(mi, coarse.astype(np.float32), axes=(1, 0))  # (I, b, c)
+    out = np.tensordot(out, mj, axes=(1, 1))  # (I, c, J)
+    out = np.tensordot(out, mk, axes=(1, 1))  # (I, J, K)
+    return np.ascontiguousarray(out)
+
+
+@functools.lru_cache(maxsize=2)
+def _voxel_coords(shape: tuple[int, int, int]) -> np.ndarray:
+    """(3, N) float32 voxel coordinates of a grid, C order (kept for grids up to 4 M voxels)."""
+    return np.indices(shape, dtype=np.float32).reshape(3, -1)
+
+
+def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], ss: np.random.SeedSequence,
+                  info: Mapping[str, Any], paths: tuple[str, str], chunk: int = 1 << 20) -> None:
+    vs = float(info["voxel_size"])
+    p, rng = _subject_params(row, ss)
+    tshape, taffine = templates.target_grid(vs)
+    t_origin = taffine[:3, 3:4]
+    sshape, saffine = _scanner_grid(vs)
+    scale = (float(row["tiv_ml"]) / float(info["icv_template_ml"])) ** (1.0 / 3.0)
+    # scanner voxel -> template-space mm before the non-linear parts: undo the pose, then the scaling
+    to_template = np.linalg.inv(pose_matrix({**p, "scale": scale}, include_scale=True)) @ saffine
+
+    # individual warp: smooth random displacement on a control grid over the template field of view,
+    # brought to the template grid (control point i sits at t_origin + (i - 1) * spacing)
+    wshape = tuple(int(math.ceil(n * vs / _WARP_SPACING_MM)) + 3 for n in tshape)
+    warp = [_upsample(_smooth_noise(rng, wshape, 1.5) * _WARP_SD_MM, tshape, [vs / _WARP_SPACING_MM] * 3, [1.0] * 3)
+            for _ in range(3)]
+    # bias field in scanner space (fixed to the coil, not to the head)
+    bshape = tuple(max(int(math.ceil(n * vs / 40.0)), 2) + 2 for n in sshape)
+    bias_coarse = _smooth_noise(rng, bshape, 1.0)
+    step = [(b_ - 1) / max(s_ - 1, 1) for s_, b_ in zip(sshape, bshape, strict=True)]
+    bias = np.exp(np.float32(p["bias_sd"]) * _upsample(bias_coarse, sshape, step, [0.0] * 3))
+    # skull/scalp thickness varies smoothly with the direction from the head's centre
+    thick_dir = rng.standard_normal(3).astype(np.float32) / np.float32(math.sqrt(3.0))
+
+    # template-grid displacement (voxel units) of the non-linear part: individual warp + planted sex
+    # effect + age-dependent ventricle enlargement. The three are small and smooth, so they are added
+    # rather than composed (the difference is second order: about 0.1 mm for the planted effect).
+    sex = str(row["sex"])
+    vent_a = np.float32(1.0 - float(p["ventricle_factor"]) ** (-1.0 / 3.0))
+    field = np.empty((4, *tshape), np.float32)  # U (3 channels, voxels) and the signed distance (mm)
+    for i in range(3):
+        field[i] = (warp[i] + ctx["disp_" + sex][i] + vent_a * ctx["disp_vent"][i]) / np.float32(vs)
+    field[3] = ctx["dist"][0]
+
+    contrast = ctx.get("contrast_" + sex)
+    tmaps = ctx["tmaps"]
+    g_ratio, c_ratio, wm_level = float(p["gm_ratio"]), float(p["csf_ratio"]), float(p["wm_level"])
+    gm_loss = float(p["gm_loss"])
+    skull_mm, scalp_mm = float(p["skull_mm"]), float(p["scalp_mm"])
+    # farthest a point can be from the brain (before the non-linear part) and still show skull or scalp
+    reach = 0.5 + 1.15 * skull_mm + 1.2 * scalp_mm + 2 * vs + max(float(np.abs(w).max()) for w in warp) + 2.0
+    centre_v = ((_POSE_CENTRE[:, None] - t_origin) / vs).astype(np.float32)
+    # scanner voxel -> template voxel (before the non-linear part)
+    to_tvox = np.diag([1 / vs, 1 / vs, 1 / vs, 1.0]) @ np.vstack([to_template[:3], [0, 0, 0, 1]])
+    to_tvox[:3, 3] -= t_origin[:, 0] / vs
+    lin, off = to_tvox[:3, :3].astype(np.float32), to_tvox[:3, 3:4].astype(np.float32)
+
+    # air is skipped: a pass over every other voxel finds the head (with a margin), the rest stays 0
+    sub = np.stack(np.meshgrid(*[np.arange(0, n, 2) for n in sshape], indexing="ij")).reshape(3, -1)
+    d_sub = _gather(ctx["dist"], _trilinear_plan(lin @ sub.astype(np.float32) + off, tshape))[0]
+    near_sub = (d_sub < reach + vs * math.sqrt(3)).reshape([len(range(0, n, 2)) for n in sshape])
+    near_grid = near_sub.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: sshape[0], : sshape[1], : sshape[2]]
+    candidates = np.flatnonzero(near_grid)
+
+    n_vox = int(np.prod(sshape))
+    t1 = np.zeros(n_vox, np.float32)
+    brain = np.zeros(n_vox, np.uint8)
+    coords = _voxel_coords(tuple(sshape)) if n_vox <= 4_000_000 else None
+    for start in range(0, len(candidates), chunk):
+        flat_idx = candidates[start:start + chunk]
+        ijk = coords[:, flat_idx] if coords is not None else np.stack(np.unravel_index(flat_idx, sshape)).astype(np.float32)
+        xv = lin @ ijk + off
+        u = _gather(field, _trilinear_plan(xv, tshape))
+        near = u[3] < reach
+        if not near.any():
+            continue
+        tv = xv[:, near] + u[:3, near]
+        flat_idx = flat_idx[near]
+        plan = _trilinear_plan(tv, tshape)
+        gm, wm, csf, d, m = _gather(tmaps, plan)
+        m = m * plan[2]  # no brain outside the template's field of view
+        csf += gm * gm_loss
+        gm *= 1.0 - gm_loss
+        rel = tv - centre_v
+        mod = (thick_dir @ rel) / np.maximum(np.sqrt((rel * rel).sum(0)), 1e-3)
+        skull_t = skull_mm * (1 + 0.15 * mod)
+        outer = 0.5 + skull_t
+        skull = _edge(d - 0.5) * (1 - _edge(d - outer))
+        diploe = _edge(d - (0.5 + 0.3 * skull_t)) * (1 - _edge(d - (0.5 + 0.7 * skull_t)))
+        scalp = _edge(d - outer) * (1 - _edge(d - (outer + scalp_mm * (1 + 0.2 * mod))))
+        tissue = wm + g_ratio * gm + c_ratio * csf
+        if contrast is not None:
+            tissue *= _gather(contrast, plan)[0]
+        shell = _SKULL * skull + (_DIPLOE - _SKULL) * diploe + _SCALP * scalp
+        t1[flat_idx] = (tissue * (1 - skull - scalp).clip(0, 1) + shell) * wm_level
+        brain[flat_idx] = m >= 0.5
+
+    t1 = t1.reshape(sshape) * bias.astype(np.float32)
+    sigma = np.float32(float(p["noise_frac"]) * wm_level)
+    real = t1 + sigma * rng.standard_normal(sshape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(sshape, dtype=np.float32)
+    img = np.sqrt(real * real + imag * imag)
+    out = np.clip(np.rint(img), 0, 32767).astype(np.int16)
+    _save(out, saffine, paths[0])
+    _save(brain.reshape(sshape), saffine, paths[1])
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: str) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def _subject_task(ctx_folder: str, info: dict[str, Any], row: dict[str, Any], ss: np.random.SeedSequence,
+                  paths: tuple[str, str]) -> str:
+    _make_subject(_load_context(ctx_folder), row, ss, info, paths)
+    return str(row["participant_id"])
+
+
+# ----------------------------------------------------------------------------------------- driver
+def _valid_image(path: Path, shape: tuple[int, ...]) -> bool:
+    try:
+        return path.is_file() and tuple(nib.load(path).shape) == tuple(shape)
+    except Exception:  # any unreadable file is simply regenerated
+        return False
+
+
+def make_cohort(
+    out_dir: str | os.PathLike,
+    spec: str = "paper",
+    n: int | None = None,
+    voxel_size: float = 1.0,
+    sex_regions: Sequence[Any] | Mapping[Any, int] | None = None,
+    region_effect: float = 0.10,
+    tiv_effect: bool = True,
+    seed: int = 0,
+    n_jobs: int = 1,
+    progress: bool = True,
+    contrast_effect: float = 0.0,
+    reference_source: str = "offline",
+) -> pd.DataFrame:
+    """Write the synthetic phantom cohort (see the module docstring for what is in it).
+
+    Parameters
+    ----------
+    out_dir : path
+        Root of the BIDS-like tree (created; a tree made with other arguments is replaced).
+    spec : {"paper"}, default="paper"
+        Demographic design: the paper's Table 1 strata and ages (:data:`PAPER_STRATA`).
+    n : int or None, default=None
+        Number of subjects (None: 2,110); strata are kept by :func:`paper_demographics`.
+    voxel_size : float, default=1.0
+        Voxel size of the written images in mm. The images are generated at this size directly; the
+        demo profile uses 4 mm (480 subjects in about a minute on 2 cores), the smoke profile 8 mm.
+    sex_regions : sequence, mapping or None, default=None
+        Atlas regions that differ between sexes. None: the paper's ten top CerebrA regions
+        (:data:`brainsex.templates.PAPER_TOP10`) with alternating signs (+, -, +, ...; + means larger
+        in males). A sequence takes the same alternating signs; a mapping gives each region its sign.
+    region_effect : float, default=0.10
+        Planted local volume difference: each region is scaled by ``1 +- sign * region_effect / 2``
+        in volume (male / female), independently of head size. 0 leaves size as the only difference.
+    tiv_effect : bool, default=True
+        False draws both sexes' TIV from one distribution (no size difference).
+    seed : int, default=0
+        Random seed; the tree is identical for a seed whatever ``n_jobs`` is.
+    n_jobs : int, default=1
+        Parallel workers (joblib; -1 for all cores).
+    progress : bool, default=True
+        Show a progress bar.
+    contrast_effect : float, default=0.0
+        Planted intensity difference inside the planted regions (fraction, male/female
+        ``1 +- sign * contrast_effect / 2``), in addition to the volume effect.
+    reference_source : {"offline", "auto", "templateflow"}, default="offline"
+        Atlas used to find the planted regions; offline by default so that a seed gives the same
+        phantom on every machine.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The participants table (as in ``participants.tsv``).
+    """
+    from joblib import Parallel, delayed
+    from threadpoolctl import threadpool_limits
+    from tqdm.auto import tqdm
+
+    if spec != "paper":
+        raise BrainsexError(f"spec must be 'paper' (the paper's Table 1 design), got {spec!r}")
+    vs = templates._check_voxel_size(voxel_size)
+    for name, val, lo, hi in (("region_effect", region_effect, 0.0, 1.0), ("contrast_effect", contrast_effect, 0.0, 1.0)):
+        if not (isinstance(val, int | float) and lo <= float(val) < hi):
+            raise BrainsexError(f"{name} must be a fraction in [{lo}, {hi}), got {val!r}")
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise BrainsexError(f"seed must be a non-negative integer, got {seed!r}")
+    regions = _normalise_regions(sex_regions)
+    out = Path(out_dir)
+    args = {
+        "generator": GENERATOR_VERSION, "spec": spec, "n": None if n is None else int(n), "voxel_size": vs,
+        "sex_regions": [[list(r) if isinstance(r, tuple | list) else r, s] for r, s in regions],
+        "region_effect": float(region_effect), "tiv_effect": bool(tiv_effect), "seed": int(seed),
+        "contrast_effect": float(contrast_effect), "reference_source": reference_source,
+    }
+    gen_path = out / "generation.json"
+    previous: dict[str, Any] = {}
+    if gen_path.is_file():
+        try:
+            previous = json.loads(gen_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+    same = previous.get("args") == json.loads(json.dumps(args))
+
+    participants = paper_demographics(n=n, seed=seed, tiv_effect=tiv_effect)
+    sshape, _ = _scanner_grid(vs)
+    img_paths = [out / pid / "anat" / f"{pid}_T1w.nii.gz" for pid in participants["participant_id"]]
+    mask_paths = [out / "ground_truth" / "masks" / f"{pid}_desc-brain_mask.nii.gz"
+                  for pid in participants["participant_id"]]
+    gt_files = [out / "participants.tsv", out / "ground_truth" / "regions.tsv", out / "ground_truth" / "poses.tsv",
+                out / "ground_truth" / "sex_effect_map.nii.gz"]
+    if same and previous.get("complete") and all(p.is_file() for p in gt_files):
+        todo = [i for i, (a, b) in enumerate(zip(img_paths, mask_paths, strict=True))
+                if not (_valid_image(a, sshape) and _valid_image(b, sshape))]
+        if not todo:
+            return pd.read_csv(out / "participants.tsv", sep="\t")
+    elif previous and not same:
+        # a tree made with other arguments: remove its subjects (only folders this generator wrote)
+        for d in out.glob("sub-*"):
+            if d.is_dir():
+                shutil.rmtree(d)
+        shutil.rmtree(out / "ground_truth", ignore_errors=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(gen_path, {"args": args, "complete": False})
+    ctx, region_table, info = _context(vs, regions, float(region_effect), float(contrast_effect), reference_source)
+    todo = [i for i, (a, b) in enumerate(zip(img_paths, mask_paths, strict=True))
+            if not (same and _valid_image(a, sshape) and _valid_image(b, sshape))]
+
+    seeds = np.random.SeedSequence(int(seed)).spawn(len(participants) + 1)[1:]
+    records = participants.to_dict("records")
+    jobs = [(records[i], seeds[i], (str(img_paths[i]), str(mask_paths[i]))) for i in todo]
+    bar = tqdm(total=len(jobs), desc=f"phantom ({vs:g} mm)", unit="subject", disable=not progress)
+    if n_jobs == 1 or len(jobs) <= 1:
+        with threadpool_limits(1):  # tiny matrix products: threads only get in each other's way
+            for row, ss, paths in jobs:
+                _make_subject(ctx, row, ss, info, paths)
+                bar.update()
+    else:
+        # workers read the shared arrays from memory-mapped files (written once, removed at the end)
+        ctx_dir = Path(tempfile.mkdtemp(prefix=".context-", dir=out))
+        try:
+            for key, arr in ctx.items():
+                if key != "effect_map":
+                    np.save(ctx_dir / f"{key}.npy", np.ascontiguousarray(arr))
+            tasks = (delayed(_subject_task)(str(ctx_dir), info, row, ss, paths) for row, ss, paths in jobs)
+            for _ in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
+                bar.update()
+        finally:
+            shutil.rmtree(ctx_dir, ignore_errors=True)
+    bar.close()
+
+    # ground truth and tables (cheap; rewritten every time)
+    poses = []
+    for row, ss in zip(records, seeds, strict=True):
+        p, _ = _subject_params(row, ss)
+        p["scale"] = round((float(row["tiv_ml"]) / info["icv_template_ml"]) ** (1 / 3), 6)
+        poses.append(p)
+    pose_cols = ["participant_id", "rot_x_deg", "rot_y_deg", "rot_z_deg", "trans_x_mm", "trans_y_mm", "trans_z_mm",
+                 "center_x", "center_y", "center_z", "scale", "gm_ratio", "csf_ratio", "wm_level", "noise_frac",
+                 "bias_sd", "ventricle_factor", "gm_loss", "skull_mm", "scalp_mm"]
+    write_table(pd.DataFrame(poses)[pose_cols], out / "ground_truth" / "poses.tsv")
+    write_table(region_table, out / "ground_truth" / "regions.tsv")
+    shape, taffine = templates.target_grid(vs)
+    effect = nib.Nifti1Image(ctx["effect_map"].astype(np.float32), taffine)
+    effect.header.set_sform(taffine, code=4)
+    effect.header.set_qform(taffine, code=4)
+    with atomic_path(out / "ground_truth" / "sex_effect_map.nii.gz") as tmp:
+        nib.save(effect, tmp)
+    if "contrast_M" in ctx:
+        cmap = nib.Nifti1Image((ctx["contrast_M"][0] / ctx["contrast_F"][0] - 1).astype(np.float32), taffine)
+        with atomic_path(out / "ground_truth" / "sex_contrast_map.nii.gz") as tmp:
+            nib.save(cmap, tmp)
+    write_json_atomic(out / "dataset_description.json", {
+        "Name": "brainsex synthetic phantom (paper-shaped, planted sex differences)",
+        "BIDSVersion": "1.9.0", "DatasetType": "raw", "License": "CC0",
+        "GeneratedBy": [{"Name": "brainsex.synthetic", "Version": GENERATOR_VERSION}],
+    })
+    write_table(participants, out / "participants.tsv")
+    digest = hashlib.sha256(participants.to_csv(index=False).encode()).hexdigest()[:16]
+    write_json_atomic(gen_path, {"args": args, "complete": True, "participants_sha256_16": digest,
+                                 "icv_template_ml": info["icv_template_ml"],
+                                 "tiv_model": tiv_distribution(tiv_effect).to_dict("records"),
+                                 "references": templates.reference_info(reference_source).to_dict("records")})
+    return participants
