@@ -1,0 +1,153 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Does the model just measure head size?
+#
+# Female heads are smaller on average, so a classifier could score well by estimating total
+# intracranial volume (TIV) and nothing else. The paper did not correct for TIV during training;
+# instead it checked afterwards (its section 2.6): it split the test set into three equal-count TIV
+# bins, and it located the TIV range where the two sexes overlap most — the range $R_{\mathrm{tiv}}$
+# where each sex's kernel density stays above 20 % of its own peak — and looked at accuracy there.
+
+# %% tags=["remove-cell"]
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "git+https://github.com/brainsex-book/brainsex-book"], check=True)
+
+# %% tags=["parameters"]
+profile = "demo"
+run_dir = "runs/demo"
+seed = 0
+n_bootstrap = 1000
+kde_threshold = 0.2
+
+# %% tags=["hide-input"]
+from pathlib import Path
+
+from myst_nb import glue
+
+from brainsex.evaluate import exclude_missing_tiv, format_metrics_table
+from brainsex.figures import fig_kde_overlap, fig_prob_vs_tiv, fig_tiv_tertile_hist, show, show_table
+from brainsex.io import read_table, write_json_atomic, write_table
+from brainsex.tiv import (
+    assign_tertiles,
+    balanced_rtiv_subset,
+    bootstrap_rtiv,
+    kde_curves,
+    metrics_in_range,
+    tiv_tertiles,
+)
+
+run = Path(run_dir)
+pred, n_excluded = exclude_missing_tiv(read_table(run / "evaluate" / "predictions_with_baseline.tsv"), "etiv_ml")
+glue("n_tiv", len(pred), display=False)
+glue("n_excluded", n_excluded, display=False)
+glue("profile", profile, display=False)
+
+# %% [markdown]
+# TIV here is the affine-determinant estimate from the preprocessing chapter (the paper used
+# FreeSurfer's eTIV). {glue:text}`n_tiv` test scans have one; {glue:text}`n_excluded` had none and are
+# left out, as the paper left out its one unprocessable scan.
+#
+# ## Three TIV bins (the paper's Table 3 and Figure 2)
+
+# %% tags=["hide-input"]
+tertiles = tiv_tertiles(pred, tiv_col="etiv_ml")
+write_table(tertiles, run / "tiv" / "tertiles.tsv")
+show_table(tertiles.drop(columns=["note"], errors="ignore").round(3),
+           caption="Accuracy by TIV bin and sex; balanced accuracy per bin")
+show(fig_tiv_tertile_hist(assign_tertiles(pred, tiv_col="etiv_ml"), tiv_col="etiv_ml"),
+     alt="Histogram of TIV in three equal-count bins")
+low_bin = tertiles[tertiles["tertile"] == tertiles["tertile"].iloc[0]].set_index("sex")
+high_bin = tertiles[tertiles["tertile"] == tertiles["tertile"].iloc[-1]].set_index("sex")
+glue("acc_f_low", f"{100 * low_bin.loc['F', 'accuracy']:.0f}", display=False)
+glue("acc_m_low", f"{100 * low_bin.loc['M', 'accuracy']:.0f}", display=False)
+glue("acc_f_high", f"{100 * high_bin.loc['F', 'accuracy']:.0f}", display=False)
+glue("acc_m_high", f"{100 * high_bin.loc['M', 'accuracy']:.0f}", display=False)
+
+# %% [markdown]
+# In the smallest-TIV bin, females are classified correctly {glue:text}`acc_f_low` % of the time and
+# males {glue:text}`acc_m_low` %; in the largest-TIV bin, {glue:text}`acc_f_high` % and
+# {glue:text}`acc_m_high` %. A model that leans on size gets the sex that is typical for the bin right
+# and the other one wrong — the paper saw exactly this asymmetry.
+#
+# ## Probability against TIV (Figure 4) and the overlap range (Figure 5)
+
+# %% tags=["hide-input"]
+female, male = pred.loc[pred["sex"] == "F", "etiv_ml"], pred.loc[pred["sex"] == "M", "etiv_ml"]
+curves = kde_curves(female, male, threshold=kde_threshold)
+rtiv = bootstrap_rtiv(female, male, n_bootstrap=n_bootstrap, seed=seed, threshold=kde_threshold)
+write_json_atomic(run / "tiv" / "rtiv.json", rtiv)
+low, high = rtiv["low"], rtiv["high"]
+glue("rtiv_low", f"{low:,.0f}", display=False)
+glue("rtiv_high", f"{high:,.0f}", display=False)
+glue("rtiv_low_ci", f"{rtiv['low_ci'][0]:,.0f}–{rtiv['low_ci'][1]:,.0f}", display=False)
+glue("rtiv_high_ci", f"{rtiv['high_ci'][0]:,.0f}–{rtiv['high_ci'][1]:,.0f}", display=False)
+glue("kde_threshold_pct", f"{100 * kde_threshold:.0f}", display=False)
+show(fig_prob_vs_tiv(pred, rtiv=(low, high), curves=curves), alt="Predicted probability of male against TIV")
+show(fig_kde_overlap(curves, female, male), alt="TIV densities of both sexes and the overlap range")
+
+# %% [markdown]
+# With a {glue:text}`kde_threshold_pct` % density threshold, the overlap range on this run is
+# $R_{\mathrm{tiv}}$ = {glue:text}`rtiv_low`–{glue:text}`rtiv_high` ml. A bootstrap over subjects puts
+# its lower end between {glue:text}`rtiv_low_ci` ml and its upper end between {glue:text}`rtiv_high_ci` ml
+# (95 %): with a test set of this size the range itself is uncertain, which the paper does not report.
+#
+# ## Accuracy inside and outside the overlap range
+
+# %% tags=["hide-input"]
+inside = metrics_in_range(pred, low, high, n_bootstrap=n_bootstrap, seed=seed)
+inside_tiv = metrics_in_range(pred, low, high, prob_col="prob_male_tiv", n_bootstrap=n_bootstrap, seed=seed)
+write_table(inside, run / "tiv" / "metrics_in_rtiv.tsv")
+table = format_metrics_table(inside, which=("accuracy", "balanced_accuracy", "accuracy_female", "accuracy_male"))
+table_tiv = format_metrics_table(inside_tiv, which=("accuracy", "balanced_accuracy"))
+show_table(table, caption="SFCN: inside vs outside R_tiv")
+show_table(table_tiv, caption="TIV-only baseline: inside vs outside R_tiv")
+v = inside.set_index("group").query("metric == 'balanced_accuracy'")["value"]
+vt = inside_tiv.set_index("group").query("metric == 'balanced_accuracy'")["value"]
+glue("bacc_inside", f"{100 * v['inside']:.1f}", display=False)
+glue("bacc_tiv_inside", f"{100 * vt['inside']:.1f}", display=False)
+
+# %% [markdown]
+# Inside $R_{\mathrm{tiv}}$ the CNN's balanced accuracy is {glue:text}`bacc_inside` %, while the TIV-only
+# baseline manages {glue:text}`bacc_tiv_inside` % there (chance is 50 %). Where head size stops telling
+# the sexes apart, whatever accuracy remains must come from something other than size.
+#
+# Finally, as in the paper, we keep a balanced set of correctly classified scans inside the range —
+# equal numbers of females and males — for the saliency chapter.
+
+# %% tags=["hide-input"]
+subset = balanced_rtiv_subset(pred, low, high, seed=seed)
+write_table(subset, run / "tiv" / "rtiv_subset.tsv")
+glue("n_subset", len(subset), display=False)
+
+# %% [markdown]
+# The balanced subset holds {glue:text}`n_subset` scans.
+#
+# ```{exercise}
+# :label: ex-kde-threshold
+# Re-run this chapter with `-p kde_threshold 0.1` and then `0.4`. How does $R_{\mathrm{tiv}}$ move, and
+# how many test scans fall inside it each time?
+# ```
+#
+# ```{solution} ex-kde-threshold
+# :class: dropdown
+# A lower threshold keeps more of each density's tails, so each sex's interval widens and their
+# intersection widens with it; a higher threshold shrinks it towards the region between the two peaks.
+# Fewer scans inside the range means wider confidence intervals for the accuracy there.
+# ```
