@@ -52,3 +52,11 @@ def test_build_over_non_shareable_cohort_is_refused(mini_book, tmp_path):
     html = build(mini_book, "smoke", run_dir=run_dir, out=out)
     assert (html / "notebooks" / "b.html").is_file()
     assert not scan_html(html, protected_ids(run_dir))
+
+
+def test_exclusions_of_non_shareable_cohorts_are_protected(tmp_path, repo_root):
+    (tmp_path / "cohort").mkdir()
+    pd.DataFrame([{"participant_id": "sub-X9", "cohort": "ADNI", "reason": "missing sex"},
+                  {"participant_id": "sub-P9", "cohort": "phantom", "reason": "corrupt image"}]).to_csv(
+        tmp_path / "cohort" / "exclusions.tsv", sep="\t", index=False)
+    assert protected_ids(tmp_path, repo_root / "data_manifest.yaml") == {"sub-X9"}

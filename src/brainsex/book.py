@@ -421,7 +421,7 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
         new_html = stage / "_out" / "_build" / "html"
         from brainsex.privacy import check_published_html
 
-        check_published_html(plan.run_dir, new_html)  # refuse before anything is published
+        check_published_html(plan.run_dir, new_html, plan.root / "data_manifest.yaml")  # refuse before anything is published
         _dedupe_inline_scripts(new_html)
         final = out_root / "html"
         old = out_root / f".html-old-{os.getpid()}"

@@ -17,7 +17,7 @@ import pandas as pd
 
 from brainsex import BrainsexError
 
-__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static"]
+__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex"]
 
 #: Colour-blind safe (Okabe-Ito), readable on light and dark themes.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999"]
@@ -681,3 +681,53 @@ def plot_map_static(
         display.close()
         return None
     return display
+
+
+# --- cohort chapter (paper Table 1) -------------------------------------------------------------
+
+
+def fig_cohort_composition(participants: pd.DataFrame) -> Any:
+    """Subjects per dataset by sex, vendor and field strength (the paper's Table 1 as bars)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    p = participants.copy()
+    p["field_label"] = p["field"].map(lambda f: f"{float(f):g} T" if pd.notna(f) else "unknown")
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("sex", "vendor", "field strength"), shared_yaxes=True)
+    panels = (("sex", {"F": SEX_COLORS["F"], "M": SEX_COLORS["M"]}), ("vendor", None), ("field_label", None))
+    for col_i, (col, colors) in enumerate(panels, start=1):
+        counts = p.groupby(["dataset", col]).size().unstack(fill_value=0)
+        for j, level in enumerate(counts.columns):
+            color = (colors or {}).get(level, PALETTE[(j + 2 * col_i) % len(PALETTE)])
+            fig.add_trace(go.Bar(y=counts.index.astype(str), x=counts[level], name=f"{level}", orientation="h",
+                                 marker_color=color, legendgroup=col, legendgrouptitle_text=col.split("_")[0]),
+                          row=1, col=col_i)
+    fig.update_layout(barmode="stack", title="Subjects per dataset", height=360, margin={"t": 70})
+    fig.update_xaxes(title_text="subjects")
+    return fig
+
+
+def fig_age_by_dataset(participants: pd.DataFrame) -> Any:
+    """Age distributions per dataset and sex (box plots with points)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for sex, name in (("F", "female"), ("M", "male")):
+        s = participants[participants["sex"] == sex]
+        fig.add_trace(go.Box(x=s["dataset"], y=s["age"], name=name, marker_color=SEX_COLORS[sex],
+                             boxpoints="outliers"))
+    fig.update_layout(boxmode="group", title="Age by dataset and sex", yaxis_title="age (years)", height=380)
+    return fig
+
+
+def fig_tiv_by_sex(participants: pd.DataFrame, tiv_col: str = "tiv_ml", title: str | None = None) -> Any:
+    """Overlaid histograms of TIV by sex."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for sex, name in (("F", "female"), ("M", "male")):
+        fig.add_trace(go.Histogram(x=participants.loc[participants["sex"] == sex, tiv_col], name=name,
+                                   marker_color=SEX_COLORS[sex], opacity=0.6, nbinsx=40))
+    fig.update_layout(barmode="overlay", title=title or "Total intracranial volume by sex",
+                      xaxis_title="TIV (ml)", yaxis_title="subjects", height=360)
+    return fig

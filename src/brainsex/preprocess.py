@@ -382,7 +382,7 @@ def skull_strip(
     threshold: float = 0.5,
     work_voxel_mm: float = 2.0,
     max_voxel_mm: float = 4.0,
-    network_size: int = 256,
+    network_size: int = 192,
     name: str = "image",
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """Extract the brain (paper section 2.2: SynthStrip, or the masks shipped with CC-359).
@@ -455,23 +455,40 @@ def skull_strip(
     return brain, mask_img
 
 
+def _pseudo_head(template: nib.Nifti1Image, mask: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The brain-extracted template with a generic head around it: dark CSF and skull, bright scalp.
+
+    Shell distances from the brain mask (mm): CSF 0-2, skull 2-7, scalp 7-13 (typical adult values);
+    intensities relative to the template's white matter. Used only to find the head in an image.
+    """
+    data = np.asarray(template.dataobj, dtype=np.float32)
+    inside = np.asarray(mask.dataobj) > 0
+    vs = _voxel_sizes(template)
+    dist = ndimage.distance_transform_edt(~inside, sampling=vs).astype(np.float32)
+
+    def band(lo: float, hi: float) -> np.ndarray:
+        return (1 / (1 + np.exp(-(dist - lo) / 0.7))) * (1 - 1 / (1 + np.exp(-(dist - hi) / 0.7)))
+
+    wm = float(np.percentile(data[inside], 99)) if inside.any() else 1.0
+    head = np.where(inside, data, 0.0) + wm * (0.15 * band(0.0, 2.0) + 0.05 * band(2.0, 7.0) + 0.8 * band(7.0, 13.0))
+    return _new_image(head, template.affine)
+
+
 def _template_mask(img: nib.Nifti1Image, reference: Reference | None, name: str,
                    reg_voxel_mm: float = 4.0) -> np.ndarray:
-    """Brain mask from the template: affine template -> head (MI), mask carried over."""
+    """Brain mask from the template: affine (template + generic head) -> image, mask carried over."""
     ants = _ants()
     ref = reference if reference is not None else Reference.load(2.0)
-    head = _to_ants(_downsample(img, reg_voxel_mm))
-    tmpl = _to_ants(_downsample(ref.template, reg_voxel_mm))
+    head = _pseudo_head(ref.template, ref.mask)
+    fixed = _downsample(img, reg_voxel_mm)
+    coarse = max(reg_voxel_mm, float(np.max(_voxel_sizes(fixed))))
     with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
         try:
-            reg = ants.registration(
-                fixed=head, moving=tmpl, type_of_transform="Affine", outprefix=str(Path(tmp) / "t_"),
-                aff_metric="mattes", aff_iterations=(200, 100, 50), aff_shrink_factors=(4, 2, 1),
-                aff_smoothing_sigmas=(2, 1, 0), aff_random_sampling_rate=0.5,
-            )
+            fwd = _register(fixed, head, "Affine", str(Path(tmp) / "t_"), coarse, (100, 50, 20), (4, 2, 1),
+                            (2, 1, 0), 0.25)
         except RuntimeError as exc:
             raise PreprocessError(f"{name}: template registration for brain extraction failed ({exc})") from exc
-        warped = ants.apply_transforms(fixed=_to_ants(img), moving=_to_ants(ref.mask), transformlist=reg["fwdtransforms"],
+        warped = ants.apply_transforms(fixed=_to_ants(img), moving=_to_ants(ref.mask), transformlist=fwd,
                                        interpolator="linear")
     return warped.numpy() >= 0.5
 
@@ -586,10 +603,10 @@ def rigid_register(
     template_mask: nib.Nifti1Image | None = None,
     transform_path: str | os.PathLike | None = None,
     reg_voxel_mm: float = 3.0,
-    iterations: Sequence[int] = (200, 100, 50),
+    iterations: Sequence[int] = (100, 50, 20),
     shrink_factors: Sequence[int] = (4, 2, 1),
     smoothing_sigmas: Sequence[float] = (2, 1, 0),
-    sampling: float = 0.5,
+    sampling: float = 0.25,
     metric: str = "mattes",
     type_of_transform: Literal["Rigid", "QuickRigid", "DenseRigid"] = "Rigid",
 ) -> RigidResult:
@@ -1006,7 +1023,7 @@ def preprocess_subject(
     mask_ml_range: tuple[float, float] = (500.0, 3000.0),
     reg_voxel_mm: float = 3.0,
     etiv_voxel_mm: float = 4.0,
-    deepbet_size: int = 256,
+    deepbet_size: int = 192,
     resume: bool = True,
     retry_failed: bool = False,
 ) -> dict[str, Any]:

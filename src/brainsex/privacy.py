@@ -22,16 +22,33 @@ class PrivacyError(BrainsexError):
     """Subject-level data of a non-shareable cohort would be published."""
 
 
-def protected_ids(run_dir: str | Path) -> set[str]:
-    """Participant IDs of non-shareable cohorts recorded in ``<run_dir>/cohort/participants.tsv``."""
-    path = Path(run_dir) / "cohort" / "participants.tsv"
-    if not path.is_file():
-        return set()
-    table = pd.read_csv(path, sep="\t", dtype=str)
-    if "shareable" not in table.columns or "participant_id" not in table.columns:
-        return set()
-    mask = table["shareable"].str.lower().isin(["false", "0", "no"])
-    return set(table.loc[mask, "participant_id"].dropna())
+def protected_ids(run_dir: str | Path, manifest: str | Path | None = None) -> set[str]:
+    """Participant IDs of non-shareable cohorts in ``<run_dir>/cohort/`` (participants and exclusions).
+
+    A row counts as non-shareable when its ``shareable`` column says so, or when its ``cohort`` is marked
+    ``shareable: false`` in ``manifest`` (used for the exclusions table, which has no ``shareable`` column).
+    """
+    folder = Path(run_dir) / "cohort"
+    closed: set[str] = set()
+    if manifest is not None and Path(manifest).is_file():
+        from brainsex.manifest import load_manifest
+
+        closed = {c.name for c in load_manifest(manifest).cohorts if not c.shareable}
+    ids: set[str] = set()
+    for name in ("participants.tsv", "exclusions.tsv"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        table = pd.read_csv(path, sep="\t", dtype=str)
+        if "participant_id" not in table.columns:
+            continue
+        mask = pd.Series(False, index=table.index)
+        if "shareable" in table.columns:
+            mask |= table["shareable"].str.lower().isin(["false", "0", "no"])
+        if "cohort" in table.columns:
+            mask |= table["cohort"].isin(closed)
+        ids |= set(table.loc[mask, "participant_id"].dropna())
+    return ids
 
 
 def scan_html(html_dir: str | Path, ids: set[str]) -> dict[str, list[str]]:
@@ -48,9 +65,9 @@ def scan_html(html_dir: str | Path, ids: set[str]) -> dict[str, list[str]]:
     return found
 
 
-def check_published_html(run_dir: str | Path, html_dir: str | Path) -> None:
+def check_published_html(run_dir: str | Path, html_dir: str | Path, manifest: str | Path | None = None) -> None:
     """Raise :class:`PrivacyError` if a page of ``html_dir`` shows an ID of a non-shareable subject."""
-    found = scan_html(html_dir, protected_ids(run_dir))
+    found = scan_html(html_dir, protected_ids(run_dir, manifest))
     if found:
         pages = "; ".join(f"{p}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for p, v in found.items())
         raise PrivacyError(

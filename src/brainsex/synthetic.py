@@ -20,21 +20,24 @@ How one subject is made (all in template space first, then placed in the scanner
 
 1. **Demographics** (:func:`paper_demographics`): the paper's counts by dataset x vendor x field x sex
    and its ages (mean +- sd, range; truncated normals matched to them). TIV is drawn from a normal
-   distribution per sex (see :data:`TIV_MODEL`).
+   distribution per sex (see :data:`TIV_MODEL`). Ages and TIV use Latin hypercube sampling, so
+   Table 1 and the KDE-overlap range come out close to the paper's for every seed.
 2. **Anatomy**: the template's grey matter, white matter and CSF maps are warped by (a) the planted
    sex effect -- each planted atlas region is expanded or shrunk about its centroid by a smooth local
    displacement so that its volume changes by ``+-region_effect / 2`` (males one way, females the
    other; male/female volume ratio ``(1 + e/2) / (1 - e/2)``, about ``1 + e``), applied before any
    scaling, so it does not depend on head size; (b) age: ventricles enlarge (volume
-   ``exp(0.018 (age - 25))``) and grey matter thins (0.25 % of its volume per year after 20, moved to
-   CSF); (c) an individual smooth random deformation (about 2.5 mm); (d) a global scaling that sets the
-   intracranial volume to the sampled TIV (``tiv_effect=False``: both sexes share one TIV
-   distribution; ``region_effect=0``: size is the only sex difference).
+   ``exp(0.018 (age - 25))`` with individual spread) and grey matter thins (0.25 % of its volume per
+   year after 20, moved to CSF); (c) an individual smooth random deformation (about 2.5 mm; the three
+   small displacement fields are added); (d) a global scaling that sets the intracranial volume to the
+   sampled TIV (``tiv_effect=False``: both sexes share one TIV distribution; ``region_effect=0``: size
+   is the only sex difference). ``contrast_effect`` adds an intensity difference in the same regions.
 3. **Acquisition**: a skull and scalp shell (individual thickness) around the intracranial volume, a
-   random rigid pose (rotations up to 10 degrees about each axis, translations up to 10 mm), vendor-
-   and field-dependent tissue contrast and gain, a smooth multiplicative bias field (stronger at 3 T),
-   and Rician noise (1.5 T noisier). Images are written at ``voxel_size`` directly: the demo profile
-   uses 4 mm, the smoke profile 8 mm, the paper profile 1 mm.
+   random rigid pose (rotations up to 10 degrees about each axis, translations up to 10 mm; recorded
+   in ``ground_truth/poses.tsv``, see :func:`pose_matrix`), vendor- and field-dependent tissue
+   contrast and gain, a smooth multiplicative bias field (stronger at 3 T), and Rician noise (1.5 T
+   noisier). Images are written on a 224 x 256 x 224 mm scanner grid at ``voxel_size`` directly: the
+   demo profile uses 4 mm, the smoke profile 8 mm, the paper profile 1 mm.
 
 Every subject has its own random stream (``numpy.random.SeedSequence(seed).spawn``), so a tree is the
 same for a given seed whatever ``n_jobs`` is.
@@ -372,13 +375,12 @@ def _scaling_field(weights: np.ndarray, centroids: np.ndarray, scales: Sequence[
 
 
 def _jacobian_det(disp: np.ndarray, voxel_size: float) -> np.ndarray:
-    """det(I + grad D) of a backward displacement field on a regular grid."""
-    grads = [np.gradient(disp[i], voxel_size) for i in range(3)]
-    j = np.empty((3, 3, *disp.shape[1:]), np.float64)
+    """det(I + grad D) of a backward displacement field (3, *grid) on a regular grid (float32)."""
+    g = [[np.gradient(disp[i], voxel_size, axis=k).astype(np.float32) for k in range(3)] for i in range(3)]
     for i in range(3):
-        for k in range(3):
-            j[i, k] = grads[i][k] + (1.0 if i == k else 0.0)
-    return np.linalg.det(np.moveaxis(j, (0, 1), (-2, -1)))
+        g[i][i] += 1.0
+    (a, b, c), (d, e, f), (h, k, m) = g
+    return a * (e * m - f * k) - b * (d * m - f * h) + c * (d * k - e * h)
 
 
 # ------------------------------------------------------------------------------ context (shared)
@@ -454,8 +456,22 @@ def _context(voxel_size: float, regions: list[tuple[Any, int]], region_effect: f
     return ctx, region_table, info
 
 
-@functools.lru_cache(maxsize=2)
+def _tune_malloc() -> None:
+    """Keep freed memory in the worker (glibc): each subject allocates and frees the same large arrays,
+    and returning them to the system every time costs page faults (about 15 % of the run)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+@functools.lru_cache(maxsize=1)  # a new run's context evicts (and unmaps) the previous one
 def _load_context(folder: str) -> dict[str, np.ndarray]:
+    _tune_malloc()  # only ever called in joblib workers
     return {p.stem: np.load(p, mmap_mode="r") for p in Path(folder).glob("*.npy")}
 
 

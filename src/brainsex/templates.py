@@ -266,9 +266,12 @@ def target_grid(voxel_size: float = 1.0) -> tuple[tuple[int, int, int], np.ndarr
 
 # ------------------------------------------------------------------------------------------ sources
 def _templateflow_get(**query: object) -> Path:
-    import templateflow.api as tflow  # noqa: PLC0415 (optional dependency)
+    import templateflow.api as tflow  # optional dependency (pip install templateflow)
 
-    out = tflow.get(TEMPLATE_SPACE, **query)
+    try:
+        out = tflow.get(TEMPLATE_SPACE, **query)
+    except Exception as exc:  # network, S3, DataLad: report which file could not be had
+        raise BrainsexError(f"TemplateFlow could not provide {TEMPLATE_SPACE} {query} ({type(exc).__name__}: {exc})") from exc
     if isinstance(out, list):
         if len(out) != 1:
             raise BrainsexError(f"TemplateFlow query {query} returned {len(out)} files, expected one")

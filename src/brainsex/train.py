@@ -113,7 +113,8 @@ class TrainConfig:
         Mixed precision on CUDA only: ``"auto"`` (bf16 where supported, else fp16), ``"bf16"``,
         ``"fp16"`` or ``"off"``. Ignored on CPU and MPS.
     channels_last
-        Use the ``channels_last_3d`` memory format for the model and inputs.
+        Use the ``channels_last_3d`` memory format for the model and inputs (measured on 2 CPU cores: about
+        20 % less CPU time per step for the demo model; on GPUs it suits cuDNN's tensor-core kernels).
     num_workers
         DataLoader worker processes (0: load in the main process; with the in-memory cache this is
         usually fastest on a CPU). Also the number of threads that fill the cache.
@@ -142,7 +143,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
-    channels_last: bool = False
+    channels_last: bool = True
     num_workers: int = 0
     cache: bool = True
     cache_dtype: str = "float32"
@@ -441,6 +442,11 @@ def _dist_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    """Accumulator dtype for epoch sums: float64, except on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _unwrap(model: nn.Module) -> SFCN:
     return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
 
@@ -629,20 +635,23 @@ def train(
 
     rank, world, local_rank = _dist_env()
     distributed = world > 1
+    device = resolve_device(config.device)
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     we_initialised = False
     if distributed:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
             we_initialised = True
-    device = resolve_device(config.device)
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
     is_main = rank == 0
     progress = progress and is_main
+    if device.type == "cpu":
+        # Denormal floats appear in the weights/gradients after a few Adam steps and made CPU steps up to 8x
+        # slower in our measurements; flush them to zero (process-wide, left on).
+        torch.set_flush_denormal(True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.deterministic
         if config.deterministic:
@@ -696,6 +705,8 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
                             num_workers=config.num_workers, pin_memory=pin)
 
     # Model, optimiser, schedule (paper section 2.5).
+    random.seed(config.seed)
+    np.random.seed(config.seed)  # noqa: NPY002 - seed the global generators third-party code may use
     torch.manual_seed(config.seed)
     model = SFCN(channels=channels, in_shape=in_shape, dropout=dropout)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
@@ -728,8 +739,12 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
                                                    int(ckpt["best_epoch"]))
         if is_main:
             log.info("resuming from %s after epoch %d", last_path, start_epoch)
-    elif resume and is_main:
-        log.info("resume=True but %s does not exist; starting from scratch", last_path)
+    else:
+        if resume and is_main:
+            log.info("resume=True but %s does not exist; starting from scratch", last_path)
+        if is_main:  # a fresh run replaces a previous run's outputs, so a crash never leaves a mix
+            for stale in (best_path, last_path, hist_path):
+                stale.unlink(missing_ok=True)
 
     train_model: nn.Module = model
     if distributed:
@@ -747,7 +762,7 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
         torch.manual_seed(_derive_seed(config.seed, _STREAM_DROPOUT, epoch, rank))
         lr = float(optimizer.param_groups[0]["lr"])
         train_model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+        sums = torch.zeros(3, dtype=_acc_dtype(device), device=device)  # loss*n, correct, n
         bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
                    leave=True, unit="batch", dynamic_ncols=True)
         t_train = time.perf_counter()
@@ -766,8 +781,9 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
             scaler.step(optimizer)
             scaler.update()
             with torch.no_grad():
-                sums += torch.stack([loss.detach().double() * len(y), ((logits > 0) == (y > 0.5)).sum().double(),
-                                     torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                sums += torch.stack([loss.detach().to(sums.dtype) * len(y),
+                                     ((logits > 0) == (y > 0.5)).sum().to(sums.dtype),
+                                     torch.tensor(float(len(y)), dtype=_acc_dtype(device), device=device)])
             bar.update(1)
             if progress and (step % 5 == 0):
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2g}", refresh=False)
@@ -848,15 +864,15 @@ def _check_resume(ckpt: dict, model: SFCN, config: TrainConfig, signature: str, 
 def _evaluate(model: SFCN, loader, loss_fn, device, memory_format, autocast) -> torch.Tensor:
     """Sums (loss * n, correct, n) over a loader, in eval mode, on the unwrapped model."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=_acc_dtype(device), device=device)
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         y = batch["y"].to(device, non_blocking=True)
         with autocast():
             logits = model(x).float()
         loss = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-        sums += torch.stack([loss.double(), ((logits > 0) == (y > 0.5)).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+        sums += torch.stack([loss.to(sums.dtype), ((logits > 0) == (y > 0.5)).sum().to(sums.dtype),
+                             torch.tensor(float(len(y)), dtype=_acc_dtype(device), device=device)])
     return sums
 
 

@@ -1,0 +1,145 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Saliency maps: where does the model look?
+#
+# A class saliency map {cite:p}`simonyan2013saliency` is the gradient of the model's output with
+# respect to every input voxel: large where a small change of intensity would change the decision most.
+# As in the paper, we compute it with Captum {cite:p}`kokhlikyan2020captum` for every correctly
+# classified test scan, rescale each map to [0, 1], warp it non-linearly onto the template and average.
+#
+# ```{note}
+# The model has one output (the male logit). With Captum's default of taking absolute gradients, a
+# "male map" and a "female map" are then the *same* quantity — the sensitivity of that one number.
+# The signed gradient does differ in sign between directions; we compute it too.
+# ```
+
+# %% tags=["remove-cell"]
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "git+https://github.com/brainsex-book/brainsex-book"], check=True)
+
+# %% tags=["parameters"]
+profile = "demo"
+run_dir = "runs/demo"
+voxel_size = 4.0
+device = "auto"
+n_workers = 2
+seed = 0
+
+# %% tags=["hide-input"]
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from myst_nb import glue
+
+from brainsex.figures import fig_slice_viewer, plot_map_static, show
+from brainsex.io import read_table
+from brainsex.saliency import average_maps, group_average, save_map, spearman_maps, template_space_maps
+from brainsex.templates import load_brain_mask, load_template
+from brainsex.tiv import assign_tertiles
+from brainsex.train import load_model
+
+run = Path(run_dir)
+template, brain = load_template(voxel_size), load_brain_mask(voxel_size)
+mask = np.asarray(brain.get_fdata()) > 0
+pred = read_table(run / "evaluate" / "predictions_with_baseline.tsv")
+paths = read_table(run / "preprocess" / "preprocessed.tsv")[["participant_id", "image_pp"]]
+correct = pred[pred["y_true"] == pred["y_pred"]].merge(paths, on="participant_id").reset_index(drop=True)
+model = load_model(run / "train" / "best.pt", device="cpu" if device == "auto" else device)
+maps = template_space_maps(model, correct, template, cache_dir=run / "preprocess" / "warps", n_jobs=n_workers,
+                           progress=False)
+glue("n_correct", len(correct), display=False)
+glue("n_test", len(pred), display=False)
+
+# %% [markdown]
+# {glue:text}`n_correct` of the {glue:text}`n_test` test scans were classified correctly; each
+# contributes one map.
+#
+# ## Average maps by sex (the paper's Figure 3)
+
+# %% tags=["hide-input"]
+by_sex = group_average(maps, correct["sex"])
+out = run / "saliency"
+for sex, m in by_sex.items():
+    save_map(m, template.affine, out / f"mean_correct_{sex}.nii.gz")
+mean_all = average_maps(maps)
+save_map(mean_all, template.affine, out / "mean_correct_all.nii.gz")
+rho, p = spearman_maps(by_sex["F"], by_sex["M"], mask)
+glue("rho_fm", f"{rho:.2f}", display=False)
+glue("p_fm", f"{p:.1g}", display=False)
+import nibabel as nib
+
+for sex, name in (("F", "female"), ("M", "male")):
+    plot_map_static(nib.Nifti1Image(by_sex[sex], template.affine), bg_img=template,
+                    title=f"Average saliency, correctly classified {name} scans")
+
+# %% [markdown]
+# The female and male average maps agree closely: Spearman's ρ = {glue:text}`rho_fm` inside the brain
+# (p = {glue:text}`p_fm`). With a single-output model that is expected — both are averages of the same
+# sensitivity, over different scans.
+#
+# ## The balanced subset inside the TIV overlap range (Figure 6)
+
+# %% tags=["hide-input"]
+subset_ids = set(read_table(run / "tiv" / "rtiv_subset.tsv")["participant_id"])
+in_subset = correct["participant_id"].isin(subset_ids).to_numpy()
+mean_subset = average_maps(maps[in_subset]) if in_subset.any() else mean_all
+save_map(mean_subset, template.affine, out / "mean_rtiv_subset.nii.gz")
+rho_s, p_s = spearman_maps(mean_all, mean_subset, mask)
+glue("n_subset_maps", int(in_subset.sum()), display=False)
+glue("rho_subset", f"{rho_s:.2f}", display=False)
+show(fig_slice_viewer(nib.Nifti1Image(mean_subset, template.affine), background=template,
+                      title="Average saliency, balanced subset inside R_tiv (move the sliders)"),
+     alt="Interactive three-plane viewer of the average saliency map")
+
+# %% [markdown]
+# The map averaged over the {glue:text}`n_subset_maps` scans of the balanced subset correlates with the
+# map over all correct scans at ρ = {glue:text}`rho_subset`.
+#
+# ## By TIV bin and sex (Figure 8)
+
+# %% tags=["hide-input"]
+tert = assign_tertiles(correct, tiv_col="etiv_ml")
+keys = tert["tertile"].astype(str) + " · " + tert["sex"]
+by_bin = group_average(maps, keys.to_numpy())
+rows = []
+for key, m in sorted(by_bin.items()):
+    r, _ = spearman_maps(m, mean_all, mask)
+    rows.append({"group": key, "n": int((keys == key).sum()), "spearman_vs_all": round(r, 3)})
+    save_map(m, template.affine, out / f"mean_{key.replace(' · ', '_').replace(' ', '')}.nii.gz")
+from brainsex.figures import show_table
+
+show_table(pd.DataFrame(rows), caption="Average map per TIV bin and sex: agreement with the overall average")
+
+# %% [markdown]
+# ```{exercise}
+# :label: ex-saliency-methods
+# `template_space_maps` takes `method="smoothgrad"` or `method="integrated_gradients"`. Compute the
+# average map with one of them and its Spearman correlation with the plain gradient map. Which regions
+# change?
+# ```
+#
+# ```{solution} ex-saliency-methods
+# :class: dropdown
+# SmoothGrad averages gradients over noisy copies of each scan, which smooths the map; Integrated
+# Gradients multiplies gradients by the input, so it weights voxels by their intensity and lowers the
+# background. The validity chapter runs this comparison and scores each method against the planted
+# regions.
+# ```
