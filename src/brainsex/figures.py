@@ -57,6 +57,8 @@ def show_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 200
     """Display a table as static HTML (sortable in the page, readable without JavaScript)."""
     from IPython.display import HTML, display
 
+    if df.index.name is not None or any(n is not None for n in df.index.names):
+        df = df.reset_index()  # a meaningful index (e.g. the dataset of Table 1) becomes a column
     shown = df.head(max_rows)
     # nullable dtypes (Float64, Int64, boolean) ignore ``na_rep``: show their missing values as n/a too
     shown = shown.astype({c: "object" for c in shown.columns if pd.api.types.is_extension_array_dtype(shown[c])})

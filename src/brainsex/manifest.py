@@ -122,13 +122,14 @@ class Manifest(_Strict):
     references: dict[str, ReferenceEntry] = Field(default_factory=dict)
     path: Path | None = Field(default=None, exclude=True)
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> Manifest:
-        names = [c.name for c in self.cohorts]
+    @field_validator("cohorts")
+    @classmethod
+    def _unique_names(cls, cohorts: list[CohortEntry]) -> list[CohortEntry]:
+        names = [c.name for c in cohorts]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"cohort names must be unique; repeated: {dup}")
-        return self
+        return cohorts
 
     def cohort(self, name: str) -> CohortEntry:
         """The cohort called ``name`` (a clear error listing the known names otherwise)."""

@@ -648,10 +648,6 @@ def train(
             we_initialised = True
     is_main = rank == 0
     progress = progress and is_main
-    if device.type == "cpu":
-        # Denormal floats appear in the weights/gradients after a few Adam steps and made CPU steps up to 8x
-        # slower in our measurements; flush them to zero (process-wide, left on).
-        torch.set_flush_denormal(True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.deterministic
         if config.deterministic:
