@@ -54,7 +54,7 @@ table = read_table(run / "preprocess" / "preprocessed.tsv")
 table = table[table["status"] == "ok"].reset_index(drop=True)
 split = stratified_split(table, by=("sex", "vendor", "field"), fractions=(0.8, 0.1, 0.1), seed=seed)
 check_no_leakage(split)
-write_table(split[["participant_id", "split"]], run / "train" / "split.tsv")
+write_table(split[["participant_id", "split", "stratum"]], run / "train" / "split.tsv")
 counts = split["split"].value_counts()
 for name in ("train", "val", "test"):
     glue(f"n_{name}", int(counts.get(name, 0)), display=False)
@@ -86,9 +86,9 @@ show_table(split_composition(split), caption="Composition of each subset (percen
 # %% tags=["hide-input"]
 config = TrainConfig(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seed=int(seed),
                      device=device)
-result = train(split, config, out_dir=run / "train", channels=channels, resume=True, progress=False)
+# resume="auto": continue after an interruption, start afresh when settings changed
+result = train(split, config, out_dir=run / "train", channels=channels, resume="auto", progress=False)
 history = result.history
-write_table(history, run / "train" / "history.tsv")
 glue("best_epoch", int(result.best_epoch), display=False)
 glue("best_val_acc", f"{100 * result.best_val_acc:.1f}", display=False)
 glue("epochs_run", len(history), display=False)

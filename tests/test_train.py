@@ -221,6 +221,11 @@ def test_resume_refuses_other_settings(table, reference, tmp_path):
         train(table, cfg(lr=0.001, epochs=4), out_dir=tmp_path, channels=CH, resume=True, progress=False)
     with pytest.raises(BrainsexError, match="model"):
         train(table, cfg(epochs=4), out_dir=tmp_path, channels=(4, 8, 8, 8, 8, 8), resume=True, progress=False)
+    # resume="auto" trains from scratch instead (a notebook re-run with other parameters)
+    res = train(table, cfg(lr=0.001, epochs=1), out_dir=tmp_path, channels=CH, resume="auto", progress=False)
+    assert res.epochs_run == 1 and len(res.history) == 1
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["train_config"]["lr"] == 0.001
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     flipped = table.assign(split=table["split"].replace({"val": "train"}))
     flipped.loc[[8, 9], "split"] = "val"
     with pytest.raises(BrainsexError, match="subjects"):

@@ -18,6 +18,12 @@ def _params(pairs: Sequence[Sequence[str]] | None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "train":
+        # training has its own parser (also reachable as `python -m brainsex.train`)
+        from brainsex.train import main_train
+
+        return main_train(args_list[1:])
     parser = argparse.ArgumentParser(prog="brainsex", description="Build and run the brainsex book.")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -32,8 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--no-html", action="store_true", help="execute the chapters only")
 
     sub.add_parser("profiles", help="list the parameter profiles")
+    sub.add_parser("train", help="train the SFCN outside the book (see `brainsex train --help`)")
 
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         if args.cmd == "build":
             from brainsex.book import NotebookFailed, build

@@ -17,7 +17,7 @@ import pandas as pd
 
 from brainsex import BrainsexError
 
-__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex"]
+__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex", "fig_qc_mosaic", "fig_tiv_agreement", "fig_step_times"]
 
 #: Colour-blind safe (Okabe-Ito), readable on light and dark themes.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999"]
@@ -732,4 +732,70 @@ def fig_tiv_by_sex(participants: pd.DataFrame, tiv_col: str = "tiv_ml", title: s
                                    marker_color=SEX_COLORS[sex], opacity=0.6, nbinsx=40))
     fig.update_layout(barmode="overlay", title=title or "Total intracranial volume by sex",
                       xaxis_title="TIV (ml)", yaxis_title="subjects", height=360)
+    return fig
+
+
+# --- preprocessing chapter (QC) -------------------------------------------------------------------
+
+
+def fig_qc_mosaic(
+    slices: Sequence[np.ndarray],
+    names: Sequence[str],
+    flagged: Sequence[bool] | None = None,
+    ncols: int = 8,
+    title: str = "Registered brains, mid-axial slice (red titles: flagged by low similarity)",
+) -> Any:
+    """A mosaic of 2D slices (one per subject) as small heatmaps; flagged subjects get red titles."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    n = len(slices)
+    if n == 0:
+        raise BrainsexError("fig_qc_mosaic: no slices to show")
+    flagged = list(flagged) if flagged is not None else [False] * n
+    nrows = int(np.ceil(n / ncols))
+    titles = [f"<span style='color:{'#D55E00' if f else '#444'}'>{nm}</span>" for nm, f in
+              zip(names, flagged, strict=True)]
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=titles, horizontal_spacing=0.01,
+                        vertical_spacing=0.06 / max(nrows, 1) + 0.02)
+    for i, sl in enumerate(slices):
+        r, c = divmod(i, ncols)
+        fig.add_trace(go.Heatmap(z=np.asarray(sl, dtype=np.float32).T, colorscale="Gray", showscale=False,
+                                 hoverinfo="skip"), row=r + 1, col=c + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, scaleanchor="x")
+    fig.update_annotations(font_size=9)
+    fig.update_layout(title=title, height=140 * nrows + 80, margin={"l": 5, "r": 5, "t": 70, "b": 5})
+    return fig
+
+
+def fig_tiv_agreement(table: pd.DataFrame, x: str = "tiv_ml", y: str = "etiv_ml",
+                      x_title: str = "true TIV (ml)", y_title: str = "estimated TIV (ml)") -> Any:
+    """Scatter of one TIV estimate against another, coloured by sex, with the identity line."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    both = table[[x, y]].dropna()
+    if len(both):
+        lo, hi = float(both.min().min()), float(both.max().max())
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="identity",
+                                 line={"color": "#999999", "dash": "dash"}, hoverinfo="skip"))
+    for sex, name in (("F", "female"), ("M", "male")):
+        s = table[table["sex"] == sex]
+        fig.add_trace(go.Scatter(x=s[x], y=s[y], mode="markers", name=name, text=s.get("participant_id"),
+                                 marker={"color": SEX_COLORS[sex], "size": 6, "opacity": 0.7}))
+    fig.update_layout(title=f"{y_title} against {x_title}", xaxis_title=x_title, yaxis_title=y_title, height=420)
+    return fig
+
+
+def fig_step_times(qc: pd.DataFrame, steps: Sequence[str] = ("t_load_s", "t_strip_s", "t_rigid_s", "t_zscore_s",
+                                                            "t_etiv_s", "t_write_s")) -> Any:
+    """Median seconds per preprocessing step (bars) over the subjects that ran."""
+    import plotly.graph_objects as go
+
+    cols = [s for s in steps if s in qc.columns]
+    med = qc[cols].median(numeric_only=True)
+    fig = go.Figure(go.Bar(x=[c[2:-2] for c in med.index], y=med.to_numpy(), marker_color=PALETTE[0],
+                           text=[f"{v:.2f} s" for v in med.to_numpy()], textposition="outside"))
+    fig.update_layout(title="Median time per preprocessing step and subject", yaxis_title="seconds", height=340)
     return fig
