@@ -94,7 +94,7 @@ show(fig_qc_mosaic(slices, names, flagged), alt="Mosaic of registered brains wit
 # registration's error directly.
 
 # %% tags=["hide-input"]
-errors = registration_errors(table[ok], run / "cohort")
+errors = registration_errors(table[ok], run / "cohort", qc=qc)
 if errors is not None and len(errors):
     glue("rot_err", f"{errors['rotation_error_deg'].median():.2f}", display=False)
     glue("trans_err", f"{errors['translation_error_mm'].median():.2f}", display=False)

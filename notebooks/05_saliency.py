@@ -50,7 +50,7 @@ import pandas as pd
 from myst_nb import glue
 
 from brainsex.figures import fig_slice_viewer, plot_map_static, show
-from brainsex.io import read_table
+from brainsex.io import read_table, write_json_atomic
 from brainsex.saliency import average_maps, group_average, save_map, spearman_maps, template_space_maps
 from brainsex.templates import load_brain_mask, load_template
 from brainsex.tiv import assign_tertiles
@@ -104,6 +104,8 @@ mean_subset = average_maps(maps[in_subset]) if in_subset.any() else mean_all
 save_map(mean_subset, template.affine, out / "mean_rtiv_subset.nii.gz")
 rho_s, p_s = spearman_maps(mean_all, mean_subset, mask)
 glue("n_subset_maps", int(in_subset.sum()), display=False)
+write_json_atomic(out / "spearman.json", {"female_vs_male": rho, "female_vs_male_p": p,
+                                          "all_vs_rtiv_subset": rho_s, "all_vs_rtiv_subset_p": p_s})
 glue("rho_subset", f"{rho_s:.2f}", display=False)
 show(fig_slice_viewer(nib.Nifti1Image(mean_subset, template.affine), background=template,
                       title="Average saliency, balanced subset inside R_tiv (move the sliders)"),

@@ -9,6 +9,7 @@ a minute; the real-head test (pycortex's S1) is marked slow and skipped when it 
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -314,7 +315,19 @@ def small_cohort(head_2mm, tmp_path_factory) -> pd.DataFrame:
 
 
 def _hashes(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("sub-*/*")) if p.is_file()}
+    """SHA-256 of every per-subject output (images, masks, transforms), markers aside."""
+    return {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("sub-*/*"))
+            if p.is_file() and not p.name.endswith("_preprocess.json")}
+
+
+def _markers(out: Path) -> dict[str, dict]:
+    """Marker contents without the timings (which differ when a subject is redone)."""
+    found = {}
+    for p in sorted(out.rglob("sub-*/*_preprocess.json")):
+        content = json.loads(p.read_text())
+        content["qc"] = {k: v for k, v in content["qc"].items() if not k.startswith("t_")}
+        found[p.name] = content
+    return found
 
 
 def test_cohort_is_resumable_and_gives_identical_outputs(small_cohort, ref8, tmp_path):
@@ -332,7 +345,8 @@ def test_cohort_is_resumable_and_gives_identical_outputs(small_cohort, ref8, tmp
         z = np.asarray(img.dataobj)
         m = np.asarray(nib.load(row.mask_pp).dataobj).astype(bool)
         assert abs(z[m].mean()) < 1e-4 and abs(z[m].std() - 1) < 1e-3
-    before = _hashes(out)
+    before, markers = _hashes(out), _markers(out)
+    assert len(before) == 3 * 5 and len(markers) == 3
     stamp = (out / "sub-01" / "sub-01_preprocess.json").stat().st_mtime_ns
 
     # a killed run: sub-02 lost its marker, sub-03 has a stray temp file and a half-written image
@@ -346,8 +360,25 @@ def test_cohort_is_resumable_and_gives_identical_outputs(small_cohort, ref8, tmp
     assert not stray.exists()
     assert (out / "sub-01" / "sub-01_preprocess.json").stat().st_mtime_ns == stamp  # not redone
     assert _hashes(out) == before  # redone in worker processes, bit for bit the same
+    assert _markers(out) == markers
     pd.testing.assert_frame_equal(first, again)
     assert pd.read_csv(out / "preprocessed.tsv", sep="\t")["status"].tolist() == ["ok", "ok", "ok"]
+
+
+def test_subject_nonlinear_on_request_and_invalidated_with_its_outputs(small_cohort, ref8, tmp_path):
+    row = small_cohort.iloc[0].to_dict()
+    qc = pp.preprocess_subject(row, tmp_path, 8.0, reference=ref8, nonlinear=True)
+    assert qc["status"] == "ok" and qc["t_nonlinear_s"] is not None
+    prefix = pp.nonlinear_prefix(tmp_path, row["participant_id"])
+    warp = Path(str(prefix) + "warp.nii.gz")
+    assert warp.is_file()
+    files = pp.nonlinear_transform(nib.load(qc["image_pp"]), ref8.template, prefix)  # from the cache
+    assert files[0] == warp
+    assert pp.apply_to_map(nib.load(qc["image_pp"]), files, ref8.template).shape == ref8.shape
+    assert pp.preprocess_subject(row, tmp_path, 8.0, reference=ref8, nonlinear=True)["t_total_s"] == qc["t_total_s"]
+    # other parameters: the subject is redone and the old warp is not left behind
+    pp.preprocess_subject(row, tmp_path, 8.0, reference=ref8, nonlinear=False, zscore_mode="volume")
+    assert not warp.exists()
 
 
 def test_bad_subjects_fail_alone_with_their_reason(small_cohort, bad_files, head_2mm, ref8, tmp_path):
@@ -391,8 +422,9 @@ def test_bad_subjects_fail_alone_with_their_reason(small_cohort, bad_files, head
     assert len(qc) == len(table) and qc["reason"].fillna("").str.len().gt(0).sum() == len(expected)
 
 
+@pytest.mark.slow
 def test_phantom_integration_pose_and_tiv(tmp_path):
-    """The package's own phantom (brainsex.synthetic), with its true masks, at 8 mm."""
+    """The package's own phantom (brainsex.synthetic), with its true masks, at 8 mm (about 12 s)."""
     synthetic = pytest.importorskip("brainsex.synthetic")
     root = tmp_path / "phantom"
     parts = synthetic.make_cohort(root, n=8, voxel_size=8.0, seed=3, progress=False)
@@ -407,7 +439,8 @@ def test_phantom_integration_pose_and_tiv(tmp_path):
                     for r in qc.itertuples()])
     # the phantom's individual random warp has a rigid part of its own (about 1 degree / 1 mm)
     assert np.median(err[:, 0]) < 2.5 and np.median(err[:, 1]) < 2.5
-    assert np.corrcoef(res["etiv_ml"], res["tiv_ml"])[0, 1] > 0.9
+    # 8 subjects on 8 mm voxels: a loose bound (0.97 at 4 mm on 16 subjects, see the closing note)
+    assert np.corrcoef(res["etiv_ml"], res["tiv_ml"])[0, 1] > 0.8
 
 
 # ------------------------------------------------------------------------------------------ real head
@@ -419,7 +452,7 @@ def _pycortex_s1(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     # --no-binary pycortex (not :all:, which would also build numpy from source to read the metadata)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "pycortex", "pycortex==1.4.0",
-           "-d", str(cache), "--quiet"]
+           "-d", str(cache), "--quiet", "--retries", "1", "--timeout", "20"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -436,6 +469,8 @@ def _pycortex_s1(cache: Path) -> Path:
     with gzip.open(target.with_suffix(".part")) as fh:  # a complete gzip stream, or skip
         fh.read(352)
     os.replace(target.with_suffix(".part"), target)
+    for sdist in sdists:  # 70 MB; only the 4 MB head is kept
+        sdist.unlink()
     return target
 
 

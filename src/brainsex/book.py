@@ -45,6 +45,7 @@ __all__ = [
     "run_notebooks",
     "build_html",
     "build",
+    "paper_vs_run",
 ]
 
 #: Files and folders of the repository that make up the book's sources (book root = repository root).
@@ -458,3 +459,34 @@ def build(
     _summary(results)
     _log(f"total {time.perf_counter() - t0:.1f} s")
     return final
+
+
+def paper_vs_run(run_dir: str | os.PathLike) -> Any:
+    """The paper's reported figures beside this run's, one row per quantity.
+
+    The paper's values and the recipe for reading each one from the run directory are in the package
+    file ``data/paper_reported.yaml``; a quantity whose file is not in the run is shown as missing.
+    """
+    import pandas as pd
+    from importlib import resources
+
+    items = yaml.safe_load(resources.files("brainsex").joinpath("data/paper_reported.yaml").read_text())
+    run_dir = Path(run_dir)
+    rows = []
+    for item in items:
+        spec = item["run"]
+        path = run_dir / spec["file"]
+        value = None
+        if path.is_file():
+            if path.suffix == ".json":
+                value = json.loads(path.read_text()).get(spec["key"])
+            elif spec.get("count") == "rows":
+                value = len(pd.read_csv(path, sep="\t"))
+            else:
+                t = pd.read_csv(path, sep="\t")
+                hit = t[(t["group"].astype(str) == spec["group"]) & (t["metric"] == spec["metric"])]
+                if len(hit) and pd.notna(hit["value"].iloc[0]):
+                    value = float(hit["value"].iloc[0]) * spec.get("scale", 1)
+        rows.append({"quantity": item["quantity"], "paper": item["paper"],
+                     "this run": None if value is None else round(float(value), 2), "paper reports it in": item["where"]})
+    return pd.DataFrame(rows)

@@ -73,6 +73,7 @@ __all__ = [
     "apply_to_map",
     "dice",
     "subject_dir",
+    "nonlinear_prefix",
     "preprocess_subject",
     "preprocess_cohort",
     "QC_COLUMNS",
@@ -670,6 +671,13 @@ def transform_matrix(transform: str | os.PathLike) -> np.ndarray:
     return _LPS @ lps @ _LPS
 
 
+def _centroid(mask: nib.Nifti1Image) -> np.ndarray:
+    """World coordinates (mm) of the centre of a mask."""
+    ijk = np.argwhere(np.asarray(mask.dataobj) > 0)
+    centre = ijk.mean(axis=0) if len(ijk) else (np.asarray(mask.shape[:3]) - 1) / 2.0
+    return (mask.affine @ np.append(centre, 1.0))[:3]
+
+
 def rigid_error(estimated: np.ndarray, true: np.ndarray, centre: Sequence[float] = (0.0, -18.0, 18.0)
                 ) -> tuple[float, float]:
     """Rotation (degrees) and translation (mm, at ``centre``) between two rigid world matrices.
@@ -1142,6 +1150,17 @@ def _output_paths(sdir: Path, pid: str) -> dict[str, Path]:
     }
 
 
+def nonlinear_prefix(out_dir: str | os.PathLike, participant_id: str) -> Path:
+    """Cache prefix of a subject's non-linear transform (:func:`nonlinear_transform`) in ``out_dir``.
+
+    The transform maps the subject's preprocessed image (``image_pp``, rigidly registered) to the
+    template; a later stage (saliency) computes it on request with
+    ``nonlinear_transform(image_pp, template, nonlinear_prefix(out_dir, pid))`` and reuses it.
+    """
+    pid = _pid({"participant_id": participant_id})
+    return subject_dir(out_dir, pid) / f"{pid}_from-rigid_to-template_mode-syn_"
+
+
 def _marker_path(sdir: Path, pid: str) -> Path:
     return sdir / f"{pid}_preprocess.json"
 
@@ -1181,7 +1200,8 @@ def _read_marker(marker: Path, params: Mapping[str, Any]) -> dict[str, Any] | No
             return None
     qc = dict(content.get("qc", {}))
     for key, entry in content.get("outputs", {}).items():
-        qc[key] = str(marker.parent / entry["file"])
+        if key in QC_COLUMNS:
+            qc[key] = str(marker.parent / entry["file"])
     return qc
 
 
@@ -1215,6 +1235,7 @@ def preprocess_subject(
     deepbet_size: int = 192,
     resume: bool = True,
     retry_failed: bool = False,
+    nonlinear: bool = False,
 ) -> dict[str, Any]:
     """Preprocess one participant and write its outputs into ``out_dir/sub-<id>/`` (atomically).
 
@@ -1259,6 +1280,9 @@ def preprocess_subject(
         Reuse a verified earlier result.
     retry_failed : bool, default=False
         With ``resume``, recompute subjects recorded as failed.
+    nonlinear : bool, default=False
+        Also compute the non-linear transform preprocessed image -> template now (cached at
+        :func:`nonlinear_prefix`; otherwise a later stage computes it on request).
 
     Returns
     -------
@@ -1280,7 +1304,7 @@ def preprocess_subject(
         "voxel_size": float(voxel_size), "method": use, "similarity_threshold": float(similarity_threshold),
         "zscore_mode": zscore_mode, "etiv": bool(etiv), "mask_ml_range": [float(v) for v in mask_ml_range],
         "reg_voxel_mm": float(reg_voxel_mm), "etiv_voxel_mm": float(etiv_voxel_mm), "deepbet_size": int(deepbet_size),
-        "reference": ref.fingerprint(),
+        "reference": ref.fingerprint(), "nonlinear": bool(nonlinear),
     }
     if resume:
         done = _read_marker(marker, params)
@@ -1290,6 +1314,11 @@ def preprocess_subject(
     sdir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         marker.unlink()
+    syn = nonlinear_prefix(out_dir, pid)
+    # a warp cached for older outputs must not sit next to the new ones
+    for stale in (Path(str(syn) + "warp.nii.gz"), Path(str(syn) + "affine.mat")):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
     qc: dict[str, Any] = {c: None for c in QC_COLUMNS}
     qc.update({"participant_id": pid, "method": use, "status": "failed", "reason": ""})
@@ -1320,8 +1349,8 @@ def preprocess_subject(
                              target=(ref.shape, ref.affine))
         written["rigid_transform"] = paths["rigid_transform"]
         qc["similarity"] = reg.similarity
-        rot = np.degrees(np.arccos(np.clip((np.trace(reg.matrix[:3, :3]) - 1) / 2, -1, 1)))
-        qc["rotation_deg"], qc["translation_mm"] = float(rot), float(np.linalg.norm(reg.matrix[:3, 3]))
+        # the subject's pose: rotation angle, and displacement of the template brain's centre
+        qc["rotation_deg"], qc["translation_mm"] = rigid_error(reg.matrix, np.eye(4), _centroid(ref.mask))
         t = tick("t_rigid_s", t)
         if not np.isfinite(reg.similarity) or reg.similarity < similarity_threshold:
             raise PreprocessError(f"{pid}: registration diverged (similarity {reg.similarity:.3f} < threshold "
@@ -1343,10 +1372,14 @@ def preprocess_subject(
         _save_nifti(reg.mask, paths["mask_pp"])
         _save_nifti(mask, paths["mask_native"])
         written.update({k: paths[k] for k in ("image_pp", "mask_pp", "mask_native")})
-        tick("t_write_s", t)
+        t = tick("t_write_s", t)
+        if nonlinear:
+            files = nonlinear_transform(z, ref.template, syn)
+            written.update({f"nonlinear_{i}": f for i, f in enumerate(files)})
+            tick("t_nonlinear_s", t)
         qc["status"] = "ok"
     except BrainsexError as exc:
-        qc["reason"] = str(exc)
+        qc["reason"] = str(exc) if pid in str(exc) else f"{pid}: {exc}"
     except (MemoryError, RuntimeError, OSError, ValueError, AssertionError) as exc:  # library failures
         qc["reason"] = f"{pid}: {type(exc).__name__}: {exc}"
     if qc["status"] != "ok":
@@ -1355,7 +1388,6 @@ def preprocess_subject(
                 p.unlink()
         written = {}
     qc.update(times)
-    qc["t_nonlinear_s"] = None
     qc["t_total_s"] = round(time.perf_counter() - t_start, 3)
     outputs = {k: {"file": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for k, p in written.items()}
     for k in paths:
@@ -1475,3 +1507,70 @@ def preprocess_cohort(
     if n_failed:
         logger.warning("preprocessing: %d of %d participants failed (see %s)", n_failed, len(pp), out / "qc.tsv")
     return pp
+
+
+# ------------------------------------------------------------------------------------------ QC views
+def qc_mosaic_slices(
+    table: pd.DataFrame, n: int = 32, seed: int = 0, image_col: str = "image_pp", flag_quantile: float = 0.05,
+    similarity_threshold: float | None = None,
+) -> tuple[list[np.ndarray], list[str], list[bool]]:
+    """Mid-axial slices of up to ``n`` preprocessed subjects for a QC mosaic, lowest similarity first.
+
+    The subjects with the lowest similarity to the template are always included (they are the ones to
+    look at); the rest of the ``n`` are a seeded random sample. A subject is *flagged* when its
+    similarity is below ``similarity_threshold`` or in the lowest ``flag_quantile`` of the cohort.
+
+    Returns
+    -------
+    slices, names, flagged
+        2D arrays (x by y), participant IDs and flags, in display order.
+    """
+    if len(table) == 0:
+        raise BrainsexError("qc_mosaic_slices: no preprocessed subjects")
+    t = table.reset_index(drop=True)
+    sim = pd.to_numeric(t.get("similarity", pd.Series(np.nan, index=t.index)), errors="coerce")
+    cut = float(sim.quantile(flag_quantile)) if sim.notna().any() else -np.inf
+    flag = (sim <= cut) | (sim < similarity_threshold if similarity_threshold is not None else False)
+    worst = list(sim.sort_values().index[: max(1, n // 4)])
+    rest = [i for i in t.index if i not in worst]
+    rng = np.random.default_rng(seed)
+    pick = worst + list(rng.choice(rest, size=min(len(rest), n - len(worst)), replace=False)) if rest else worst
+    slices, names, flagged = [], [], []
+    for i in pick:
+        img = nib.load(str(t.loc[i, image_col]))
+        data = np.asanyarray(img.dataobj)
+        slices.append(np.asarray(data[:, :, data.shape[2] // 2], dtype=np.float32))
+        names.append(str(t.loc[i, "participant_id"]))
+        flagged.append(bool(flag.loc[i]))
+    return slices, names, flagged
+
+
+def registration_errors(table: pd.DataFrame, cohort_dir: str | os.PathLike,
+                        qc: pd.DataFrame | None = None) -> pd.DataFrame | None:
+    """Rotation and translation error of each rigid registration against the phantom's true pose.
+
+    Reads ``<cohort_dir>/*/ground_truth/poses.tsv`` (written by :func:`brainsex.synthetic.make_cohort`)
+    and compares each subject's ``rigid_transform`` (from ``preprocess/qc.tsv``, joined on
+    ``participant_id``; pass ``qc`` when ``table`` lacks that column) with
+    :func:`brainsex.synthetic.pose_matrix` using :func:`rigid_error`. Returns ``None`` when the cohort
+    has no ground truth (real data).
+    """
+    from brainsex.synthetic import pose_matrix
+
+    files = sorted(Path(cohort_dir).glob("*/ground_truth/poses.tsv"))
+    if not files:
+        return None
+    poses = pd.concat([pd.read_csv(f, sep="\t") for f in files]).drop_duplicates("participant_id")
+    poses = poses.set_index("participant_id")
+    t = table
+    if "rigid_transform" not in t.columns:
+        if qc is None:
+            raise BrainsexError("registration_errors: pass the QC table (qc.tsv) for the transform paths")
+        t = t.merge(qc[["participant_id", "rigid_transform"]], on="participant_id", how="left")
+    rows = []
+    for pid, tx in zip(t["participant_id"], t["rigid_transform"], strict=True):
+        if pid not in poses.index or not isinstance(tx, str) or not Path(tx).is_file():
+            continue
+        rot, trans = rigid_error(transform_matrix(tx), pose_matrix(poses.loc[pid]))
+        rows.append({"participant_id": pid, "rotation_error_deg": rot, "translation_error_mm": trans})
+    return pd.DataFrame(rows).set_index("participant_id") if rows else None
