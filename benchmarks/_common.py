@@ -146,6 +146,26 @@ def timed(fn: Callable[[], Any], sync: Callable[[], Any] | None = None) -> float
     return time.perf_counter() - t0
 
 
+class Stopwatch:
+    """``with Stopwatch() as sw: ...`` then ``sw.seconds`` (``sync`` is called on entry and exit)."""
+
+    def __init__(self, sync: Callable[[], Any] | None = None) -> None:
+        self.sync = sync
+        self.seconds = math.nan
+        self._t0 = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        if self.sync:
+            self.sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sync:
+            self.sync()
+        self.seconds = time.perf_counter() - self._t0
+
+
 # -------------------------------------------------------------------------------------------- memory
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -250,7 +270,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
-        return "pass" if value else "FAIL"
+        return "yes" if value else "no"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
@@ -264,13 +284,21 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _cell(value: Any, column: str) -> str:
+    if column == "pass" and isinstance(value, bool):
+        return "pass" if value else "**FAIL**"
+    if column == "pass" and isinstance(value, str) and value in ("True", "False"):
+        return "pass" if value == "True" else "**FAIL**"
+    return fmt(value)
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
                    headers: Mapping[str, str] | None = None) -> str:
     """A GitHub-flavoured Markdown table of ``rows`` restricted to ``columns``."""
     headers = dict(headers or {})
     head = "| " + " | ".join(headers.get(c, c) for c in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(r.get(c), c) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 

@@ -132,12 +132,20 @@ glue("bacc_tiv_inside", f"{100 * vt['inside']:.1f}", display=False)
 # equal numbers of females and males — for the saliency chapter.
 
 # %% tags=["hide-input"]
-subset = balanced_rtiv_subset(pred, low, high, seed=seed)
+from brainsex import BrainsexError
+
+try:
+    subset = balanced_rtiv_subset(pred, low, high, seed=seed)
+    why = ""
+except BrainsexError as exc:  # e.g. no correctly classified scan of one sex inside the range
+    subset, why = pred.iloc[0:0], f" ({exc})"
 write_table(subset, run / "tiv" / "rtiv_subset.tsv")
 glue("n_subset", len(subset), display=False)
+glue("subset_note", why or " ", display=False)
 
 # %% [markdown]
-# The balanced subset holds {glue:text}`n_subset` scans.
+# The balanced subset holds {glue:text}`n_subset` scans{glue:text}`subset_note`. When it is empty, the
+# saliency chapter averages over all correctly classified scans instead and says so.
 #
 # ```{exercise}
 # :label: ex-kde-threshold

@@ -81,14 +81,18 @@ for sex, m in by_sex.items():
     save_map(m, template.affine, out / f"mean_correct_{sex}.nii.gz")
 mean_all = average_maps(maps)
 save_map(mean_all, template.affine, out / "mean_correct_all.nii.gz")
-rho, p = spearman_maps(by_sex["F"], by_sex["M"], mask)
+if {"F", "M"} <= set(by_sex):
+    rho, p = spearman_maps(by_sex["F"], by_sex["M"], mask)
+else:  # a model that gets one sex always wrong (e.g. the tiny smoke model) has no map for it
+    rho, p = float("nan"), float("nan")
 glue("rho_fm", f"{rho:.2f}", display=False)
 glue("p_fm", f"{p:.1g}", display=False)
 import nibabel as nib
 
 for sex, name in (("F", "female"), ("M", "male")):
-    plot_map_static(nib.Nifti1Image(by_sex[sex], template.affine), bg_img=template,
-                    title=f"Average saliency, correctly classified {name} scans")
+    if sex in by_sex:
+        plot_map_static(nib.Nifti1Image(by_sex[sex], template.affine), bg_img=template,
+                        title=f"Average saliency, correctly classified {name} scans")
 
 # %% [markdown]
 # The female and male average maps agree closely: Spearman's ρ = {glue:text}`rho_fm` inside the brain
@@ -103,7 +107,8 @@ in_subset = correct["participant_id"].isin(subset_ids).to_numpy()
 mean_subset = average_maps(maps[in_subset]) if in_subset.any() else mean_all
 save_map(mean_subset, template.affine, out / "mean_rtiv_subset.nii.gz")
 rho_s, p_s = spearman_maps(mean_all, mean_subset, mask)
-glue("n_subset_maps", int(in_subset.sum()), display=False)
+glue("n_subset_maps", int(in_subset.sum()) if in_subset.any() else f"{len(correct)} (the subset was empty: all correct)",
+     display=False)
 write_json_atomic(out / "spearman.json", {"female_vs_male": rho, "female_vs_male_p": p,
                                           "all_vs_rtiv_subset": rho_s, "all_vs_rtiv_subset_p": p_s})
 glue("rho_subset", f"{rho_s:.2f}", display=False)

@@ -150,16 +150,6 @@ def _to_ants(img: nib.spatialimages.SpatialImage, dtype: type = np.float32):
                            spacing=[float(v) for v in spacing], direction=direction)
 
 
-def _to_nib(aimg, dtype: type = np.float32) -> nib.Nifti1Image:
-    """ANTsImage -> nibabel image (RAS world coordinates)."""
-    aff = np.eye(4)
-    aff[:3, :3] = np.asarray(aimg.direction) * np.asarray(aimg.spacing)[None, :]
-    aff[:3, 3] = aimg.origin
-    out = nib.Nifti1Image(np.asarray(aimg.numpy(), dtype=dtype), _LPS @ aff)
-    out.header.set_xyzt_units("mm")
-    return out
-
-
 def _new_image(data: np.ndarray, affine: np.ndarray, dtype: type = np.float32) -> nib.Nifti1Image:
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
     img.header.set_xyzt_units("mm")
@@ -1042,8 +1032,8 @@ def nonlinear_transform(
     fixed: nib.Nifti1Image,
     cache_prefix: str | os.PathLike,
     type_of_transform: str = "SyN",
-    reg_iterations: Sequence[int] = (40, 20, 0),
-    initial_transform: str | os.PathLike | None = None,
+    reg_iterations: Sequence[int] | None = None,
+    initial_transform: str | os.PathLike | None = "Identity",
     recompute: bool = False,
 ) -> list[Path]:
     """Non-linear (ANTsPy SyN) transform of ``moving`` to ``fixed``, computed once and cached on disk.
@@ -1062,10 +1052,14 @@ def nonlinear_transform(
         Prefix of the cached files (its folder is created).
     type_of_transform : str, default="SyN"
         ANTs transform type (e.g. "SyN", "SyNCC", "SyNOnly").
-    reg_iterations : sequence of int, default=(40, 20, 0)
-        SyN iterations per level.
-    initial_transform : path, optional
-        Passed to ANTs.
+    reg_iterations : sequence of int, optional
+        SyN iterations per level (levels halve the resolution). Default: ANTs' (40, 20, 0) on grids
+        large enough, fewer levels on coarse grids (each level keeps at least 12 voxels a side), and
+        the affine stage's pyramid likewise.
+    initial_transform : path, "Identity" or None, default="Identity"
+        Passed to ANTs. The default suits images already rigidly registered (``image_pp``); None
+        aligns the centres of mass first (not for z-scored images: their negative values make the
+        intensity-weighted centre meaningless).
     recompute : bool, default=False
         Ignore the cache.
 
@@ -1080,10 +1074,19 @@ def nonlinear_transform(
     if not recompute and aff.is_file() and (warp.is_file() or type_of_transform in ("Affine", "Rigid")):
         return [warp, aff] if warp.is_file() else [aff]
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    smallest = min(min(fixed.shape[:3]), min(moving.shape[:3]))
+    pyramid = [(f, i, g) for f, i, g in zip((6, 4, 2, 1), (200, 100, 50, 10), (3, 2, 1, 0), strict=True)
+               if f == 1 or smallest / f >= 12]
+    if reg_iterations is None:
+        levels = int(np.clip(np.floor(np.log2(smallest / 12.0)) + 1, 1, 3))
+        reg_iterations = {1: (40,), 2: (40, 20), 3: (40, 20, 0)}[levels]
     with tempfile.TemporaryDirectory(prefix="brainsex-syn-") as tmp:
         try:
             reg = ants.registration(fixed=_to_ants(fixed), moving=_to_ants(moving), type_of_transform=type_of_transform,
                                     outprefix=str(Path(tmp) / "syn_"), reg_iterations=tuple(reg_iterations),
+                                    aff_shrink_factors=tuple(p[0] for p in pyramid),
+                                    aff_iterations=tuple(p[1] for p in pyramid),
+                                    aff_smoothing_sigmas=tuple(p[2] for p in pyramid),
                                     initial_transform=None if initial_transform is None else str(initial_transform))
         except RuntimeError as exc:
             raise PreprocessError(f"non-linear registration failed ({exc})") from exc
