@@ -408,7 +408,7 @@ def run_pipeline(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
         gen = torch.Generator().manual_seed(0)
 
-        def batched_rotation(images, epoch: int):
+        def batched_rotation(images, epoch: int, gen=gen):
             return rotate_batch(images, max_deg=15.0, prob=0.5, generator=gen)
 
         # The book's loader: decode once into memory (MONAI CacheDataset), rotate per sample.

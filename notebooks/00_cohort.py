@@ -47,7 +47,6 @@ n_workers = 2
 seed = 0
 
 # %% tags=["hide-input"]
-from pathlib import Path
 
 from myst_nb import glue
 

@@ -41,7 +41,6 @@ seed = 0
 # %% tags=["hide-input"]
 from pathlib import Path
 
-import pandas as pd
 from myst_nb import glue
 
 from brainsex.figures import fig_learning_curves, show, show_table

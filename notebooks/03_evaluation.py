@@ -39,7 +39,6 @@ n_bootstrap = 1000
 # %% tags=["hide-input"]
 from pathlib import Path
 
-import pandas as pd
 from myst_nb import glue
 
 from brainsex.evaluate import (

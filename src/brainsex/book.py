@@ -467,8 +467,9 @@ def paper_vs_run(run_dir: str | os.PathLike) -> Any:
     The paper's values and the recipe for reading each one from the run directory are in the package
     file ``data/paper_reported.yaml``; a quantity whose file is not in the run is shown as missing.
     """
-    import pandas as pd
     from importlib import resources
+
+    import pandas as pd
 
     items = yaml.safe_load(resources.files("brainsex").joinpath("data/paper_reported.yaml").read_text())
     run_dir = Path(run_dir)

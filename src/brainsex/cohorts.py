@@ -79,7 +79,8 @@ IXI_DOWNLOADS: dict[str, dict[str, str]] = {
                      "known_hash": "md5:066002afe250e4375d132266fcfceac5", "fname": "IXI.xls"},
 }
 
-_SYNTHETIC_KEYS = {"spec", "region_effect", "tiv_effect", "contrast_effect", "sex_regions", "reference_source"}
+_SYNTHETIC_KEYS = {"spec", "region_effect", "tiv_effect", "contrast_effect", "sex_regions", "reference_source",
+                   "provide_masks"}
 _MISSING = {"", "nan", "none", "n/a", "na", "null", "-", "?"}
 
 
@@ -347,6 +348,8 @@ def _load_synthetic(entry: CohortEntry, root: Path, n: int | None, voxel_size: f
     if unknown:
         raise BrainsexError(f"cohorts[{entry.name}].synthetic: unknown option(s) {sorted(unknown)}; "
                             f"allowed: {sorted(_SYNTHETIC_KEYS)}")
+    # provide_masks: hand the phantom's true brain masks to preprocessing, as CC-359 ships its own masks
+    provide_masks = bool(opts.pop("provide_masks", False))
     regions = opts.pop("sex_regions", None)  # YAML: [[Pallidum, right], "Left Entorhinal"] or {"Right Pallidum": -1}
     if isinstance(regions, list):
         regions = [tuple(r) if isinstance(r, list) else r for r in regions]
@@ -357,7 +360,8 @@ def _load_synthetic(entry: CohortEntry, root: Path, n: int | None, voxel_size: f
         pid = r["participant_id"]
         rows.append({"participant_id": pid, "sex_raw": r["sex"], "age_raw": r["age"], "dataset": r["dataset"],
                      "vendor_raw": r["vendor"], "field_raw": r["field"], "tiv_raw": r["tiv_ml"],
-                     "image": root / pid / "anat" / f"{pid}_T1w.nii.gz", "mask": ""})
+                     "image": root / pid / "anat" / f"{pid}_T1w.nii.gz",
+                     "mask": root / "ground_truth" / "masks" / f"{pid}_desc-brain_mask.nii.gz" if provide_masks else ""})
     exclusions: list[dict[str, str]] = []
     return _validate(rows, entry, exclusions), pd.DataFrame(exclusions, columns=EXCLUSION_COLUMNS)
 

@@ -1577,3 +1577,31 @@ def registration_errors(table: pd.DataFrame, cohort_dir: str | os.PathLike,
         rot, trans = rigid_error(transform_matrix(tx), pose_matrix(poses.loc[pid]))
         rows.append({"participant_id": pid, "rotation_error_deg": rot, "translation_error_mm": trans})
     return pd.DataFrame(rows).set_index("participant_id") if rows else None
+
+
+def strip_agreement(table: pd.DataFrame, n: int = 8, seed: int = 0, method: Method = "deepbet",
+                    image_col: str = "image", mask_col: str = "mask") -> pd.DataFrame:
+    """Run a brain extractor on a sample of subjects that come with a reference mask; Dice against it.
+
+    When a cohort provides masks (CC-359; the phantom's true masks), preprocessing uses them and the
+    extractor never runs. This checks the extractor anyway, on ``n`` randomly chosen subjects.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``participant_id``, ``dice``, ``mask_ml`` (extracted), ``reference_ml``, ``seconds``.
+    """
+    have = table[table[mask_col].astype(str).str.len() > 0] if mask_col in table.columns else table.iloc[0:0]
+    if len(have) == 0:
+        raise BrainsexError("strip_agreement: no subject has a reference mask to compare with")
+    sample = have.sample(n=min(n, len(have)), random_state=seed)
+    rows = []
+    for r in sample.itertuples():
+        img = load_t1(getattr(r, image_col))
+        ref = nib.load(str(getattr(r, mask_col)))
+        t0 = time.perf_counter()
+        _, mask = skull_strip(img, method=method)
+        dt = time.perf_counter() - t0
+        rows.append({"participant_id": r.participant_id, "dice": dice(mask, ref), "mask_ml": mask_volume_ml(mask),
+                     "reference_ml": mask_volume_ml(ref), "seconds": dt})
+    return pd.DataFrame(rows)
