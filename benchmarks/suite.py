@@ -652,8 +652,8 @@ def results_markdown(rows: Sequence[dict[str, Any]], machine: dict[str, Any], co
     targets = [r for r in rows if r.get("target")]
     if targets:
         lines += ["## Targets (issue 8)", "",
-                  markdown_table(targets, ["section", "case", "variant", "grid_mm", "value", "unit", "target", "pass"],
-                                 _HEADERS), ""]
+                  markdown_table(targets, ["section", "case", "variant", "grid_mm", "value", "unit", "ratio", "target",
+                                           "pass", "note"], _HEADERS), ""]
     if failures:
         lines += ["## Sections that failed", ""] + [f"- **{k}**: {v}" for k, v in failures.items()] + [""]
     cols = [c for c in COLUMNS if c != "section"]

@@ -1,5 +1,9 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
 #     text_representation:
@@ -41,7 +45,7 @@ profile = "demo"
 run_dir = "runs/demo"
 manifest = "data_manifest.yaml"
 cohorts = ["phantom"]
-n_subjects = 480
+n_subjects = 320
 voxel_size = 4.0
 n_workers = 2
 seed = 0

@@ -1,5 +1,9 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
 #     text_representation:
@@ -49,3 +53,10 @@ show_table(table, caption="Reported in the paper vs computed in this run")
 #   the evaluation chapter reports them.
 # - **The overlap range** follows from the TIV distributions. The phantom's were calibrated to give the
 #   paper's range over the full 2,110-subject design, so a small test set lands near it but not on it.
+
+# %% [markdown]
+# ## Download this run's results
+#
+# The aggregate results of this run — metric tables, the TIV analysis, learning curves, region scores,
+# average saliency maps as NIfTI and the timing of every chapter — are bundled as
+# <a href="../results.zip" download>results.zip</a>. Per-subject tables stay in the run directory.

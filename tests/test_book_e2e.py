@@ -59,3 +59,13 @@ def test_no_script_from_the_network(smoke_book):
         remote = [s for s in srcs if s.startswith(("http:", "https:", "//"))]
         assert not remote, (page.name, remote)
     assert (smoke_book["html"] / "_mathjax" / "tex-chtml.js").is_file()
+
+
+def test_results_bundle_is_published_without_subject_rows(smoke_book):
+    import zipfile
+
+    bundle = smoke_book["html"] / "results.zip"
+    assert bundle.is_file()
+    names = zipfile.ZipFile(bundle).namelist()
+    assert "train/history.tsv" in names and "evaluate/subgroup_metrics.tsv" in names
+    assert not any(n.startswith(("cohort/", "preprocess/")) or "predictions" in n for n in names)

@@ -46,7 +46,16 @@ __all__ = [
     "build_html",
     "build",
     "paper_vs_run",
+    "results_bundle",
+    "BUNDLE_PATTERNS",
 ]
+
+#: Aggregate results of a run that go into the book's downloadable ``results.zip`` (no per-subject rows).
+BUNDLE_PATTERNS = (
+    "evaluate/subgroup_metrics.tsv", "tiv/tertiles.tsv", "tiv/metrics_in_rtiv.tsv", "tiv/rtiv.json",
+    "train/history.tsv", "saliency/*.nii.gz", "saliency/spearman.json", "atlas/region_scores.tsv",
+    "validity/*.tsv", ".build/*.json",
+)
 
 #: Files and folders of the repository that make up the book's sources (book root = repository root).
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
@@ -408,6 +417,7 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
             shutil.copytree(root / "_static", static, dirs_exist_ok=True)
         shutil.copy2(_plotly_js(), static / "plotly.min.js")
         _copy_mathjax(stage / "_extra" / "_mathjax")
+        results_bundle(plan.run_dir, stage / "_extra" / "results.zip")
         jb = Path(sys.executable).parent / "jupyter-book"
         cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(stage), "--path-output", str(stage / "_out")]
         _log("building HTML with jupyter-book ...")
@@ -491,3 +501,21 @@ def paper_vs_run(run_dir: str | os.PathLike) -> Any:
         rows.append({"quantity": item["quantity"], "paper": item["paper"],
                      "this run": None if value is None else round(float(value), 2), "paper reports it in": item["where"]})
     return pd.DataFrame(rows)
+
+
+def results_bundle(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Zip a run's aggregate results (:data:`BUNDLE_PATTERNS`: tables, average maps, timings) to ``dest``.
+
+    Only aggregate files are included, never per-subject tables or images, so the bundle can be
+    published for any cohort.
+    """
+    import zipfile
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    files = sorted({f for pattern in BUNDLE_PATTERNS for f in run_dir.glob(pattern) if f.is_file()})
+    from brainsex.io import atomic_path
+
+    with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in files:
+            zf.write(f, f.relative_to(run_dir).as_posix())
+    return dest

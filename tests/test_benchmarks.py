@@ -1,0 +1,294 @@
+"""The benchmarks (issue 8): they run, write their tables, and their arithmetic is right.
+
+No timing assertions: the targets are columns of the output, not tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder at the repository root, not part of the package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import suite  # noqa: E402
+from benchmarks._common import PeakMemory, markdown_table, summarise  # noqa: E402
+from benchmarks.augment import random_rotations, rotate_batch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ------------------------------------------------------------------------------------------- fast
+def test_plans_by_mode():
+    quick = suite.make_plan("quick", cores=2)
+    assert {c.voxel for c in (*quick.preprocess, *quick.pipeline, *quick.train, *quick.saliency)} == {8.0}
+    assert quick.repeats == 2 and quick.train[0].threads == (1, 2)
+    assert quick.train[0].layouts == ("contiguous", "channels_last_3d")
+    default = suite.make_plan("default", cores=2)
+    assert [c.voxel for c in default.preprocess] == [4.0, 1.0]
+    assert {(c.model, c.voxel) for c in default.train} == {("demo", 4.0), ("paper", 4.0)}
+    assert default.train[0].channels == (8, 16, 32, 32, 32, 16)
+    assert default.preprocess[0].workers == (1, 2)
+    full = suite.make_plan("full", repeats=5, cores=2)
+    assert ("paper", 1.0) in {(c.model, c.voxel) for c in full.train}
+    assert 1.0 in {c.voxel for c in full.pipeline}
+    assert full.repeats == 5
+    with pytest.raises(ValueError, match="mode"):
+        suite.make_plan("fast")
+    with pytest.raises(ValueError, match="repeats"):
+        suite.make_plan("quick", repeats=-1)
+
+
+def test_book_rows_reads_build_timings(tmp_path):
+    from brainsex.book import toc_notebooks
+
+    chapters = [p.stem for p in toc_notebooks(ROOT)]
+    stamps = tmp_path / ".build"
+    stamps.mkdir()
+    for i, stem in enumerate(chapters):
+        (stamps / f"{stem}.json").write_text(json.dumps({"hash": "x", "seconds": 10.0 + i, "params": {}}))
+    rows = suite.book_rows(tmp_path, ROOT)
+    assert [r["case"] for r in rows] == [*chapters, "total"]
+    assert rows[0]["value"] == 10.0
+    total = rows[-1]
+    assert total["value"] == pytest.approx(sum(10.0 + i for i in range(len(chapters))))
+    assert total["pass"] is True  # well under 600 s
+    # one chapter missing: "not run", total not judged
+    (stamps / f"{chapters[-1]}.json").unlink()
+    rows = suite.book_rows(tmp_path, ROOT)
+    assert rows[-2]["note"] == "not run" and rows[-1]["pass"] is None
+    assert "incomplete" in rows[-1]["note"]
+    # nothing at all
+    rows = suite.book_rows(tmp_path / "nowhere", ROOT)
+    assert rows[-1]["case"] == "total" and "not run" in rows[-1]["note"]
+    assert math.isnan(rows[-1]["value"])
+
+
+def test_book_total_over_target_fails(tmp_path):
+    from brainsex.book import toc_notebooks
+
+    (tmp_path / ".build").mkdir()
+    for stem in (p.stem for p in toc_notebooks(ROOT)):
+        (tmp_path / ".build" / f"{stem}.json").write_text(json.dumps({"seconds": 500.0}))
+    assert suite.book_rows(tmp_path, ROOT)[-1]["pass"] is False
+
+
+def test_derived_rows_use_the_fastest_training_variant():
+    loader = suite.row("pipeline", "book loader (in-memory cache, rotation)", variant="epochs after the first",
+                       grid_mm=4.0, shape="49x58x49", value=60.0)
+    steps = [suite.row("train", "demo model", variant=v, grid_mm=4.0, value=val, batch=16, channels="[8]")
+             for v, val in (("naive", 10.0), ("fast", 30.0))]
+    other_grid = suite.row("train", "demo model", variant="x", grid_mm=8.0, value=1000.0)
+    (d,) = suite.derived_rows([loader, *steps, other_grid])
+    assert d["variant"] == "fast" and d["value"] == pytest.approx(2.0) and d["pass"] is False
+
+
+def test_row_rejects_unknown_columns():
+    with pytest.raises(KeyError):
+        suite.row("train", "x", speed=1)
+
+
+def test_summarise_and_markdown():
+    s = summarise([3.0, 1.0, 2.0, float("nan")])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    assert math.isnan(summarise([])["median"])
+    md = markdown_table([{"a": 1.23456, "pass": True}, {"a": float("nan"), "pass": False}], ["a", "pass"])
+    lines = md.splitlines()
+    assert lines[0] == "| a | pass |" and "1.23" in lines[2] and "pass" in lines[2] and "FAIL" in lines[3]
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory(interval=0.001) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        x += 1
+    assert mem.peak_rss_mb >= mem.start_rss_mb > 0
+    assert mem.peak_rss_mb - mem.start_rss_mb > 30
+    assert math.isnan(mem.peak_cuda_mb)
+
+
+def test_volume_bank_without_preprocessed_subjects(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    paths = suite.volume_bank(tmp_path, 8.0, 3)
+    assert len(paths) == 3 and all(p.is_file() for p in paths)
+    data = np.asarray(nib.load(paths[0]).dataobj)
+    assert data.shape == (25, 29, 25) and np.isfinite(data).all()
+    brain = data[data != 0]
+    assert abs(brain.mean()) < 1e-3 and brain.std() == pytest.approx(1.0, abs=1e-3)  # z-scored in the mask
+    assert suite.volume_bank(tmp_path, 8.0, 2) == paths[:2]  # reused
+
+
+def test_paper_code_dataset_decodes_every_access(tmp_path):
+    import numpy as np
+
+    from brainsex.train import TrainConfig, make_augmentation
+
+    paths = suite.volume_bank(tmp_path, 8.0, 2)
+    ds = suite.PaperCodeDataset(paths, np.array([0.0, 1.0]))
+    item = ds[1]
+    assert item["image"].shape == (1, 25, 29, 25) and item["image"].dtype == torch.float32
+    assert float(item["y"]) == 1.0
+    aug = suite.PaperCodeDataset(paths, np.array([0.0, 1.0]), augment=make_augmentation(TrainConfig(rotate_prob=1.0)))
+    a, b = aug[0]["image"], aug[0]["image"]
+    assert torch.equal(a, b)  # seeded per (epoch, item)
+    aug.set_epoch(1)
+    assert not torch.equal(aug[0]["image"], a)
+
+
+# ------------------------------------------------------------------------------------ augmentation
+def test_rotate_batch_identity_and_quarter_turn():
+    x = torch.randn(2, 1, 6, 6, 6)
+    assert torch.allclose(rotate_batch(x, prob=0.0), x, atol=1e-5)
+    a = math.pi / 2
+    rz = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    y = rotate_batch(x, rotations=rz.expand(2, 3, 3))
+    assert torch.allclose(y, torch.rot90(x, 1, (3, 4)), atol=1e-5)
+
+
+def test_rotate_batch_has_no_shear_on_a_non_cubic_grid():
+    # a point 3 voxels from the centre along W, turned 90 degrees about z, lands 3 voxels along H
+    x = torch.zeros(1, 1, 5, 13, 9)
+    x[0, 0, 2, 6, 7] = 1.0  # centre is (2, 6, 4)
+    a = math.pi / 2
+    rz = torch.tensor([[[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]]])
+    y = rotate_batch(x, rotations=rz)
+    idx = torch.nonzero(y[0, 0] > 0.5).tolist()
+    assert len(idx) == 1 and idx[0][0] == 2 and idx[0][2] == 4 and abs(idx[0][1] - 6) == 3
+
+
+def test_random_rotations_are_rotations_and_seeded():
+    g = torch.Generator().manual_seed(0)
+    r = random_rotations(64, max_deg=15, prob=0.5, generator=g)
+    eye = torch.eye(3).expand(64, 3, 3)
+    assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-5)
+    n_identity = int(torch.isclose(r, eye, atol=1e-7).flatten(1).all(1).sum())
+    assert 10 < n_identity < 54  # about half rotated
+    angle = torch.rad2deg(torch.acos(((r.diagonal(dim1=1, dim2=2).sum(1) - 1) / 2).clamp(-1, 1)))
+    assert 0 < float(angle.max()) <= 45 + 1e-3  # three turns of at most 15 degrees each
+    assert torch.equal(random_rotations(8, generator=torch.Generator().manual_seed(1)),
+                       random_rotations(8, generator=torch.Generator().manual_seed(1)))
+
+
+def test_gpu_floors_arithmetic():
+    from benchmarks import gpu
+    from brainsex.model import count_macs
+
+    cfg = gpu.tiny_config()
+    fl = gpu.floors(cfg, rate_flops=1e12, bandwidth=1e11)
+    macs = count_macs(cfg.channels, cfg.shape)
+    assert fl["macs"] == macs
+    assert fl["train_compute_s"] == pytest.approx(macs * 6 / 1e12)
+    assert fl["train_memory_s"] == pytest.approx(5 * fl["activation_bytes"] / 1e11)
+    assert fl["train_s"] == max(fl["train_compute_s"], fl["train_memory_s"])
+    assert fl["epoch_s"] == pytest.approx(1688 * fl["train_s"] + 211 * fl["infer_s"])
+    # activations: input + every leaf module's output, counted by hand for the first block
+    n_in = 32**3
+    first_block = 4 * 32**3 * 2 + 4 * 16**3 * 2  # conv, batchnorm (full grid), maxpool, relu (half grid)
+    assert gpu.activation_elements(cfg.channels, cfg.shape) > n_in + first_block
+    assert fl["activation_bytes"] == 2 * gpu.activation_elements(cfg.channels, cfg.shape)
+
+
+# ------------------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_quick_benchmark_writes_tables(tmp_path):
+    out = tmp_path / "results"
+    book = tmp_path / "run"
+    (book / ".build").mkdir(parents=True)
+    (book / ".build" / "00_overview.json").write_text(json.dumps({"hash": "h", "seconds": 12.5, "params": {}}))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--book-run-dir",
+                           str(book)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md, csv_path = out / "results.md", out / "results.csv"
+    assert md.is_file() and csv_path.is_file() and (out / "machine.json").is_file()
+    rows = _read_csv(csv_path)
+    assert tuple(rows[0].keys()) == suite.COLUMNS
+    sections = {r["section"] for r in rows}
+    assert sections == {"book", "preprocess", "pipeline", "train", "saliency", "memory"}
+    by = {(r["section"], r["case"], r["variant"]): r for r in rows}
+    assert float(by[("book", "00_overview", "")]["value"]) == 12.5
+    assert by[("book", "00_cohort", "")]["note"] == "not run"
+    # every measured speed is a positive number
+    for r in rows:
+        if r["unit"] in ("samples/s", "s/subject"):
+            assert float(r["value"]) > 0, r
+    train = [r for r in rows if r["section"] == "train"]
+    assert {r["case"] for r in train} == {"demo model", "paper model"}
+    assert any("channels_last_3d" in r["variant"] for r in train)
+    assert any("contiguous, 1 thread" in r["variant"] for r in train)
+    assert all(r["grid_mm"] == "8.0" for r in train)
+    sal = {r["variant"] for r in rows if r["section"] == "saliency"}
+    assert sal == {"one by one", "batch 4"}
+    targets = [r for r in rows if r["target"]]
+    assert any("paper-code design" in r["target"] for r in targets)
+    assert any("training step" in r["target"] for r in targets)
+    assert all(r["pass"] in ("True", "False") for r in targets if r["section"] == "pipeline")
+    assert any(r["peak_rss_mb"] and float(r["peak_rss_mb"]) > 0 for r in rows)
+    text = md.read_text()
+    for needle in ("## Machine", "| cpu |", "torch_version", "monai_version", "antspyx_version",
+                   "numpy_version", "## Targets", "## 3. Input pipeline", "## 6. Peak memory"):
+        assert needle in text
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["cores"] >= 1 and machine["mode"] == "quick"
+
+
+@pytest.mark.slow
+def test_gpu_script_tiny_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
+                           "--out", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stem = f"gpu-{datetime.date.today().isoformat()}-tiny"
+    md, csv_path = tmp_path / f"{stem}.md", tmp_path / f"{stem}.csv"
+    assert md.is_file() and csv_path.is_file()
+    rows = _read_csv(csv_path)
+    from benchmarks.gpu import COLUMNS, VARIANTS
+
+    assert tuple(rows[0].keys()) == COLUMNS
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["variant"] for r in train] == [v.name for v in VARIANTS]
+    for r in train:
+        assert float(r["value"]) > 0 and 0 < float(r["floor_fraction"]) and float(r["epoch_s"]) > 0, r
+        assert r["pass"] in ("True", "False")
+    aug = [r for r in rows if r["kind"] == "augmentation"]
+    assert len(aug) == 2 and all(float(r["value"]) > 0 for r in aug)
+    assert [r["kind"] for r in rows].count("pipeline") == 1
+    text = md.read_text()
+    for needle in ("tiny CPU check", "## Floors", "matmul rate", "copy bandwidth", "fraction of floor",
+                   "torch.compile"):
+        assert needle in text
+
+
+def test_gpu_script_refuses_the_paper_profile_on_a_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--tiny" in proc.stderr
+    assert not list(tmp_path.iterdir())
