@@ -11,7 +11,7 @@ PROFILE   ?= demo
 ARGS      ?=
 PYTEST_ARGS ?=
 
-.PHONY: all book test install browser lint clean
+.PHONY: all book test install browser lint bench clean
 
 all: book
 
@@ -37,6 +37,10 @@ browser:
 
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# performance table (benchmarks/results/); run on an otherwise idle machine
+bench: install
+	$(BIN)/python -m benchmarks $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests notebooks benchmarks

@@ -217,7 +217,8 @@ class PeakMemory:
     ``/proc`` it falls back to ``getrusage``. On CUDA, ``torch.cuda.max_memory_allocated`` is reset on
     entry and read on exit.
 
-    Attributes (after the block): ``peak_rss_mb``, ``start_rss_mb``, ``peak_cuda_mb`` (NaN without CUDA).
+    Attributes (after the block): ``peak_rss_mb``, ``start_rss_mb``, ``growth_rss_mb`` (peak minus start:
+    what the block itself added), ``peak_cuda_mb`` (NaN without CUDA).
     """
 
     def __init__(self, interval: float = 0.01, cuda: bool = False) -> None:
@@ -226,6 +227,7 @@ class PeakMemory:
         self.peak_rss_mb = math.nan
         self.start_rss_mb = math.nan
         self.peak_cuda_mb = math.nan
+        self.growth_rss_mb = math.nan
         self._stop = threading.Event()
         self._peak = 0
         self._thread: threading.Thread | None = None
@@ -257,6 +259,7 @@ class PeakMemory:
             self.peak_rss_mb = self._peak / 2**20
         else:
             self.peak_rss_mb = maxrss_mb()
+        self.growth_rss_mb = max(0.0, self.peak_rss_mb - self.start_rss_mb)
         if self.cuda:
             import torch
 

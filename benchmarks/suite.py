@@ -13,7 +13,8 @@ Sections (issue 8):
 6. peak memory of each case (resident memory of the process tree, sampled; CUDA's peak on a GPU).
 
 Each section except ``book`` runs in its own Python process (so thread settings, ITK's once-per-process
-thread count and the memory high-water mark of one section do not leak into the next), in a temporary
+thread count and the memory high-water mark of one section do not leak into the next; ``--quick`` runs
+them all in one process to save the imports), in a temporary
 folder that holds a tiny phantom made for the run. Every number is a median over ``repeats`` timings
 taken in this run; ratios compare variants measured minutes apart on the same machine, never against a
 number from another day.
@@ -22,7 +23,6 @@ number from another day.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -53,7 +53,8 @@ from benchmarks._common import (
 
 #: Columns of ``results.csv`` (one row per measured case or derived ratio).
 COLUMNS = ("section", "case", "variant", "grid_mm", "shape", "channels", "batch", "threads", "n", "repeats",
-           "value", "unit", "min", "max", "ratio", "ratio_to", "target", "pass", "peak_rss_mb", "peak_cuda_mb",
+           "value", "unit", "min", "max", "ratio", "ratio_to", "target", "pass", "peak_rss_mb", "rss_growth_mb",
+           "peak_cuda_mb",
            "note")
 
 SECTIONS = ("book", "preprocess", "pipeline", "train", "saliency")
@@ -312,7 +313,7 @@ def run_preprocess(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
             s = summarise(throughput)
             note = f"{n_failed} subject-run(s) failed" if n_failed else ""
             common = dict(grid_mm=pc.voxel, shape=_shape_txt(shape), threads=1, n=len(participants),
-                          repeats=pc.repeats, peak_rss_mb=mem.peak_rss_mb)
+                          repeats=pc.repeats, peak_rss_mb=mem.peak_rss_mb, rss_growth_mb=mem.growth_rss_mb)
             base = base or s["median"]
             rows.append(row("preprocess", "wall time / subject", variant=f"{workers} worker(s)",
                             value=s["median"], unit="s/subject", min=s["min"], max=s["max"],
@@ -322,7 +323,7 @@ def run_preprocess(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
                 p = summarise(per_subject)
                 rows.append(row("preprocess", "per-subject time (qc t_total_s)", variant="1 worker",
                                 value=p["median"], unit="s/subject", min=p["min"], max=p["max"],
-                                note="median over subjects x repeats", **{**common, "peak_rss_mb": None}))
+                                note="median over subjects x repeats", **{**common, "peak_rss_mb": None, "rss_growth_mb": None}))
     return rows
 
 
@@ -420,14 +421,14 @@ def run_pipeline(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
                 ds = _SFCNDataset(store, range(pc.n_volumes), labels, augment=augment, seed=0)
                 times = _epoch_times(ds, pc.batch, pc.epochs, batch_fn)
                 results[name] = {"first": fill.seconds + times[0], "after": [pc.n_volumes / t for t in times[1:]]}
-        cache_mem = mem.peak_rss_mb
+        cache_mem = (mem.peak_rss_mb, mem.growth_rss_mb)
         # The paper code's design: decode every .nii.gz on every access, no workers, no cache.
         with PeakMemory() as mem:
             for name, augment in (("paper+aug", aug), ("paper", None)):
                 ds = PaperCodeDataset(paths, labels, augment=augment, seed=0)
                 times = _epoch_times(ds, pc.batch, pc.epochs)
                 results[name] = {"first": times[0], "after": [pc.n_volumes / t for t in times[1:]]}
-        paper_mem = mem.peak_rss_mb
+        paper_mem = (mem.peak_rss_mb, mem.growth_rss_mb)
 
         label = {"cache+aug": ("book loader (in-memory cache, rotation)",
                                "train._SFCNDataset on MONAI CacheDataset, MONAI RandRotated per scan"),
@@ -449,7 +450,8 @@ def run_pipeline(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
                             unit="samples/s", min=s["min"], max=s["max"], ratio=ratio,
                             ratio_to=f"x {label[ref][0]}" if ref else None, target=target,
                             **{"pass": pass_fail(ratio, LOADER_VS_PAPER_TARGET) if target else None},
-                            peak_rss_mb=cache_mem if key.startswith("cache") else paper_mem,
+                            peak_rss_mb=(cache_mem if key.startswith("cache") else paper_mem)[0],
+                            rss_growth_mb=(cache_mem if key.startswith("cache") else paper_mem)[1],
                             note=label[key][1], **common))
             rows.append(row("pipeline", label[key][0], variant="first epoch",
                             value=pc.n_volumes / results[key]["first"], unit="samples/s",
@@ -522,7 +524,8 @@ def train_step_rate(channels: Sequence[int], shape: Sequence[int], x_cpu, device
                 for _ in range(steps):
                     step()
             times.append(sw.seconds / steps)
-    return {"times": times, "peak_rss_mb": mem.peak_rss_mb, "peak_cuda_mb": mem.peak_cuda_mb}
+    return {"times": times, "peak_rss_mb": mem.peak_rss_mb, "rss_growth_mb": mem.growth_rss_mb,
+            "peak_cuda_mb": mem.peak_cuda_mb}
 
 
 def run_train(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
@@ -551,6 +554,7 @@ def run_train(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
                             threads=v["threads"], n=case.batch, repeats=case.repeats, value=s["median"],
                             unit="samples/s", min=s["min"], max=s["max"], ratio=s["median"] / base,
                             ratio_to="x naive (cpu, contiguous, 1 thread)", peak_rss_mb=res["peak_rss_mb"],
+                            rss_growth_mb=res["rss_growth_mb"],
                             peak_cuda_mb=res["peak_cuda_mb"], note="naive baseline" if i == 0 else None))
     return rows
 
@@ -585,7 +589,8 @@ def run_saliency(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
                             grid_mm=case.voxel, shape=_shape_txt(shape), channels=_ch_txt(case.channels),
                             batch=batch, threads=plan.cores, n=case.n, repeats=case.repeats, value=s["median"],
                             unit="samples/s", min=s["min"], max=s["max"], ratio=s["median"] / base,
-                            ratio_to="x one by one", peak_rss_mb=mem.peak_rss_mb, note="captum Saliency, abs"))
+                            ratio_to="x one by one", peak_rss_mb=mem.peak_rss_mb,
+                            rss_growth_mb=mem.growth_rss_mb, note="captum Saliency, abs"))
     return rows
 
 
@@ -632,7 +637,7 @@ _SECTION_TITLES = {
     "memory": "6. Peak memory",
 }
 
-_HEADERS = {"grid_mm": "grid (mm)", "peak_rss_mb": "peak RSS (MiB)", "peak_cuda_mb": "peak CUDA (MiB)",
+_HEADERS = {"grid_mm": "grid (mm)", "peak_rss_mb": "peak RSS (MiB)", "rss_growth_mb": "RSS growth (MiB)", "peak_cuda_mb": "peak CUDA (MiB)",
             "ratio_to": "ratio is", "value": "median"}
 
 
@@ -663,11 +668,13 @@ def results_markdown(rows: Sequence[dict[str, Any]], machine: dict[str, Any], co
             mem_rows = [r for r in rows if _finite(r.get("peak_rss_mb")) or _finite(r.get("peak_cuda_mb"))]
             lines += [f"## {title}", "",
                       "Peak resident memory of the process and its worker processes while each case ran "
-                      "(sampled from /proc every 10 ms), CUDA's `max_memory_allocated` on a GPU, and each "
-                      "section process's `getrusage` high-water mark.", ""]
+                      "(sampled from /proc every 10 ms), how much of it the case added (RSS growth: peak minus "
+                      "the resident memory when the case started), CUDA's `max_memory_allocated` on a GPU, and "
+                      "each section process's `getrusage` high-water mark.", ""]
             if mem_rows:
                 lines += [markdown_table(mem_rows, _present(mem_rows, ["section", "case", "variant", "grid_mm",
-                                                                       "peak_rss_mb", "peak_cuda_mb"]), _HEADERS), ""]
+                                                                       "peak_rss_mb", "rss_growth_mb",
+                                                                       "peak_cuda_mb"]), _HEADERS), ""]
             if sec_rows:
                 lines += [markdown_table(sec_rows, _present(sec_rows, ["case", "value", "unit", "note"]), _HEADERS), ""]
             continue
@@ -713,29 +720,51 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _child_main(args: argparse.Namespace) -> int:
+    """Run one or more sections in this process; write {section: {rows, maxrss_mb, seconds} or {error}}."""
+    import traceback
+
     plan = make_plan(args._mode, args.repeats)
-    t0 = time.perf_counter()
-    rows = RUNNERS[args._child](plan, Path(args.workdir))
-    Path(args._result).write_text(json.dumps({"rows": rows, "maxrss_mb": maxrss_mb(),
-                                              "seconds": time.perf_counter() - t0}, default=str))
+    out: dict[str, Any] = {}
+    for section in args._child.split(","):
+        t0 = time.perf_counter()
+        print(f"[benchmarks:{section}] start", flush=True)
+        try:
+            rows = RUNNERS[section](plan, Path(args.workdir))
+        except Exception as exc:  # report and go on with the next section of this process
+            traceback.print_exc()
+            out[section] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            continue
+        out[section] = {"rows": rows, "maxrss_mb": maxrss_mb(), "seconds": time.perf_counter() - t0}
+        Path(args._result).write_text(json.dumps(out, default=str))
+    Path(args._result).write_text(json.dumps(out, default=str))
     return 0
 
 
-def _run_child(section: str, mode: str, args: argparse.Namespace, workdir: Path) -> tuple[dict | None, str]:
-    result = workdir / f"result-{section}.json"
-    log = workdir / f"log-{section}.txt"
-    cmd = [sys.executable, "-m", "benchmarks", "--_child", section, "--_result", str(result), "--_mode", mode,
-           "--workdir", str(workdir)]
+def section_groups(mode: str, sections: Sequence[str]) -> list[list[str]]:
+    """Sections per process: one each, except ``quick``, where one process runs them all (saves the
+    seconds of importing torch and MONAI per section; their memory high-water marks are then cumulative)."""
+    chosen = [s for s in CHILD_SECTIONS if s in sections]
+    if not chosen:
+        return []
+    return [chosen] if mode == "quick" else [[s] for s in chosen]
+
+
+def _run_child(group: Sequence[str], mode: str, args: argparse.Namespace, workdir: Path) -> tuple[dict, str]:
+    name = "+".join(group)
+    result = workdir / f"result-{name}.json"
+    log = workdir / f"log-{name}.txt"
+    cmd = [sys.executable, "-m", "benchmarks", "--_child", ",".join(group), "--_result", str(result),
+           "--_mode", mode, "--workdir", str(workdir)]
     if args.repeats:
         cmd += ["--repeats", str(args.repeats)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0 or not result.is_file():
-        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-        return None, f"exit status {proc.returncode}: " + " / ".join(tail[-3:]) + "\n" + "\n".join(tail)
-    return json.loads(result.read_text()), ""
+    res = json.loads(result.read_text()) if result.is_file() else {}
+    tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:])
+    return res, (f"exit status {proc.returncode}; last lines of {log.name}:\n{tail}"
+                 if proc.returncode != 0 or any("error" in v for v in res.values()) else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -764,21 +793,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if "book" in sections:
             rows += book_rows(args.book_run_dir)
-        for section in CHILD_SECTIONS:
-            if section not in sections:
-                continue
+        for group in section_groups(mode, sections):
             t0 = time.perf_counter()
-            print(f"[benchmarks] {section} ...", file=sys.stderr, flush=True)
-            res, err = _run_child(section, mode, args, workdir)
+            print(f"[benchmarks] {' + '.join(group)} ...", file=sys.stderr, flush=True)
+            res, err = _run_child(group, mode, args, workdir)
             dt = time.perf_counter() - t0
-            if res is None:
-                failures[section] = err.splitlines()[0]
-                print(f"[benchmarks] {section} FAILED after {dt:.0f} s:\n{err}", file=sys.stderr, flush=True)
-                continue
-            print(f"[benchmarks] {section} done in {dt:.0f} s", file=sys.stderr, flush=True)
-            rows += res["rows"]
-            rows.append(row("memory", f"{section} process", value=res["maxrss_mb"], unit="MiB",
-                            note=f"getrusage ru_maxrss; section took {dt:.0f} s"))
+            shared = len(group) > 1
+            for section in group:
+                got = res.get(section)
+                if not got or "error" in got:
+                    failures[section] = (got or {}).get("error") or "did not finish"
+                    continue
+                rows += got["rows"]
+                rows.append(row("memory", f"{section} process", value=got["maxrss_mb"], unit="MiB",
+                                note=f"getrusage ru_maxrss{' so far (sections share one process)' if shared else ''}; "
+                                     f"section took {got['seconds']:.0f} s"))
+            state = "FAILED" if any(s in failures for s in group) else "done"
+            print(f"[benchmarks] {' + '.join(group)} {state} in {dt:.0f} s", file=sys.stderr, flush=True)
+            if err:
+                print(err, file=sys.stderr, flush=True)
         rows += derived_rows(rows)
         order = {s: i for i, s in enumerate((*SECTIONS, "memory"))}
         rows.sort(key=lambda r: order.get(r["section"], 99))  # stable: keeps each section's own order
@@ -790,8 +823,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"[benchmarks] wrote {paths['md']} and {paths['csv']} in {seconds:.0f} s", file=sys.stderr)
     return 1 if failures else 0
-
-
-def plan_as_dict(plan: Plan) -> dict[str, Any]:
-    """The plan as plain data (for the report and tests)."""
-    return dataclasses.asdict(plan)

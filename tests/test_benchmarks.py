@@ -163,6 +163,43 @@ def test_paper_code_dataset_decodes_every_access(tmp_path):
     assert not torch.equal(aug[0]["image"], a)
 
 
+def test_book_only_run_writes_tables_in_process(tmp_path):
+    out = tmp_path / "out"
+    assert suite.main(["--quick", "--sections", "book", "--out", str(out), "--book-run-dir", str(tmp_path)]) == 0
+    rows = _read_csv(out / "results.csv")
+    assert tuple(rows[0].keys()) == suite.COLUMNS and {r["section"] for r in rows} == {"book"}
+    assert "not run" in rows[-1]["note"]
+    text = (out / "results.md").read_text()
+    assert "## Machine" in text and "## 1. `make book`" in text
+    assert suite.main(["--sections", "nonsense", "--out", str(out)]) == 2
+
+
+def test_a_failing_section_is_reported_and_the_next_one_runs(tmp_path, monkeypatch):
+    import argparse
+
+    def boom(plan, workdir):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setitem(suite.RUNNERS, "pipeline", boom)
+    monkeypatch.setitem(suite.RUNNERS, "train", lambda plan, workdir: [suite.row("train", "ok", value=1.0)])
+    result = tmp_path / "r.json"
+    args = argparse.Namespace(_mode="quick", repeats=None, _child="pipeline,train", workdir=str(tmp_path),
+                              _result=str(result))
+    assert suite._child_main(args) == 0
+    got = json.loads(result.read_text())
+    assert got["pipeline"] == {"error": "RuntimeError: planted failure"}
+    assert got["train"]["rows"][0]["case"] == "ok" and got["train"]["maxrss_mb"] > 0
+    md = suite.results_markdown([], {"date": "d"}, "cmd", suite.make_plan("quick"), 1.0,
+                                {"pipeline": got["pipeline"]["error"]})
+    assert "Sections that failed" in md and "planted failure" in md
+
+
+def test_section_groups():
+    assert suite.section_groups("quick", suite.SECTIONS) == [["preprocess", "pipeline", "train", "saliency"]]
+    assert suite.section_groups("default", ["train", "book", "preprocess"]) == [["preprocess"], ["train"]]
+    assert suite.section_groups("full", ["book"]) == []
+
+
 # ------------------------------------------------------------------------------------ augmentation
 def test_rotate_batch_identity_and_quarter_turn():
     x = torch.randn(2, 1, 6, 6, 6)

@@ -222,65 +222,76 @@ def test_reference_zscore_uses_only_the_reference_statistics():
 
 # ------------------------------------------------------------------------------- TBM with real ANTs SyN
 def _scaled(template: np.ndarray, region: np.ndarray, volume_ratio: float, rng: np.random.Generator) -> np.ndarray:
-    """The template with ``region`` scaled about its centroid (smooth displacement), plus noise."""
+    """The template with ``region`` scaled about its centroid (smooth displacement, as in the phantom),
+    a little noise, z-scored inside the brain and 0 outside (like ``image_pp``)."""
     idx = np.indices(template.shape).astype(np.float64)
     c = np.array(np.nonzero(region)).mean(axis=1)
-    w = np.exp(-ndimage.distance_transform_edt(~region) ** 2 / (2 * 1.0**2))
-    k = volume_ratio ** (1 / 3)
-    src = [idx[i] - w * (1 - 1 / k) * (idx[i] - c[i]) for i in range(3)]
-    out = ndimage.map_coordinates(template, src, order=1, mode="nearest")
-    out = out + rng.normal(0, 0.02, out.shape)
-    brain = template > 0.05
-    return np.where(brain, (out - out[brain].mean()) / out[brain].std(), 0.0)  # z-scored like image_pp
+    w = np.exp(-ndimage.distance_transform_edt(~region) ** 2 / 2.0)
+    a = 1 - 1 / volume_ratio ** (1 / 3)
+    out = ndimage.map_coordinates(template, [idx[i] - w * a * (idx[i] - c[i]) for i in range(3)], order=1,
+                                  mode="nearest")
+    out = out + rng.normal(0, 0.01, out.shape)
+    brain = template > 0
+    return np.where(brain, (out - out[brain].mean()) / out[brain].std(), 0.0)
 
 
 @pytest.fixture(scope="module")
 def tbm_cohort(tmp_path_factory):
+    """Four subjects made from the 8 mm template: the right lateral ventricle 40 % larger in the males,
+    40 % smaller in the females (warps are computed once, in the first test, and cached)."""
+    from brainsex.templates import load_atlas, load_template
+
     root = tmp_path_factory.mktemp("tbm")
-    shape = (24, 24, 24)
-    idx = np.indices(shape).astype(float)
-    r = np.sqrt(((idx - 11.5) ** 2).sum(0))
-    template = np.clip(1.2 - r / 10, 0, 1) * (r < 10)  # a ball, bright in the centre
-    lab = np.zeros(shape, np.int16)
-    lab[(r < 10) & (idx[0] < 11.5)] = 1
-    lab[(r < 10) & (idx[0] >= 11.5)] = 2
-    blob = (np.sqrt(((idx - np.array([11.5, 7, 11.5])[:, None, None, None]) ** 2).sum(0)) < 3.5)
-    template = np.where(blob, 0.25, template)  # a dark structure ("ventricle") with its own label
-    lab[blob] = 3
+    template = load_template(8.0, source="offline")
+    atlas, labels = load_atlas(8.0, source="offline")
+    lab = np.asarray(atlas.dataobj)
+    target = int(labels.loc[labels["name"] == "Right Lateral Ventricle", "label"].iloc[0])
+    t = template.get_fdata().astype(np.float64)
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(8):
-        male = i % 2 == 0
-        img = _scaled(template, blob, 1.5 if male else 1 / 1.5, rng)
+    for i, sex in enumerate("MFMF"):
+        img = _scaled(t, lab == target, 1.4 if sex == "M" else 1 / 1.4, rng)
         path = root / f"sub-{i}.nii.gz"
-        nib.save(nib.Nifti1Image(img.astype(np.float32), AFFINE), path)
-        rows.append({"participant_id": f"sub-{i}", "sex": "M" if male else "F", "image_pp": str(path),
-                     "etiv_ml": 1500 + 10 * rng.normal(), "status": "ok"})
+        nib.save(nib.Nifti1Image(img.astype(np.float32), template.affine), path)
+        rows.append({"participant_id": f"sub-{i}", "sex": sex, "image_pp": str(path), "status": "ok",
+                     "etiv_ml": 1500.0 + 10 * i})
     rows.append({**rows[0], "participant_id": "sub-failed", "status": "failed"})
-    labels = pd.DataFrame({"label": [1, 2, 3], "name": ["left", "right", "blob"]})
-    return (pd.DataFrame(rows), nib.Nifti1Image(template.astype(np.float32), AFFINE),
-            nib.Nifti1Image(lab, AFFINE), labels, root)
+    return pd.DataFrame(rows), template, atlas, labels, target, root
 
 
-def test_log_jacobian_is_positive_where_the_subject_is_larger(tbm_cohort):
-    table, template, atlas, labels, root = tbm_cohort
+def test_registration_image_keeps_the_brain_above_the_background():
+    z = np.zeros((6, 6, 6), np.float32)
+    z[1:5, 1:5, 1:5] = np.random.default_rng(0).normal(size=(4, 4, 4))
+    r = np.asarray(v.registration_image(nib.Nifti1Image(z, AFFINE)).dataobj)
+    inside = z != 0
+    assert (r[~inside] == 0).all() and r[inside].min() == pytest.approx(0.1)
+    np.testing.assert_allclose(r[inside] - z[inside], 0.1 - z[inside].min(), rtol=1e-5)
+    again = np.asarray(v.registration_image(nib.Nifti1Image(r, AFFINE)).dataobj)
+    np.testing.assert_allclose(again, r)  # idempotent
+    with pytest.raises(BrainsexError, match="all zero"):
+        v.registration_image(nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), AFFINE))
+
+
+def test_log_jacobian_is_larger_where_the_subject_is_larger(tbm_cohort):
+    table, template, atlas, labels, target, root = tbm_cohort
     lab = np.asarray(atlas.dataobj)
-    big = v.log_jacobian_map(table.loc[0, "image_pp"], template, root / "warps" / "sub-0_")
-    small = v.log_jacobian_map(table.loc[1, "image_pp"], template, root / "warps" / "sub-1_")
-    assert big.shape == lab.shape
-    assert big[lab == 3].mean() > 0.1 and small[lab == 3].mean() < -0.1
-    assert (root / "warps" / "sub-0_warp.nii.gz").is_file()  # the transform is cached
+    maps = [v.log_jacobian_map(p, template, root / "warps" / f"{pid}_")
+            for pid, p in zip(table["participant_id"][:4], table["image_pp"][:4], strict=True)]
+    assert maps[0].shape == lab.shape and (root / "warps" / "sub-0_warp.nii.gz").is_file()
+    region = [m[lab == target].mean() for m in maps]
+    assert region[0] > 0.05 and region[2] > 0.05  # the larger ventricles
+    assert min(region[0], region[2]) > max(region[1], region[3]) + 0.05
 
 
-def test_tbm_region_test_ranks_the_changed_region_first(tbm_cohort):
-    table, template, atlas, labels, root = tbm_cohort
-    res = v.tbm_region_test(table, template, atlas, labels, root / "warps", tiv_col="etiv_ml", progress=False)
-    assert res.attrs["n_subjects"] == 8 and res.attrs["n_excluded"] == 1
-    top = res.iloc[0]
-    assert top["label"] == 3 and top["coef_male"] > 0.3 and top["significant"]
-    assert res["rank"].tolist() == [1, 2, 3] and (res["n_voxels"] > 0).all()
-    rec = v.planted_recovery(res, pd.DataFrame({"label": [3], "name": ["blob"], "sign": [1]}))
-    assert rec["recovered"].item()
+def test_tbm_region_test_finds_the_changed_region(tbm_cohort):
+    table, template, atlas, labels, target, root = tbm_cohort
+    res = v.tbm_region_test(table, template, atlas, labels, root / "warps", tiv_col=None, progress=False)
+    assert res.attrs["n_subjects"] == 4 and res.attrs["n_excluded"] == 1
+    row = res.set_index("label").loc[target]
+    assert row["coef_male"] > 0.1 and row["t"] > 2
+    assert res["rank"].tolist() == list(range(1, len(res) + 1))
+    assert (res["n_voxels"] > 0).sum() == int((labels["n_voxels"] > 0).sum())
+    assert (res.loc[res["n_voxels"] == 0].index >= (res["n_voxels"] > 0).sum()).all()  # absent regions last
     with pytest.raises(BrainsexError, match="both sexes"):
         v.tbm_region_test(table[table["sex"] == "M"], template, atlas, labels, root / "warps", progress=False)
     with pytest.raises(BrainsexError, match="lacks column"):

@@ -24,6 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from brainsex.train import main_train
 
         return main_train(args_list[1:])
+    if args_list and args_list[0] == "bench":
+        # the benchmarks live in benchmarks/ at the repository root (not in the installed package)
+        import subprocess
+
+        return subprocess.call([sys.executable, "-m", "benchmarks", *args_list[1:]])
     parser = argparse.ArgumentParser(prog="brainsex", description="Build and run the brainsex book.")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -39,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sub.add_parser("profiles", help="list the parameter profiles")
     sub.add_parser("train", help="train the SFCN outside the book (see `brainsex train --help`)")
+    sub.add_parser("bench", help="run the benchmarks (python -m benchmarks; from the repository root)")
 
     args = parser.parse_args(args_list)
     try:

@@ -59,6 +59,7 @@ __all__ = [
     "SCORINGS",
     "planted_truth",
     "truth_map_ranking",
+    "registration_image",
     "log_jacobian_map",
     "tbm_region_means",
     "tbm_region_test",
@@ -206,16 +207,41 @@ def truth_map_ranking(effect_map: Any, atlas: Any, labels: pd.DataFrame, log: bo
 # --------------------------------------------------------------------------------------------------
 # tensor-based morphometry (positive control)
 # --------------------------------------------------------------------------------------------------
+def registration_image(image: Any) -> Any:
+    """A copy of a preprocessed scan fit to drive a registration: brain above background.
+
+    The preprocessed scan is z-scored inside the brain and 0 outside (``zscore(mode="brain")``), so the
+    background has the brain's *mean* intensity: for the registration metric (mutual information)
+    background and mid-grey tissue look alike, and the brain's outline can slide. Registering the
+    z-scored template to the template itself gave log-Jacobians with a standard deviation of 0.10 in
+    the brain on the 4 mm grid (as large as the planted effects); with the brain shifted above the
+    background (``z - min(z) + 0.1`` inside, 0 outside) 0.03. The shift does not change the geometry,
+    so the transform applies to the original scan and its maps unchanged. Idempotent.
+    """
+    import nibabel as nib
+
+    data = np.asarray(image.get_fdata(dtype=np.float32))
+    brain = data != 0
+    if not brain.any():
+        raise BrainsexError("registration_image: the image is all zero")
+    out = np.where(brain, data - float(data[brain].min()) + 0.1, 0.0).astype(np.float32)
+    return nib.Nifti1Image(out, image.affine)
+
+
 def _subject_transforms(moving: Any, template: Any, prefix: str) -> list[Path]:
     """The subject's cached SyN transform to the template (computed on first use).
 
-    The preprocessed scan is already rigidly registered onto the template grid, so the registration
-    starts from the identity: ANTs' default start (aligning the centres of intensity mass) is undefined
-    on a z-scored image, whose intensities sum to about zero inside the brain.
+    The registration sees :func:`registration_image` of the scan, and starts from the identity: the
+    preprocessed scan is already rigidly registered onto the template grid, and ANTs' default start
+    (aligning the centres of intensity mass) is undefined on a z-scored image, whose intensities sum
+    to about zero inside the brain (the registration then fails).
     """
     from brainsex.preprocess import nonlinear_transform
 
-    return nonlinear_transform(moving, template, prefix, initial_transform="Identity")
+    warp, aff = Path(prefix + "warp.nii.gz"), Path(prefix + "affine.mat")
+    if warp.is_file() and aff.is_file():
+        return [warp, aff]
+    return nonlinear_transform(registration_image(moving), template, prefix, initial_transform="Identity")
 
 
 def log_jacobian_map(image: Any, template: Any, cache_prefix: str | os.PathLike) -> np.ndarray:
