@@ -58,7 +58,7 @@ BUNDLE_PATTERNS = (
 )
 
 #: Files and folders of the repository that make up the book's sources (book root = repository root).
-BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book", "benchmarks/results", "benchmarks/validity")
 #: Set in the environment of executed chapters so that :func:`brainsex.figures.show` emits book HTML.
 BUILD_ENV = "BRAINSEX_BOOK_BUILD"
 
@@ -402,7 +402,7 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
         for name in BOOK_SOURCES:
             src = root / name
             if src.is_dir():
-                shutil.copytree(src, stage / name)
+                shutil.copytree(src, stage / name, ignore=shutil.ignore_patterns("*.csv", "*.json"))
             elif src.is_file():
                 shutil.copy2(src, stage / name)
         (stage / "notebooks").mkdir()
