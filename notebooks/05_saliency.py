@@ -55,7 +55,7 @@ from myst_nb import glue
 
 from brainsex.figures import fig_slice_viewer, plot_map_static, show
 from brainsex.io import read_table, write_json_atomic
-from brainsex.saliency import average_maps, group_average, save_map, spearman_maps, template_space_maps
+from brainsex.saliency import average_maps, group_average, save_map, spearman_or_nan, template_space_maps
 from brainsex.templates import load_brain_mask, load_template
 from brainsex.tiv import assign_tertiles
 from brainsex.train import load_model
@@ -86,7 +86,7 @@ for sex, m in by_sex.items():
 mean_all = average_maps(maps)
 save_map(mean_all, template.affine, out / "mean_correct_all.nii.gz")
 if {"F", "M"} <= set(by_sex):
-    rho, p = spearman_maps(by_sex["F"], by_sex["M"], mask)
+    rho, p = spearman_or_nan(by_sex["F"], by_sex["M"], mask)
 else:  # a model that gets one sex always wrong (e.g. the tiny smoke model) has no map for it
     rho, p = float("nan"), float("nan")
 glue("rho_fm", f"{rho:.2f}", display=False)
@@ -110,7 +110,7 @@ subset_ids = set(read_table(run / "tiv" / "rtiv_subset.tsv")["participant_id"])
 in_subset = correct["participant_id"].isin(subset_ids).to_numpy()
 mean_subset = average_maps(maps[in_subset]) if in_subset.any() else mean_all
 save_map(mean_subset, template.affine, out / "mean_rtiv_subset.nii.gz")
-rho_s, p_s = spearman_maps(mean_all, mean_subset, mask)
+rho_s, p_s = spearman_or_nan(mean_all, mean_subset, mask)
 glue("n_subset_maps", int(in_subset.sum()) if in_subset.any() else f"{len(correct)} (the subset was empty: all correct)",
      display=False)
 write_json_atomic(out / "spearman.json", {"female_vs_male": rho, "female_vs_male_p": p,
@@ -132,7 +132,7 @@ keys = tert["tertile"].astype(str) + " · " + tert["sex"]
 by_bin = group_average(maps, keys.to_numpy())
 rows = []
 for key, m in sorted(by_bin.items()):
-    r, _ = spearman_maps(m, mean_all, mask)
+    r, _ = spearman_or_nan(m, mean_all, mask)
     rows.append({"group": key, "n": int((keys == key).sum()), "spearman_vs_all": round(r, 3)})
     save_map(m, template.affine, out / f"mean_{key.replace(' · ', '_').replace(' ', '')}.nii.gz")
 from brainsex.figures import show_table

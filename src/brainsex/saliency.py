@@ -37,6 +37,7 @@ __all__ = [
     "spearman_maps",
     "save_map",
     "template_space_maps",
+    "spearman_or_nan",
 ]
 
 #: Attribution methods understood by :func:`saliency_maps`.
@@ -481,6 +482,14 @@ def group_average(maps: Any, groups: pd.Series | Sequence[Hashable], mask: Any =
     return {k: average_maps(arr[(keys == k).to_numpy()], mask=mask) for k in uniq}
 
 
+def spearman_or_nan(a: Any, b: Any, mask: Any) -> tuple[float, float]:
+    """:func:`spearman_maps`, or ``(nan, nan)`` when it is undefined (a constant map), for reports."""
+    try:
+        return spearman_maps(a, b, mask)
+    except BrainsexError:
+        return float("nan"), float("nan")
+
+
 def spearman_maps(a: Any, b: Any, mask: Any) -> tuple[float, float]:
     """Spearman rank correlation of two maps inside a brain mask (paper section 3, Figures 3 and 6).
 
@@ -612,15 +621,19 @@ def template_space_maps(
     images = [nib.load(p) for p in paths]
     raw = saliency_maps(model, images, method=method, signed=signed, batch_size=batch_size, device=device,
                         progress=progress, **kw)
-    maps = []
+    maps, n_flat = [], 0
     for m in raw:
+        peak = float(np.max(np.abs(m)))
+        n_flat += peak == 0 or float(np.min(m)) == float(np.max(m))
         if signed:
-            peak = float(np.max(np.abs(m)))
-            if peak == 0:
-                raise BrainsexError("a signed saliency map is all zero: the model's output does not depend on the input")
-            maps.append((m / peak).astype(np.float32))
+            maps.append((m / peak).astype(np.float32) if peak > 0 else np.zeros_like(m, dtype=np.float32))
         else:
-            maps.append(minmax_normalise(m))
+            maps.append(minmax_normalise(m, constant="zeros"))
+    if n_flat:
+        import warnings
+
+        warnings.warn(f"{n_flat} of {len(raw)} saliency maps are constant (the model's output does not depend on "
+                      "those inputs); they enter the averages as zero maps", stacklevel=2)
     cache = Path(cache_dir) if cache_dir is not None else None
     tasks = []
     for pid, img, path, m in zip(table["participant_id"], images, paths, maps, strict=True):
