@@ -277,7 +277,8 @@ def test_log_jacobian_is_larger_where_the_subject_is_larger(tbm_cohort):
     lab = np.asarray(atlas.dataobj)
     maps = [v.log_jacobian_map(p, template, root / "warps" / f"{pid}_")
             for pid, p in zip(table["participant_id"][:4], table["image_pp"][:4], strict=True)]
-    assert maps[0].shape == lab.shape and (root / "warps" / "sub-0_warp.nii.gz").is_file()
+    assert maps[0].shape == lab.shape and (root / "warps" / "sub-0_tbm_warp.nii.gz").is_file()
+    assert not (root / "warps" / "sub-0_warp.nii.gz").exists()  # the saliency chapter's warp is another file
     region = [m[lab == target].mean() for m in maps]
     assert region[0] > 0.05 and region[2] > 0.05  # the larger ventricles
     assert min(region[0], region[2]) > max(region[1], region[3]) + 0.05
@@ -292,6 +293,11 @@ def test_tbm_region_test_finds_the_changed_region(tbm_cohort):
     assert res["rank"].tolist() == list(range(1, len(res) + 1))
     assert (res["n_voxels"] > 0).sum() == int((labels["n_voxels"] > 0).sum())
     assert (res.loc[res["n_voxels"] == 0].index >= (res["n_voxels"] > 0).sum()).all()  # absent regions last
+    sub = v.tbm_region_test(table, template, atlas, labels, root / "warps", tiv_col=None, progress=False,
+                            max_subjects=2)
+    assert sub.attrs["n_subjects"] == 2
+    with pytest.raises(BrainsexError, match="warps="):
+        v.log_jacobian_map(table.loc[0, "image_pp"], template, root / "warps" / "sub-0_", warps="fnirt")
     with pytest.raises(BrainsexError, match="both sexes"):
         v.tbm_region_test(table[table["sex"] == "M"], template, atlas, labels, root / "warps", progress=False)
     with pytest.raises(BrainsexError, match="lacks column"):
