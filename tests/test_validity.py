@@ -304,6 +304,38 @@ def test_tbm_region_test_finds_the_changed_region(tbm_cohort):
         v.tbm_region_test(table.drop(columns="etiv_ml"), template, atlas, labels, root / "warps", progress=False)
 
 
+def test_phantom_log_jacobians_rebuild_the_planted_effect(tmp_path):
+    from brainsex.synthetic import make_cohort
+    from brainsex.templates import load_atlas
+
+    part = make_cohort(tmp_path / "ph", n=8, voxel_size=8.0, seed=0, progress=False, region_effect=0.3)
+    atlas, labels = load_atlas(8.0, source="offline")
+    true = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels)
+    assert list(true.index) == part["participant_id"].tolist() and true.shape[1] == len(labels)
+    truth = v.planted_truth(tmp_path / "ph")
+    male = (part.set_index("participant_id").loc[true.index, "sex"] == "M").to_numpy()
+    on_grid = [lab for lab in truth["label"] if true[lab].notna().all()]
+    assert len(on_grid) >= 6
+    for lab in on_grid:  # the planted sign: + larger in males
+        sign = int(truth.set_index("label").loc[lab, "sign"])
+        assert sign * (true.loc[male, lab].mean() - true.loc[~male, lab].mean()) > 0.05
+    some = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=["sub-0002"])
+    np.testing.assert_allclose(some.loc["sub-0002"], true.loc["sub-0002"])
+    table = part.assign(etiv_ml=part["tiv_ml"])
+    res = v.region_test_table(true, table, atlas, labels, load_template_8())
+    assert res["rank"].tolist() == list(range(1, len(res) + 1)) and res.attrs["n_subjects"] == 8
+    with pytest.raises(BrainsexError, match="not in the phantom"):
+        v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=["sub-9999"])
+    with pytest.raises(BrainsexError, match="generation.json"):
+        v.phantom_log_jacobians(tmp_path, atlas, labels)
+
+
+def load_template_8():
+    from brainsex.templates import load_template
+
+    return load_template(8.0, source="offline")
+
+
 def test_study_cli_parses_defaults():
     args = v._parser().parse_args(["study", "--voxel-sizes", "8", "--effects", "contrast"])
     assert args.voxel_sizes == [8.0] and args.effects == ["contrast"] and args.zscores == ["brain", "reference"]

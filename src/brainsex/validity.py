@@ -65,6 +65,8 @@ __all__ = [
     "log_jacobian_map",
     "tbm_region_means",
     "tbm_region_test",
+    "phantom_log_jacobians",
+    "region_test_table",
     "planted_recovery",
     "ranking_report",
     "report_long",
@@ -247,11 +249,15 @@ def _subject_transforms(moving: Any, template: Any, prefix: str) -> list[Path]:
 
 #: SyN settings of the tensor-based-morphometry warps (:func:`tbm_transform`): neighbourhood cross-
 #: correlation (radius 1 voxel) and a full-resolution level. On the 4 mm demo grid, a pair of clean
-#: phantoms differing only by the planted effects gave male - female region log-Jacobians that
-#: correlated 0.92 with the truth (slope 0.69) with these settings, against 0.11 (slope 0.11) with the
-#: defaults of :func:`brainsex.preprocess.nonlinear_transform` (Mattes mutual information, no iteration
-#: at full resolution) and 0.6 with Mattes and a full-resolution level: a 10 % volume change is a
-#: 3 % change of length, under a millimetre, which the coarse warps do not resolve.
+#: phantoms differing only by the planted effects (template warped by the planted male and female
+#: fields) gave male - female region log-Jacobians that correlated 0.92 with the truth (slope 0.69)
+#: with these settings, against 0.11 (slope 0.11) with the defaults of
+#: :func:`brainsex.preprocess.nonlinear_transform` (Mattes mutual information, no iteration at full
+#: resolution) and about 0.6 with Mattes and a full-resolution level. A 10 % volume change is a 3 %
+#: change of length, under a millimetre, which the coarse warps do not resolve. On the phantom's real
+#: scans (noise, bias field, two resamplings) even these warps carry only part of the planted
+#: difference (see the validity chapter); 40x20x20 iterations follow the anatomy a little better at
+#: about three times the cost.
 TBM_SYN: dict[str, Any] = {"syn_metric": "CC", "syn_sampling": 1, "reg_iterations": (20, 10, 5),
                            "flow_sigma": 3.0, "total_sigma": 0.0}
 
@@ -471,7 +477,7 @@ def tbm_region_test(
         One row per label: ``label``, ``coef_male`` (difference in mean log-Jacobian, male - female:
         about the log volume ratio), ``se``, ``t``, ``p``, ``q``, ``significant``, ``n``, label-table
         columns, ``n_voxels`` (on the template grid) and ``rank``; sorted by ``|t|`` descending, regions
-        with no voxel last. ``attrs``: ``n_subjects``, ``n_excluded``.
+        with no voxel last. ``attrs``: ``n_subjects``, ``n_excluded``, ``sample`` (the participant ids).
     """
     need = {"participant_id", sex_col, image_col} | ({tiv_col} if tiv_col else set())
     missing = need - set(table.columns)
@@ -490,15 +496,117 @@ def tbm_region_test(
                             max_scans=int(max_subjects), seed=seed, sex_col=sex_col)
     values = tbm_region_means(used, template, atlas, labels, cache_dir, image_col=image_col, n_jobs=n_jobs,
                               progress=progress, warps=warps)
-    tiv = pd.to_numeric(used[tiv_col]).to_numpy() if tiv_col else None
-    result = region_group_test(values, used[sex_col], tiv=tiv, labels=labels, alpha=alpha)
+    result = region_test_table(values, used, atlas, labels, template, tiv_col=tiv_col, sex_col=sex_col, alpha=alpha)
+    result.attrs.update({"n_subjects": len(used), "n_excluded": int((~keep).sum()),
+                         "sample": used["participant_id"].astype(str).tolist()})
+    return result
+
+
+def phantom_log_jacobians(
+    phantom_dir: str | os.PathLike,
+    atlas: Any,
+    labels: pd.DataFrame | Sequence[int] | None = None,
+    participants: Sequence[str] | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """The phantom's *true* regional log-Jacobians: what a perfect registration would measure.
+
+    Each subject's non-linear deformation (its individual random warp, the planted sex effect and the
+    age-dependent ventricle enlargement; :mod:`brainsex.synthetic`) is rebuilt from the generation
+    arguments in ``generation.json`` and the subject's random stream, and its log-Jacobian (log of the
+    subject's local volume relative to the template, before head-size scaling) averaged per region on
+    the template grid. :func:`brainsex.atlas.region_group_test` on these values is tensor-based
+    morphometry with perfect warps: it separates "the phantom or the test is wrong" from "the warps
+    are too coarse".
+
+    Parameters
+    ----------
+    phantom_dir
+        The phantom's root (``<run_dir>/cohort/phantom``).
+    atlas, labels
+        Atlas image on the phantom's template grid (resampled if needed) and its label table.
+    participants
+        Participant ids to rebuild (default: all).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Subjects (index ``participant_id``) x label ids (NaN for labels with no voxel).
+    """
+    import math
+
+    from scipy import ndimage
+    from tqdm.auto import tqdm
+
+    from brainsex import synthetic as syn
+    from brainsex import templates
+
+    root = Path(phantom_dir)
+    gen = root / "generation.json"
+    if not gen.is_file():
+        raise BrainsexError(f"{gen}: not found; the true Jacobians exist only for a synthetic phantom")
+    info = json.loads(gen.read_text())
+    args = info.get("args", {})
+    if args.get("generator") != syn.GENERATOR_VERSION:
+        raise BrainsexError(f"{gen}: made by generator {args.get('generator')!r}, this code is "
+                            f"{syn.GENERATOR_VERSION!r}; the deformations cannot be rebuilt")
+    vs = float(args["voxel_size"])
+    shape, affine = templates.target_grid(vs)
+    ref = __import__("nibabel").Nifti1Image(np.zeros(shape, np.float32), affine)
+    lab = _atlas_on(atlas, ref)
+    ids = _label_ids(labels, lab)
+    regions = [(tuple(r) if isinstance(r, list) else r, int(sg)) for r, sg in args["sex_regions"]]
+    ctx, _, _ = syn._context(vs, regions, float(args["region_effect"]), float(args["contrast_effect"]),
+                             args.get("reference_source", "offline"))
+    part = syn.paper_demographics(n=args["n"], seed=int(args["seed"]), tiv_effect=bool(args["tiv_effect"]))
+    seeds = np.random.SeedSequence(int(args["seed"])).spawn(len(part) + 1)[1:]
+    wanted = None if participants is None else {str(p) for p in participants}
+    wshape = tuple(int(math.ceil(n * vs / syn._WARP_SPACING_MM)) + 3 for n in shape)
+    n_vox = np.asarray(ndimage.sum_labels(np.ones(shape), lab, index=ids))
+    rows, index = [], []
+    records = part.to_dict("records")
+    for row, ss in tqdm(list(zip(records, seeds, strict=True)), desc="true Jacobians", disable=not progress,
+                        leave=False):
+        if wanted is not None and str(row["participant_id"]) not in wanted:
+            continue
+        # the same draws, in the same order, as synthetic._make_subject
+        p, rng = syn._subject_params(row, ss)
+        warp = [syn._upsample(syn._smooth_noise(rng, wshape, 1.5) * syn._WARP_SD_MM, shape,
+                              [vs / syn._WARP_SPACING_MM] * 3, [1.0] * 3) for _ in range(3)]
+        vent_a = np.float32(1.0 - float(p["ventricle_factor"]) ** (-1.0 / 3.0))
+        disp = np.stack([warp[i] + ctx["disp_" + str(row["sex"])][i] + vent_a * ctx["disp_vent"][i]
+                         for i in range(3)]).astype(np.float32)
+        # a backward field: subject point y shows the template at y + D(y), so the subject's local
+        # volume relative to the template is 1 / det(I + grad D)
+        logjac = -np.log(np.abs(syn._jacobian_det(disp, vs)).astype(np.float64))
+        s = np.asarray(ndimage.sum_labels(logjac, lab, index=ids))
+        rows.append(np.where(n_vox > 0, s / np.maximum(n_vox, 1), np.nan))
+        index.append(str(row["participant_id"]))
+    if wanted is not None and len(index) != len(wanted):
+        missing = sorted(wanted - set(index))[:5]
+        raise BrainsexError(f"participants {missing} are not in the phantom at {root}")
+    return pd.DataFrame(np.vstack(rows), columns=ids, index=pd.Index(index, name="participant_id"))
+
+
+def region_test_table(values: pd.DataFrame, table: pd.DataFrame, atlas: Any, labels: pd.DataFrame,
+                      template: Any, tiv_col: str | None = "etiv_ml", sex_col: str = "sex",
+                      alpha: float = 0.05) -> pd.DataFrame:
+    """:func:`brainsex.atlas.region_group_test` of subjects x regions ``values`` (rows matched to ``table``
+    by ``participant_id``), as a ranking like :func:`tbm_region_test`'s (``n_voxels``, ``rank``)."""
+    t = table.assign(participant_id=table["participant_id"].astype(str)).set_index("participant_id")
+    missing = [i for i in values.index if i not in t.index]
+    if missing:
+        raise BrainsexError(f"region_test_table: subjects {missing[:5]} are not in the table")
+    t = t.loc[list(values.index)]
+    tiv = pd.to_numeric(t[tiv_col]).to_numpy() if tiv_col else None
+    result = region_group_test(values, t[sex_col], tiv=tiv, labels=labels, alpha=alpha)
     lab = _atlas_on(atlas, template)
     counts = np.bincount(lab.ravel(), minlength=int(result["label"].max()) + 1)
     result["n_voxels"] = counts[result["label"].astype(int).to_numpy()]
     result = result.assign(_present=result["n_voxels"] > 0).sort_values(
         "_present", ascending=False, kind="mergesort").drop(columns="_present").reset_index(drop=True)
     result["rank"] = np.arange(1, len(result) + 1)
-    result.attrs.update({"n_subjects": len(used), "n_excluded": int((~keep).sum())})
+    result.attrs.update({"n_subjects": len(values)})
     return result
 
 
@@ -1030,7 +1138,8 @@ def study(
     scans re-standardised on deep white matter far from the planted regions, :func:`reference_zscore`)
     an SFCN is trained and :func:`compare_methods` run on its correctly classified test scans. With
     ``tbm`` the positive control (:func:`tbm_region_test`) runs once per phantom (it does not depend
-    on the z-score) and the truth-map ceiling (:func:`truth_map_ranking`) is reported too.
+    on the z-score), with registered warps and with the phantom's true deformations
+    (:func:`phantom_log_jacobians`); the truth-map ceiling (:func:`truth_map_ranking`) is reported too.
 
     Everything intermediate goes to ``work_dir`` (default ``<out_dir>/work``, not meant to be kept);
     the result is ``<out_dir>/validity_study.tsv`` (one row per configuration x method x scoring x
@@ -1100,6 +1209,15 @@ def study(
                 long["n_recovered"] = int(rec["recovered"].sum())
                 add(long, effect=effect, voxel_size=vs, zscore="-", method="tbm", scoring="abs_t", accuracy=np.nan,
                     n_scans=tb.attrs["n_subjects"])
+                # the same test with the phantom's true deformations (perfect warps)
+                ok = pre[pre["etiv_ml"].notna()]
+                true_vals = phantom_log_jacobians(phantom, atlas, labels,
+                                                  participants=ok["participant_id"].astype(str).tolist())
+                tp = region_test_table(true_vals, ok, atlas, labels, template)
+                long = report_long(ranking_report(tp, truth, neighbours=neighbours, n_perm=n_perm, seed=seed))
+                long["n_recovered"] = int(planted_recovery(tp, truth)["recovered"].sum())
+                add(long, effect=effect, voxel_size=vs, zscore="-", method="tbm_perfect_warps", scoring="abs_t",
+                    accuracy=np.nan, n_scans=len(ok))
             for z in zscores:
                 table = split.copy()
                 if z == "reference":
