@@ -55,6 +55,26 @@ show_table(table, caption="Reported in the paper vs computed in this run")
 #   paper's range over the full 2,110-subject design, so a small test set lands near it but not on it.
 
 # %% [markdown]
+# ## What this run cost
+#
+# Wall time of every chapter in this run (profile **{glue:text}`profile`**), as the build driver
+# recorded it; the course plan and the performance page quote these numbers.
+
+# %% tags=["hide-input"]
+from brainsex.book import chapter_timings, toc_notebooks
+
+timings = chapter_timings(run_dir, [p.stem for p in toc_notebooks(".")])
+glue("runtime_total_min", f"{timings['minutes'].sum():.1f}", display=False)
+glue("runtime_slowest", timings.sort_values("seconds").iloc[-1]["chapter"] if len(timings) else "n/a",
+     display=False)
+glue("runtime_table", timings.set_index("chapter"), display=False)
+show_table(timings, caption="Wall time per chapter, as each chapter was last executed in this run")
+
+# %% [markdown]
+# Executing the chapters took {glue:text}`runtime_total_min` minutes; the slowest
+# was {glue:text}`runtime_slowest`.
+
+# %% [markdown]
 # ## Download this run's results
 #
 # The aggregate results of this run — metric tables, the TIV analysis, learning curves, region scores,

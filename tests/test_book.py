@@ -85,3 +85,20 @@ def test_failure_names_notebook_and_cell_and_keeps_good_build(mini_book, tmp_pat
     assert rc == 1
     assert "notebook 'b' failed" in capsys.readouterr().err
     assert index.read_text() == before  # the previous good HTML is untouched
+
+
+def test_chapter_timings_reads_the_stamps_in_book_order(tmp_path):
+    from brainsex.book import chapter_timings
+
+    stamps = tmp_path / ".build"
+    stamps.mkdir()
+    (stamps / "b.json").write_text(json.dumps({"hash": "x", "seconds": 90.0}))
+    (stamps / "a.json").write_text(json.dumps({"hash": "y", "seconds": 30.04}))
+    t = chapter_timings(tmp_path, ["b", "missing", "a"])
+    assert t["chapter"].tolist() == ["b", "a"]
+    assert t["seconds"].tolist() == [90.0, 30.0] and t["minutes"].tolist() == [1.5, 0.5]
+    assert chapter_timings(tmp_path)["chapter"].tolist() == ["a", "b"]
+    assert chapter_timings(tmp_path / "nothing").empty
+    (stamps / "c.json").write_text("{not json")
+    with pytest.raises(BuildError, match="c.json"):
+        chapter_timings(tmp_path)

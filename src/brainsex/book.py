@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
     "build_html",
     "build",
     "paper_vs_run",
+    "chapter_timings",
     "results_bundle",
     "BUNDLE_PATTERNS",
 ]
@@ -501,6 +503,42 @@ def paper_vs_run(run_dir: str | os.PathLike) -> Any:
         rows.append({"quantity": item["quantity"], "paper": item["paper"],
                      "this run": None if value is None else round(float(value), 2), "paper reports it in": item["where"]})
     return pd.DataFrame(rows)
+
+
+def chapter_timings(run_dir: str | os.PathLike, chapters: Sequence[str] | None = None) -> Any:
+    """Wall time of each executed chapter of a run, from the build driver's stamps.
+
+    :func:`run_notebooks` writes ``<run_dir>/.build/<chapter>.json`` after each chapter it executes
+    (a skipped chapter keeps the stamp of its last execution, so the table always shows what the
+    chapter costs, not what the last build spent on it).
+
+    Parameters
+    ----------
+    run_dir
+        The run directory.
+    chapters
+        Chapter stems, in book order (default: every stamp, sorted by name).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``chapter``, ``seconds``, ``minutes``; chapters without a stamp are left out.
+    """
+    import pandas as pd
+
+    stamps = Path(run_dir) / ".build"
+    names = list(chapters) if chapters is not None else sorted(p.stem for p in stamps.glob("*.json"))
+    rows = []
+    for name in names:
+        path = stamps / f"{name}.json"
+        if not path.is_file():
+            continue
+        try:
+            seconds = float(json.loads(path.read_text())["seconds"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise BuildError(f"{path}: not a build stamp ({exc})") from None
+        rows.append({"chapter": name, "seconds": round(seconds, 1), "minutes": round(seconds / 60.0, 2)})
+    return pd.DataFrame(rows, columns=["chapter", "seconds", "minutes"])
 
 
 def results_bundle(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
