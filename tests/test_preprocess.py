@@ -438,8 +438,8 @@ def test_phantom_integration_pose_and_tiv(tmp_path):
     qc = pd.read_csv(tmp_path / "pp" / "qc.tsv", sep="\t")
     err = np.array([pp.rigid_error(pp.transform_matrix(r.rigid_transform), synthetic.pose_matrix(poses.loc[r.participant_id]))
                     for r in qc.itertuples()])
-    # the phantom's individual random warp has a rigid part of its own (about 1 degree / 1 mm)
-    assert np.median(err[:, 0]) < 2.5 and np.median(err[:, 1]) < 2.5
+    # issue 4's target (the phantom's individual warp is affine-free, so poses.tsv is the whole pose)
+    assert np.median(err[:, 0]) <= 1.0 and np.median(err[:, 1]) <= 1.5
     # 8 subjects on 8 mm voxels: a loose bound (0.97 at 4 mm on 16 subjects, see the closing note)
     assert np.corrcoef(res["etiv_ml"], res["tiv_ml"])[0, 1] > 0.8
 

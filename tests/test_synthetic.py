@@ -198,6 +198,31 @@ def test_planted_effect_sits_in_the_planted_regions():
     assert np.abs(ctx0["effect_map"]).max() == 0
 
 
+def test_individual_warp_is_purely_non_linear():
+    """The random warp carries no translation or linear map: the pose in poses.tsv is the whole placement."""
+    ctx, _, _ = synthetic._context(VS, synthetic._normalise_regions(None), 0.10, 0.0, "offline")
+    weight = ctx["tmaps"][4]
+    part = synthetic.paper_demographics(n=4, seed=3)
+    seeds = np.random.SeedSequence(3).spawn(len(part) + 1)[1:]
+    for row, ss in zip(part.to_dict("records"), seeds, strict=True):
+        p, rng = synthetic._subject_params(row, ss)
+        total, warp = synthetic.subject_displacement(ctx, row, p, rng, VS)
+        coef, axes = synthetic._affine_part(warp, weight)
+        assert np.abs(coef).max() < 1e-4  # mm, and mm per voxel
+        assert float(np.sqrt(np.average(warp[0] ** 2, weights=weight))) > 0.5  # still a real deformation
+        # the fit finds a planted affine part (so the check above can fail)
+        planted = np.array([[1.5, 0.02, -0.01, 0.0], [-0.7, 0.0, 0.03, 0.01], [0.4, -0.02, 0.0, -0.015]])
+        grid = np.meshgrid(*axes, indexing="ij")
+        moved = warp + np.stack([c[0] + c[1] * grid[0] + c[2] * grid[1] + c[3] * grid[2] for c in planted])
+        np.testing.assert_allclose(synthetic._affine_part(moved, weight)[0], planted, atol=1e-4)
+        # the rest of the deformation is the planted sex effect and the ventricles, unchanged
+        vent_a = 1.0 - float(p["ventricle_factor"]) ** (-1.0 / 3.0)
+        np.testing.assert_allclose(total - warp, ctx["disp_" + row["sex"]] + vent_a * ctx["disp_vent"], atol=1e-5)
+        # same stream, same field
+        p2, rng2 = synthetic._subject_params(row, ss)
+        np.testing.assert_array_equal(synthetic.subject_displacement(ctx, row, p2, rng2, VS)[0], total)
+
+
 def test_contrast_effect_writes_its_map(tmp_path):
     synthetic.make_cohort(tmp_path, n=2, voxel_size=VS, seed=0, progress=False, contrast_effect=0.3,
                           sex_regions={("Lateral Orbitofrontal", "right"): -1})

@@ -331,3 +331,32 @@ def test_main_train_cli(table, tmp_path, capsys):
     assert main_train(["--profile", "smoke", "--run-dir", str(tmp_path / "nowhere")]) == 2
     assert "preprocessed.tsv" in capsys.readouterr().err
     assert main_train(["--profile", "smoke", "--run-dir", str(run), "-p", "epochz", "1"]) == 2
+
+
+def test_select_last_keeps_final_epoch(table, reference, tmp_path):
+    """select="last": best.pt holds the final weights; training itself is that of the default run."""
+    res = train(table, cfg(select="last"), out_dir=tmp_path, channels=CH, progress=False)
+    assert res.best_epoch == 3 and res.best_val_loss == res.history["val_loss"].iloc[-1]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    ref_last = torch.load(reference / "last.pt", weights_only=True)
+    assert best["epoch"] == 3
+    for k, v in last["model_state"].items():
+        assert torch.equal(best["model_state"][k], v) and torch.equal(ref_last["model_state"][k], v)
+    # a resume must not switch the selection rule
+    with pytest.raises(BrainsexError, match="select: checkpoint 'last' vs now 'val_loss'"):
+        train(table, cfg(epochs=4), out_dir=tmp_path, channels=CH, resume=True, progress=False)
+    with pytest.raises(BrainsexError, match="select"):
+        TrainConfig(select="val_acc")
+
+
+def test_resume_checkpoint_without_select_field(table, reference, tmp_path):
+    """Checkpoints written before ``select`` existed resume with its default."""
+    import shutil
+
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    del ckpt["train_config"]["select"]
+    torch.save(ckpt, tmp_path / "last.pt")
+    res = train(table, cfg(epochs=4), out_dir=tmp_path, channels=CH, resume=True, progress=False)
+    assert res.epochs_run == 1 and len(res.history) == 4

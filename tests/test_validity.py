@@ -341,3 +341,24 @@ def test_study_cli_parses_defaults():
     assert args.voxel_sizes == [8.0] and args.effects == ["contrast"] and args.zscores == ["brain", "reference"]
     with pytest.raises(BrainsexError, match="effect"):
         v._study_config("shape", 0.1, 0.1)
+
+
+def test_tbm_transform_recovers_a_shift_in_its_affine_stage(tmp_path):
+    """The separate affine stage of tbm_transform finds a known 8 mm shift; the files apply in order."""
+    import ants
+
+    from brainsex.preprocess import _to_ants, transform_matrix
+    from brainsex.templates import load_template
+
+    template = load_template(8.0, source="offline")
+    t = template.get_fdata().astype(np.float32)
+    moved = nib.Nifti1Image(np.roll(t, 1, axis=0), template.affine)  # the subject sits one voxel (8 mm) along i
+    files = v.tbm_transform(moved, template, tmp_path / "s_")
+    assert [f.name for f in files] == ["s_tbm_warp.nii.gz", "s_tbm_affine.mat"]
+    m = transform_matrix(files[1])
+    shift = np.linalg.norm(m[:3, 3])
+    assert 5.0 < shift < 11.0 and np.allclose(m[:3, :3], np.eye(3), atol=0.1)
+    back = ants.apply_transforms(_to_ants(template), _to_ants(moved), [str(f) for f in files]).numpy()
+    brain = t > 0
+    assert np.corrcoef(back[brain], t[brain])[0, 1] > 0.95
+    assert v.tbm_transform(moved, template, tmp_path / "s_") == files  # cached

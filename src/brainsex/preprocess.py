@@ -83,7 +83,7 @@ __all__ = [
 logger = logging.getLogger("brainsex")
 
 #: Bump when the outputs of :func:`preprocess_subject` change for the same inputs (invalidates markers).
-PIPELINE_VERSION = "preprocess-1"
+PIPELINE_VERSION = "preprocess-2"
 
 #: Columns of ``preprocess/qc.tsv``.
 QC_COLUMNS = [
@@ -750,10 +750,10 @@ def rigid_register(
     template_mask: nib.Nifti1Image | None = None,
     transform_path: str | os.PathLike | None = None,
     reg_voxel_mm: float = 4.0,
-    iterations: Sequence[int] = (100, 50, 20),
-    shrink_factors: Sequence[int] = (4, 2, 1),
-    smoothing_sigmas: Sequence[float] = (2, 1, 0),
-    sampling: float = 0.25,
+    iterations: Sequence[int] = (100, 20),
+    shrink_factors: Sequence[int] = (2, 1),
+    smoothing_sigmas: Sequence[float] = (1, 0),
+    sampling: float = 0.2,
     metric: str = "mattes",
     type_of_transform: Literal["Rigid", "QuickRigid", "DenseRigid"] = "Rigid",
     metric_margin_mm: float | None = 8.0,
@@ -787,7 +787,11 @@ def rigid_register(
         phantom, 4 mm is as accurate as 2 or 3 mm and several times faster.
     iterations, shrink_factors, smoothing_sigmas, sampling, metric
         ANTs settings per pyramid level (Mattes mutual information); sampling is the fraction of
-        voxels used for the metric.
+        voxels used for the metric. The cost is almost all metric evaluations (iterations x samples,
+        about 1.5 us each), most of them on the finest level: the defaults do the search on a 2x
+        coarser level and only refine at ``reg_voxel_mm`` (a third, 16 mm level held too few voxels
+        to help). On a 4 mm phantom of 24 subjects: median error 0.6 deg / 0.65 mm (the earlier
+        (100, 50, 20) x (4, 2, 1), sampling 0.25: 0.6 deg / 0.76 mm) in about 60 % of the time.
     type_of_transform : {"Rigid", "QuickRigid", "DenseRigid"}, default="Rigid"
         ANTs' rigid variants (all rotation + translation only). "QuickRigid" uses ANTs' own
         (short) iteration schedule.
@@ -937,9 +941,9 @@ def affine_to_template(
     transform_path: str | os.PathLike | None = None,
     initial_transform: str | os.PathLike | None = None,
     reg_voxel_mm: float = 4.0,
-    iterations: Sequence[int] = (100, 50, 20),
-    shrink_factors: Sequence[int] = (4, 2, 1),
-    smoothing_sigmas: Sequence[float] = (2, 1, 0),
+    iterations: Sequence[int] = (30, 10),
+    shrink_factors: Sequence[int] = (2, 1),
+    smoothing_sigmas: Sequence[float] = (1, 0),
     sampling: float = 0.25,
     metric: str = "mattes",
     template_mask: nib.Nifti1Image | None = None,
@@ -947,7 +951,12 @@ def affine_to_template(
 ) -> np.ndarray:
     """12-parameter affine registration of ``img`` (moving) to ``template`` (fixed), estimated coarsely.
 
-    With ``template_mask`` the metric is sampled within ``metric_margin_mm`` of it (faster).
+    With ``template_mask`` the metric is sampled within ``metric_margin_mm`` of it (faster). The default
+    schedule is short because the affine normally starts from the rigid result (``initial_transform``):
+    30 iterations at twice ``reg_voxel_mm`` and 10 at ``reg_voxel_mm`` gave the same eTIV accuracy on
+    the 4 mm phantom (24 subjects: r = 0.978 with the true TIV, median eTIV / TIV 1.013) as
+    (100, 50, 20) x (4, 2, 1) (r = 0.979, 1.012) in 60 % of the time; 5 final iterations were too few
+    on 8 mm images.
 
     Returns
     -------

@@ -28,8 +28,9 @@ How one subject is made (all in template space first, then placed in the scanner
    other; male/female volume ratio ``(1 + e/2) / (1 - e/2)``, about ``1 + e``), applied before any
    scaling, so it does not depend on head size; (b) age: ventricles enlarge (volume
    ``exp(0.018 (age - 25))`` with individual spread) and grey matter thins (0.25 % of its volume per
-   year after 20, moved to CSF); (c) an individual smooth random deformation (about 2.5 mm; the three
-   small displacement fields are added); (d) a global scaling that sets the intracranial volume to the
+   year after 20, moved to CSF); (c) an individual smooth random deformation (about 2.5 mm) with its
+   affine part removed, so that the pose and the TIV scaling are the subject's whole rigid placement
+   and size (the three small displacement fields are added; :func:`subject_displacement`); (d) a global scaling that sets the intracranial volume to the
    sampled TIV (``tiv_effect=False``: both sexes share one TIV distribution; ``region_effect=0``: size
    is the only sex difference). ``contrast_effect`` adds an intensity difference in the same regions.
 3. **Acquisition**: a skull and scalp shell (individual thickness) around the intracranial volume, a
@@ -74,9 +75,10 @@ __all__ = [
     "tiv_distribution",
     "pose_matrix",
     "strata_counts",
+    "subject_displacement",
 ]
 
-GENERATOR_VERSION = "phantom-1"
+GENERATOR_VERSION = "phantom-2"
 
 # ------------------------------------------------------------------------------------ demographics
 _STRATA_ROWS = [
@@ -575,6 +577,113 @@ def _voxel_coords(shape: tuple[int, int, int]) -> np.ndarray:
     return np.indices(shape, dtype=np.float32).reshape(3, -1)
 
 
+def _affine_part(field: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Weighted least-squares affine part of a displacement field (3, *grid).
+
+    Fits ``field[i](x) ~ c_i0 + sum_k c_ik x_k`` minimising ``sum_x weight(x) |field(x) - c x|^2``, with
+    ``x`` the grid's voxel indices centred on the weight's centre of mass. The coordinates are
+    separable, so every moment comes from marginal sums of the weight and of ``weight * field[i]``.
+
+    Returns
+    -------
+    coef : numpy.ndarray of shape (3, 4)
+        Rows ``[t_i, A_i0, A_i1, A_i2]`` (field units; per voxel for ``A``).
+    axes : list of 3 numpy.ndarray
+        The centred voxel coordinates along each axis.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    total = float(w.sum())
+    if not total > 0:
+        raise BrainsexError("cannot fit the affine part of a displacement field over an empty weight")
+
+    def margin(arr: np.ndarray, k: int) -> np.ndarray:
+        return arr.sum(axis=tuple(j for j in range(3) if j != k))
+
+    margins = [margin(w, k) for k in range(3)]
+    axes = [np.arange(n, dtype=np.float64) for n in w.shape]
+    axes = [a - float(m @ a) / total for a, m in zip(axes, margins, strict=True)]
+    gram = np.zeros((4, 4))
+    gram[0, 0] = total
+    for k in range(3):
+        gram[0, k + 1] = gram[k + 1, 0] = margins[k] @ axes[k]
+        gram[k + 1, k + 1] = margins[k] @ axes[k] ** 2
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        pair = w.sum(axis=3 - a - b)  # (n_a, n_b)
+        gram[a + 1, b + 1] = gram[b + 1, a + 1] = axes[a] @ pair @ axes[b]
+    rhs = np.zeros((4, 3))
+    for i in range(3):
+        v = w * np.asarray(field[i], dtype=np.float64)
+        rhs[0, i] = v.sum()
+        for k in range(3):
+            rhs[k + 1, i] = margin(v, k) @ axes[k]
+    return np.linalg.solve(gram, rhs).T, axes
+
+
+def _subtract_affine(field: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``field`` (3, *grid) minus its weighted least-squares affine part (:func:`_affine_part`), float32."""
+    coef, axes = _affine_part(field, weight)
+    out = np.array(field, dtype=np.float32, copy=True)
+    for i in range(3):
+        out[i] -= np.float32(coef[i, 0])
+        out[i] -= (coef[i, 1] * axes[0]).astype(np.float32)[:, None, None]
+        out[i] -= (coef[i, 2] * axes[1]).astype(np.float32)[None, :, None]
+        out[i] -= (coef[i, 3] * axes[2]).astype(np.float32)[None, None, :]
+    return out
+
+
+def subject_displacement(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], params: Mapping[str, Any],
+                         rng: np.random.Generator, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """A subject's non-linear deformation of the template (step 2 of the module docstring), in mm.
+
+    The backward displacement ``D`` on the template grid (the subject's anatomy at template point
+    ``y`` is the template's at ``y + D(y)``, before the global scaling and the pose) is the sum of
+
+    * the individual random warp: smooth noise on a 12 mm control grid (sd ``_WARP_SD_MM`` per
+      component), linearly interpolated onto the grid, **minus its affine part** (translation and
+      linear map, least squares weighted by the template's brain mask). The warp is thus purely
+      non-linear: the subject's whole rigid placement is the pose in ``ground_truth/poses.tsv`` and
+      its whole size change the TIV scaling;
+    * the planted sex effect of the subject's sex (``ctx["disp_M"]`` / ``ctx["disp_F"]``);
+    * the age-dependent ventricle enlargement ``a * ctx["disp_vent"]`` with
+      ``a = 1 - ventricle_factor^(-1/3)``.
+
+    The three are small and smooth, so they are added rather than composed (the difference is second
+    order: about 0.1 mm for the planted effect). Used by the generator and by
+    :func:`brainsex.validity.phantom_log_jacobians`, so that both see the same deformation.
+
+    Parameters
+    ----------
+    ctx : mapping
+        The shared context (template maps and planted fields) of :func:`make_cohort`.
+    row : mapping
+        The subject's participants row (``sex``).
+    params : mapping
+        The subject's scalar draws (``ventricle_factor``), from ``_subject_params``.
+    rng : numpy.random.Generator
+        The subject's random stream, right after its scalar draws; the warp's draws are taken from it.
+    voxel_size : float
+        Template grid voxel size (mm).
+
+    Returns
+    -------
+    total : numpy.ndarray, float32, shape (3, *grid)
+        ``D`` in mm.
+    warp : numpy.ndarray, float32, shape (3, *grid)
+        Its individual (affine-free) random part, in mm.
+    """
+    vs = float(voxel_size)
+    tshape, _ = templates.target_grid(vs)
+    # control point i sits at t_origin + (i - 1) * spacing
+    wshape = tuple(int(math.ceil(n * vs / _WARP_SPACING_MM)) + 3 for n in tshape)
+    warp = np.stack([_upsample(_smooth_noise(rng, wshape, 1.5) * _WARP_SD_MM, tshape, [vs / _WARP_SPACING_MM] * 3,
+                               [1.0] * 3) for _ in range(3)])
+    warp = _subtract_affine(warp, ctx["tmaps"][4])
+    vent_a = np.float32(1.0 - float(params["ventricle_factor"]) ** (-1.0 / 3.0))
+    total = warp + np.asarray(ctx["disp_" + str(row["sex"])], np.float32) + vent_a * np.asarray(ctx["disp_vent"],
+                                                                                                np.float32)
+    return total.astype(np.float32, copy=False), warp
+
+
 def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], ss: np.random.SeedSequence,
                   info: Mapping[str, Any], paths: tuple[str, str], chunk: int = 1 << 20) -> None:
     vs = float(info["voxel_size"])
@@ -586,11 +695,8 @@ def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], ss: np.
     # scanner voxel -> template-space mm before the non-linear parts: undo the pose, then the scaling
     to_template = np.linalg.inv(pose_matrix({**p, "scale": scale}, include_scale=True)) @ saffine
 
-    # individual warp: smooth random displacement on a control grid over the template field of view,
-    # brought to the template grid (control point i sits at t_origin + (i - 1) * spacing)
-    wshape = tuple(int(math.ceil(n * vs / _WARP_SPACING_MM)) + 3 for n in tshape)
-    warp = [_upsample(_smooth_noise(rng, wshape, 1.5) * _WARP_SD_MM, tshape, [vs / _WARP_SPACING_MM] * 3, [1.0] * 3)
-            for _ in range(3)]
+    # non-linear part (template grid, mm): individual warp + planted sex effect + ventricles
+    disp, warp = subject_displacement(ctx, row, p, rng, vs)
     # bias field in scanner space (fixed to the coil, not to the head)
     bshape = tuple(max(int(math.ceil(n * vs / 40.0)), 2) + 2 for n in sshape)
     bias_coarse = _smooth_noise(rng, bshape, 1.0)
@@ -599,15 +705,10 @@ def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], ss: np.
     # skull/scalp thickness varies smoothly with the direction from the head's centre
     thick_dir = rng.standard_normal(3).astype(np.float32) / np.float32(math.sqrt(3.0))
 
-    # template-grid displacement (voxel units) of the non-linear part: individual warp + planted sex
-    # effect + age-dependent ventricle enlargement. The three are small and smooth, so they are added
-    # rather than composed (the difference is second order: about 0.1 mm for the planted effect).
-    sex = str(row["sex"])
-    vent_a = np.float32(1.0 - float(p["ventricle_factor"]) ** (-1.0 / 3.0))
     field = np.empty((4, *tshape), np.float32)  # U (3 channels, voxels) and the signed distance (mm)
-    for i in range(3):
-        field[i] = (warp[i] + ctx["disp_" + sex][i] + vent_a * ctx["disp_vent"][i]) / np.float32(vs)
+    field[:3] = disp / np.float32(vs)
     field[3] = ctx["dist"][0]
+    sex = str(row["sex"])
 
     contrast = ctx.get("contrast_" + sex)
     tmaps = ctx["tmaps"]
@@ -615,7 +716,7 @@ def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], ss: np.
     gm_loss = float(p["gm_loss"])
     skull_mm, scalp_mm = float(p["skull_mm"]), float(p["scalp_mm"])
     # farthest a point can be from the brain (before the non-linear part) and still show skull or scalp
-    reach = 0.5 + 1.15 * skull_mm + 1.2 * scalp_mm + 2 * vs + max(float(np.abs(w).max()) for w in warp) + 2.0
+    reach = 0.5 + 1.15 * skull_mm + 1.2 * scalp_mm + 2 * vs + float(np.abs(warp).max()) + 2.0
     centre_v = ((_POSE_CENTRE[:, None] - t_origin) / vs).astype(np.float32)
     # scanner voxel -> template voxel (before the non-linear part)
     to_tvox = np.diag([1 / vs, 1 / vs, 1 / vs, 1.0]) @ np.vstack([to_template[:3], [0, 0, 0, 1]])

@@ -3,7 +3,9 @@
 Paper settings (the ``paper`` profile): Adam with initial learning rate 0.01, batch size 16, binary
 cross-entropy, ``ReduceLROnPlateau`` on the validation loss (factor 0.1 after 5 epochs without
 improvement), 50 epochs, on-the-fly augmentation rotating 50 % of the training scans by up to 15 degrees,
-and the checkpoint with the lowest validation loss kept for evaluation.
+and the checkpoint with the lowest validation loss kept for evaluation (``select="val_loss"``; the CPU
+demo may keep the last epoch instead, ``select="last"``, because its 32-scan validation set makes the
+lowest-loss epoch a noisy choice).
 
 Differences from the paper's public code, on purpose:
 
@@ -79,7 +81,7 @@ CHECKPOINT_FORMAT = "brainsex-sfcn/1"
 
 # Config fields that change the result; a resumed run must use the same values.
 _RESULT_FIELDS = ("batch_size", "lr", "weight_decay", "rotate_prob", "rotate_deg", "scheduler_factor",
-                  "scheduler_patience", "seed", "amp")
+                  "scheduler_patience", "seed", "amp", "select")
 
 # Independent random streams derived from (seed, epoch, ...).
 _STREAM_DROPOUT, _STREAM_AUGMENT, _STREAM_LOADER = 1, 2, 3
@@ -105,6 +107,11 @@ class TrainConfig:
     scheduler_factor, scheduler_patience
         ``ReduceLROnPlateau`` on the validation loss: multiply the learning rate by ``factor`` after
         ``patience`` epochs without improvement (0.1 and 5).
+    select
+        Which weights ``best.pt`` keeps: ``"val_loss"`` (the paper's: the epoch with the lowest validation
+        loss) or ``"last"`` (the final epoch). With a small validation set (32 scans in the demo) the
+        lowest validation loss is a noisy criterion that tends to pick an early, under-trained epoch;
+        ``"last"`` avoids that. The validation loss still drives the learning-rate schedule.
     seed
         Seeds model initialisation, shuffling, dropout and augmentation.
     device
@@ -142,6 +149,7 @@ class TrainConfig:
     rotate_deg: float = 15.0
     scheduler_factor: float = 0.1
     scheduler_patience: int = 5
+    select: str = "val_loss"
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -165,6 +173,7 @@ class TrainConfig:
             (0.0 <= float(self.rotate_deg) <= 180.0, "rotate_deg must be in [0, 180]"),
             (0.0 < float(self.scheduler_factor) < 1.0, "scheduler_factor must be in (0, 1)"),
             (int(self.scheduler_patience) >= 0, "scheduler_patience must be >= 0"),
+            (self.select in ("val_loss", "last"), "select must be 'val_loss' or 'last'"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "amp must be 'auto', 'bf16', 'fp16' or 'off'"),
             (int(self.num_workers) >= 0, "num_workers must be >= 0"),
             (self.cache_dtype in ("float32", "float16"), "cache_dtype must be 'float32' or 'float16'"),
@@ -192,11 +201,12 @@ class TrainResult:
     out_dir
         Folder with ``best.pt``, ``last.pt`` and ``history.tsv``.
     best_checkpoint, last_checkpoint
-        Paths of the lowest-validation-loss and the latest checkpoints.
+        Paths of the selected (lowest validation loss, or the last with ``select="last"``) and the latest
+        checkpoints.
     history
         One row per epoch (:data:`HISTORY_COLUMNS`).
     best_epoch, best_val_loss, best_val_acc
-        The epoch (1-based) with the lowest validation loss and its metrics.
+        The epoch (1-based) of the selected checkpoint and its validation metrics.
     epochs_run
         Epochs computed by this call (fewer than ``epochs`` after a resume).
     device
@@ -821,7 +831,7 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
                "val_acc": val_acc, "lr": lr, "seconds": seconds,
                "samples_per_s": float(sums[2].item()) / max(train_seconds, 1e-9)}
         history.append(row)
-        improved = val_loss < best_val_loss
+        improved = val_loss < best_val_loss if config.select == "val_loss" else True
         if improved:
             best_val_loss, best_val_acc, best_epoch = val_loss, val_acc, epoch + 1
         if progress:
@@ -862,7 +872,9 @@ def _check_resume(ckpt: dict, model: SFCN, config: TrainConfig, signature: str, 
     if "optimizer_state" not in ckpt or "rng" not in ckpt:
         raise BrainsexError(f"{path}: cannot resume from this checkpoint (no optimiser/RNG state; is it a best.pt?)")
     old = ckpt.get("train_config") or {}
-    diff = {k: (old.get(k), getattr(config, k)) for k in _RESULT_FIELDS if old.get(k) != getattr(config, k)}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # checkpoints before a field existed
+    old = {k: old.get(k, defaults[k]) for k in _RESULT_FIELDS}
+    diff = {k: (old[k], getattr(config, k)) for k in _RESULT_FIELDS if old[k] != getattr(config, k)}
     if diff:
         txt = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise BrainsexError(f"{path}: cannot resume with different settings ({txt}); use another out_dir or resume=False")

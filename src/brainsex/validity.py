@@ -268,7 +268,9 @@ def tbm_transform(moving: Any, template: Any, cache_prefix: str | os.PathLike, r
 
     Like :func:`brainsex.preprocess.nonlinear_transform` (same affine pyramid, identity start, the same
     file order for ``ants.apply_transforms``) but with :data:`TBM_SYN` (overridable through ``syn``),
-    on :func:`registration_image` of the scan. Files: ``<cache_prefix>tbm_warp.nii.gz`` and
+    on :func:`registration_image` of the scan, and in two ANTs calls: an ``Affine`` stage with that
+    pyramid, then ``SyNOnly`` started from it (ANTsPy's one-call ``"SyN"`` ignores the affine pyramid
+    arguments and runs its own, much longer one). Files: ``<cache_prefix>tbm_warp.nii.gz`` and
     ``<cache_prefix>tbm_affine.mat``, next to the saliency chapter's ``warp``/``affine`` files.
     On coarse grids the SyN schedule keeps only as many levels as leave 12 voxels a side.
     """
@@ -290,19 +292,27 @@ def tbm_transform(moving: Any, template: Any, cache_prefix: str | os.PathLike, r
     settings["reg_iterations"] = tuple(settings["reg_iterations"])[-levels:]
     ants = _ants()
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    fixed, mov = _to_ants(template), _to_ants(registration_image(moving))
     with tempfile.TemporaryDirectory(prefix="brainsex-tbm-") as tmp:
         try:
-            reg = ants.registration(fixed=_to_ants(template), moving=_to_ants(registration_image(moving)),
-                                    type_of_transform="SyN", outprefix=str(Path(tmp) / "tbm_"),
-                                    initial_transform="Identity",
-                                    aff_shrink_factors=tuple(p[0] for p in pyramid),
-                                    aff_iterations=tuple(p[1] for p in pyramid),
-                                    aff_smoothing_sigmas=tuple(p[2] for p in pyramid), **settings)
+            # two stages: ants.registration(type_of_transform="SyN") ignores aff_iterations & co. and runs
+            # a fixed 2100x1200x1200 affine pyramid; a separate "Affine" stage honours the coarse pyramid
+            # and SyNOnly starts from it (about 2-3 s less per subject on the 4 mm grid, same warps)
+            aff_reg = ants.registration(fixed=fixed, moving=mov, type_of_transform="Affine",
+                                        outprefix=str(Path(tmp) / "aff_"), initial_transform="Identity",
+                                        aff_shrink_factors=tuple(p[0] for p in pyramid),
+                                        aff_iterations=tuple(p[1] for p in pyramid),
+                                        aff_smoothing_sigmas=tuple(p[2] for p in pyramid))
+            reg = ants.registration(fixed=fixed, moving=mov, type_of_transform="SyNOnly",
+                                    outprefix=str(Path(tmp) / "tbm_"), initial_transform=aff_reg["fwdtransforms"],
+                                    **settings)
         except RuntimeError as exc:
             raise PreprocessError(f"{prefix}: non-linear registration for morphometry failed ({exc})") from exc
+        files = [f for f in reg["fwdtransforms"] if f.endswith("Warp.nii.gz")] + list(aff_reg["fwdtransforms"])
+        if len(files) != 2:
+            raise PreprocessError(f"{prefix}: ANTs returned transforms {reg['fwdtransforms']}, expected a warp")
         out: list[Path] = []
-        for f in reg["fwdtransforms"]:
-            dst = warp if f.endswith("Warp.nii.gz") else aff
+        for f, dst in zip(files, (warp, aff), strict=True):
             with atomic_path(dst) as t:
                 shutil.copyfile(f, t)
             out.append(dst)
@@ -533,8 +543,6 @@ def phantom_log_jacobians(
     pandas.DataFrame
         Subjects (index ``participant_id``) x label ids (NaN for labels with no voxel).
     """
-    import math
-
     from scipy import ndimage
     from tqdm.auto import tqdm
 
@@ -561,7 +569,6 @@ def phantom_log_jacobians(
     part = syn.paper_demographics(n=args["n"], seed=int(args["seed"]), tiv_effect=bool(args["tiv_effect"]))
     seeds = np.random.SeedSequence(int(args["seed"])).spawn(len(part) + 1)[1:]
     wanted = None if participants is None else {str(p) for p in participants}
-    wshape = tuple(int(math.ceil(n * vs / syn._WARP_SPACING_MM)) + 3 for n in shape)
     n_vox = np.asarray(ndimage.sum_labels(np.ones(shape), lab, index=ids))
     rows, index = [], []
     records = part.to_dict("records")
@@ -569,13 +576,9 @@ def phantom_log_jacobians(
                         leave=False):
         if wanted is not None and str(row["participant_id"]) not in wanted:
             continue
-        # the same draws, in the same order, as synthetic._make_subject
+        # the generator's own deformation (same draws, same code as synthetic._make_subject)
         p, rng = syn._subject_params(row, ss)
-        warp = [syn._upsample(syn._smooth_noise(rng, wshape, 1.5) * syn._WARP_SD_MM, shape,
-                              [vs / syn._WARP_SPACING_MM] * 3, [1.0] * 3) for _ in range(3)]
-        vent_a = np.float32(1.0 - float(p["ventricle_factor"]) ** (-1.0 / 3.0))
-        disp = np.stack([warp[i] + ctx["disp_" + str(row["sex"])][i] + vent_a * ctx["disp_vent"][i]
-                         for i in range(3)]).astype(np.float32)
+        disp, _ = syn.subject_displacement(ctx, row, p, rng, vs)
         # a backward field: subject point y shows the template at y + D(y), so the subject's local
         # volume relative to the template is 1 / det(I + grad D)
         logjac = -np.log(np.abs(syn._jacobian_det(disp, vs)).astype(np.float64))
