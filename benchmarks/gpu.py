@@ -2,10 +2,10 @@
 
 The paper's setting (section 2.5): SFCN with the full widths on the 1 mm grid 193x229x193, batch 16,
 half of the scans rotated by up to 15 degrees. Here the scans are synthetic volumes held on the GPU (no
-disk, no host-to-device copy) and the rotation runs on the GPU for the whole batch at once
-(:func:`benchmarks.augment.rotate_batch`); the train module's own device-side augmentation (MONAI
-``RandRotated``, one scan at a time, ``TrainConfig(augment_on="device")``) is timed beside it when MONAI is
-installed. Variants, measured one after the other in the same process:
+disk, no host-to-device copy) and the rotation runs on the GPU for the whole batch at once, with the
+training loop's own function (:func:`brainsex.train.rotate_batch`: MONAI's batched ``AffineTransform``,
+angles from :func:`brainsex.train.random_rotation_angles`); the same function applied one scan at a
+time is timed beside it. Variants, measured one after the other in the same process:
 
 * ``fp32, contiguous`` -- the naive baseline;
 * ``fp32, channels_last_3d``;
@@ -63,7 +63,6 @@ from benchmarks._common import (  # noqa: E402
     pass_fail,
     summarise,
 )
-from benchmarks.augment import rotate_batch  # noqa: E402
 
 #: The paper's split (section 2.5): training and validation scans per epoch.
 PAPER_TRAIN_SCANS, PAPER_VAL_SCANS = 1688, 211
@@ -226,12 +225,14 @@ def run_variant(cfg: GpuConfig, variant: Variant, cache, device, seed: int = 0) 
     from torch import nn
 
     from brainsex.model import SFCN
+    from brainsex.train import random_rotation_angles, rotate_batch
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else None
     fmt = torch.channels_last_3d if variant.channels_last else torch.contiguous_format
     torch.manual_seed(seed)
     g = torch.Generator(device=device).manual_seed(seed)
+    g_rot = torch.Generator().manual_seed(seed)  # rotation angles are drawn on the CPU, as in brainsex.train
     out: dict[str, Any] = {}
     with PeakMemory(cuda=cuda) as mem:
         model = SFCN(channels=cfg.channels, in_shape=cfg.shape).to(device=device, memory_format=fmt)
@@ -242,7 +243,8 @@ def run_variant(cfg: GpuConfig, variant: Variant, cache, device, seed: int = 0) 
 
         def train_step() -> None:
             idx = torch.randint(0, cache.shape[0], (cfg.batch,), generator=g, device=device)
-            x = rotate_batch(cache[idx], max_deg=15.0, prob=0.5, generator=g).contiguous(memory_format=fmt)
+            angles = random_rotation_angles(cfg.batch, max_deg=15.0, prob=0.5, generator=g_rot)
+            x = rotate_batch(cache[idx], angles).contiguous(memory_format=fmt)
             opt.zero_grad(set_to_none=True)
             with _autocast(device, variant.amp):
                 logits = net(x)
@@ -276,46 +278,32 @@ def run_variant(cfg: GpuConfig, variant: Variant, cache, device, seed: int = 0) 
 
 
 def augmentation_rates(cfg: GpuConfig, cache, device) -> list[dict[str, Any]]:
-    """Samples/s of the rotation alone: batched ``affine_grid`` vs the train module's per-scan MONAI path."""
+    """Samples/s of the rotation alone (``brainsex.train.rotate_batch``): whole batch vs one scan at a time."""
     import torch
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    g = torch.Generator(device=device).manual_seed(0)
-    x = cache[: cfg.batch]
-    rows = []
-    rotate_batch(x, prob=1.0, generator=g)
-    times = []
-    for _ in range(cfg.repeats):
-        with Stopwatch(sync) as sw:
-            rotate_batch(x, max_deg=15.0, prob=0.5, generator=g)
-        times.append(sw.seconds)
-    s = summarise([cfg.batch / t for t in times])
-    rows.append({"kind": "augmentation", "variant": "batched affine_grid rotation (this script)",
-                 "value": s["median"], "unit": "samples/s", "min": s["min"], "max": s["max"],
-                 "note": "prob 0.5, up to 15 deg about each axis, bilinear, border"})
-    try:
-        from brainsex.train import TrainConfig, make_augmentation
+    from brainsex.train import random_rotation_angles, rotate_batch
 
-        aug = make_augmentation(TrainConfig())
-    except ImportError as exc:
-        rows.append({"kind": "augmentation", "variant": "MONAI RandRotated per scan (train augment_on='device')",
-                     "note": f"not timed: {exc}"})
-        return rows
-    aug.set_random_state(seed=0)
-    aug({"image": x[0]})
-    times = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    g = torch.Generator().manual_seed(0)
+    x = cache[: cfg.batch]
+    rotate_batch(x, random_rotation_angles(cfg.batch, prob=1.0, generator=g))  # warm-up
+    batched, per_scan = [], []
     for _ in range(cfg.repeats):
+        angles = random_rotation_angles(cfg.batch, max_deg=15.0, prob=0.5, generator=g)
         with Stopwatch(sync) as sw:
-            for j in range(x.shape[0]):
-                aug.set_random_state(seed=j)
-                aug({"image": x[j]})
-        times.append(sw.seconds)
-    m = summarise([cfg.batch / t for t in times])
-    rows.append({"kind": "augmentation", "variant": "MONAI RandRotated per scan (train augment_on='device')",
-                 "value": m["median"], "unit": "samples/s", "min": m["min"], "max": m["max"],
-                 "ratio": s["median"] / m["median"], "ratio_to": "batched / per scan",
-                 "note": "brainsex.train.make_augmentation, one scan at a time"})
-    return rows
+            rotate_batch(x, angles)
+        batched.append(cfg.batch / sw.seconds)
+        with Stopwatch(sync) as sw:
+            for j in range(cfg.batch):
+                rotate_batch(x[j : j + 1], angles[j : j + 1])
+        per_scan.append(cfg.batch / sw.seconds)
+    s, m = summarise(batched), summarise(per_scan)
+    note = "prob 0.5, up to 15 deg about each axis, bilinear, border (MONAI AffineTransform)"
+    return [{"kind": "augmentation", "variant": "batched rotation (brainsex.train.rotate_batch, as in training)",
+             "value": s["median"], "unit": "samples/s", "min": s["min"], "max": s["max"],
+             "ratio": s["median"] / m["median"], "ratio_to": "batched / one scan at a time", "note": note},
+            {"kind": "augmentation", "variant": "the same, one scan at a time", "value": m["median"],
+             "unit": "samples/s", "min": m["min"], "max": m["max"], "note": note}]
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -4,8 +4,9 @@ Sections (issue 8):
 
 1. ``book`` -- wall time per chapter of the last ``brainsex build`` (read from ``runs/demo/.build``).
 2. ``preprocess`` -- seconds per subject (phantom -> template grid), one worker vs two.
-3. ``pipeline`` -- samples/s of the training loader (in-memory cache + rotation augmentation, the train
-   module's dataset) against the paper code's design (decode every ``.nii.gz`` every epoch with nibabel,
+3. ``pipeline`` -- samples/s of the training input (the train module's in-memory loader, ``VolumeStore``
+   + ``ScanDataset``, with the batched rotation of the training loop, ``rotate_batch``) against the
+   paper code's design (decode every ``.nii.gz`` every epoch with nibabel and rotate one scan at a time,
    ``num_workers=0``), and against the training step.
 4. ``train`` -- training-step samples/s of SFCN at the demo and paper widths, naive vs optimised
    (memory layout, threads; on CUDA also bf16 autocast and ``torch.compile``).
@@ -328,6 +329,13 @@ def run_preprocess(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------- pipeline
+#: Case names of the pipeline section (``derived_rows`` divides the first by the training step).
+BOOK_LOADER = "book loader (in-memory cache, batched rotation)"
+BOOK_DELIVERY = "book loader (in-memory cache, no augmentation)"
+PAPER_LOADER = "paper-code design (nibabel decode every epoch, per-scan rotation)"
+PAPER_DELIVERY = "paper-code design (nibabel decode every epoch, no augmentation)"
+
+
 def _derive_seed(*values: int) -> int:
     import numpy as np
 
@@ -337,15 +345,21 @@ def _derive_seed(*values: int) -> int:
 class PaperCodeDataset:
     """The paper's public code's input design: every item re-reads and re-decodes its ``.nii.gz``.
 
-    ``nibabel.load(path).get_fdata()`` (float64) on each access, then the same rotation as the book's
-    loader (MONAI ``RandRotated``, seeded per epoch and item), in the main process (``num_workers=0``).
+    ``nibabel.load(path).get_fdata()`` (float64) on each access, then, with ``rotate=True``, the
+    paper's rotation (half of the scans, up to 15 degrees about each axis) applied to this one scan, in
+    the main process (``num_workers=0``). The rotation is the book's own function
+    (:func:`brainsex.train.rotate_batch` on a batch of one, angles seeded per epoch and item), so the
+    comparison with the book's loader measures the design -- decoding every epoch, one scan at a time --
+    not two implementations.
     """
 
-    def __init__(self, paths: Sequence[Path], labels, augment=None, seed: int = 0) -> None:
+    def __init__(self, paths: Sequence[Path], labels, rotate: bool = False, seed: int = 0,
+                 rotate_prob: float = 0.5, rotate_deg: float = 15.0) -> None:
         self.paths = [str(p) for p in paths]
         self.labels = labels
-        self.augment = augment
+        self.rotate = bool(rotate)
         self.seed = int(seed)
+        self.rotate_prob, self.rotate_deg = float(rotate_prob), float(rotate_deg)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -358,104 +372,99 @@ class PaperCodeDataset:
         import nibabel as nib
         import torch
 
+        from brainsex.train import random_rotation_angles, rotate_batch
+
         image = torch.from_numpy(nib.load(self.paths[i]).get_fdata()).float()[None]
-        if self.augment is not None:
-            self.augment.set_random_state(seed=_derive_seed(self.seed, 2, self.epoch, i))
-            image = self.augment({"image": image})["image"]
-            image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        if self.rotate:
+            gen = torch.Generator().manual_seed(_derive_seed(self.seed, 2, self.epoch, i))
+            angles = random_rotation_angles(1, self.rotate_deg, self.rotate_prob, generator=gen)
+            image = rotate_batch(image[None], angles)[0]
         return {"image": image, "y": torch.tensor(float(self.labels[i])), "index": i}
 
 
 def _epoch_times(ds, batch_size: int, epochs: int, batch_fn=None) -> list[float]:
     """Seconds per full pass over a shuffled ``DataLoader(ds, num_workers=0)``, one per epoch.
 
-    ``batch_fn(images, epoch)``, if given, is applied to each collated batch of images (a batched
-    augmentation).
+    ``batch_fn(images, epoch, step)``, if given, is applied to each collated batch of images (the
+    training loop's batched augmentation).
     """
     import torch
     from torch.utils.data import DataLoader
 
     times = []
     for epoch in range(epochs):
-        ds.set_epoch(epoch)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0,
                             generator=torch.Generator().manual_seed(epoch))
         with Stopwatch() as sw:
-            for batch in loader:
+            for step, batch in enumerate(loader):
                 if batch_fn is not None:
-                    batch["image"] = batch_fn(batch["image"], epoch)
+                    batch["image"] = batch_fn(batch["image"], epoch, step)
         times.append(sw.seconds)
     return times
 
 
 def run_pipeline(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
-    """Loader samples/s: cached + augmented (the train module's dataset) vs the paper code's design."""
+    """Loader samples/s: the book's (cache + batched rotation, as in training) vs the paper code's design."""
     import numpy as np
     import torch
 
-    from benchmarks.augment import rotate_batch
-    from brainsex.train import TrainConfig, _SFCNDataset, _VolumeStore, make_augmentation
+    from brainsex.train import ScanDataset, TrainConfig, VolumeStore, random_rotation_angles, rotate_batch
 
     torch.set_num_threads(plan.cores)
+    cfg = TrainConfig()  # the paper's rotation: prob 0.5, 15 degrees
     rows = []
     for pc in plan.pipeline:
         shape = _grid(pc.voxel)
         paths = volume_bank(workdir, pc.voxel, pc.n_volumes)
         labels = (np.arange(pc.n_volumes) % 2).astype(np.float32)
-        aug = make_augmentation(TrainConfig())
         common = dict(grid_mm=pc.voxel, shape=_shape_txt(shape), batch=pc.batch, threads=plan.cores,
                       n=pc.n_volumes, repeats=pc.epochs - 1)
 
+        def batched_rotation(images, epoch: int, step: int):
+            """What ``brainsex.train`` does to each training batch (on the CPU here)."""
+            gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, 2, epoch, 0, step))
+            return rotate_batch(images, random_rotation_angles(len(images), cfg.rotate_deg, cfg.rotate_prob, gen))
+
         results: dict[str, dict[str, Any]] = {}
-        gen = torch.Generator().manual_seed(0)
-
-        def batched_rotation(images, epoch: int, gen=gen):
-            return rotate_batch(images, max_deg=15.0, prob=0.5, generator=gen)
-
-        # The book's loader: decode once into memory (MONAI CacheDataset), rotate per sample.
+        # The book's loader: decode once into memory (MONAI CacheDataset); the training loop rotates batches.
         with PeakMemory() as mem:
             with Stopwatch() as fill:
-                store = _VolumeStore([str(p) for p in paths], shape, cache=True)
-            for name, augment, batch_fn in (("cache+aug", aug, None), ("cache", None, None),
-                                            ("cache+batchrot", None, batched_rotation)):
-                ds = _SFCNDataset(store, range(pc.n_volumes), labels, augment=augment, seed=0)
+                store = VolumeStore([str(p) for p in paths], shape, cache=True)
+            ds = ScanDataset(store, range(pc.n_volumes), labels)
+            for name, batch_fn in ((BOOK_LOADER, batched_rotation), (BOOK_DELIVERY, None)):
                 times = _epoch_times(ds, pc.batch, pc.epochs, batch_fn)
                 results[name] = {"first": fill.seconds + times[0], "after": [pc.n_volumes / t for t in times[1:]]}
         cache_mem = (mem.peak_rss_mb, mem.growth_rss_mb)
-        # The paper code's design: decode every .nii.gz on every access, no workers, no cache.
+        # The paper code's design: decode every .nii.gz on every access, rotate each scan, no workers, no cache.
         with PeakMemory() as mem:
-            for name, augment in (("paper+aug", aug), ("paper", None)):
-                ds = PaperCodeDataset(paths, labels, augment=augment, seed=0)
-                times = _epoch_times(ds, pc.batch, pc.epochs)
+            for name, rotate in ((PAPER_LOADER, True), (PAPER_DELIVERY, False)):
+                times = _epoch_times(PaperCodeDataset(paths, labels, rotate=rotate, seed=0), pc.batch, pc.epochs)
                 results[name] = {"first": times[0], "after": [pc.n_volumes / t for t in times[1:]]}
         paper_mem = (mem.peak_rss_mb, mem.growth_rss_mb)
 
-        label = {"cache+aug": ("book loader (in-memory cache, rotation)",
-                               "train._SFCNDataset on MONAI CacheDataset, MONAI RandRotated per scan"),
-                 "cache": ("book loader (in-memory cache, no augmentation)", "delivery only"),
-                 "cache+batchrot": ("book loader (in-memory cache), batched affine_grid rotation",
-                                    "benchmarks.augment.rotate_batch on each collated batch; not used by train.py"),
-                 "paper+aug": ("paper-code design (nibabel decode every epoch, rotation)",
-                               "get_fdata per item, MONAI RandRotated per scan, num_workers=0, no cache"),
-                 "paper": ("paper-code design (nibabel decode every epoch, no augmentation)", "delivery only")}
-        refs = {"cache+aug": "paper+aug", "cache": "paper", "cache+batchrot": "paper+aug"}
-        targets = {"cache+aug": "with rotation", "cache": "delivery only"}
+        notes = {BOOK_LOADER: "train.VolumeStore (MONAI CacheDataset) + ScanDataset, num_workers=0; "
+                              "train.rotate_batch on each batch (MONAI AffineTransform), as the training loop does",
+                 BOOK_DELIVERY: "delivery only",
+                 PAPER_LOADER: "get_fdata per item, train.rotate_batch on each scan alone, num_workers=0, no cache",
+                 PAPER_DELIVERY: "delivery only"}
+        refs = {BOOK_LOADER: (PAPER_LOADER, "with rotation"), BOOK_DELIVERY: (PAPER_DELIVERY, "delivery only")}
         med = {k: summarise(v["after"])["median"] for k, v in results.items()}
-        for key in ("cache+aug", "cache", "cache+batchrot", "paper+aug", "paper"):
+        for key in (BOOK_LOADER, BOOK_DELIVERY, PAPER_LOADER, PAPER_DELIVERY):
             s = summarise(results[key]["after"])
-            ref = refs.get(key)
+            ref, what = refs.get(key, (None, None))
             ratio = med[key] / med[ref] if ref and med[ref] else None
-            target = f">= {LOADER_VS_PAPER_TARGET:g}x paper-code design ({targets[key]})" if key in targets else None
-            rows.append(row("pipeline", label[key][0], variant="epochs after the first", value=s["median"],
+            target = f">= {LOADER_VS_PAPER_TARGET:g}x paper-code design ({what})" if ref else None
+            mem_ = cache_mem if key.startswith("book") else paper_mem
+            rows.append(row("pipeline", key, variant="epochs after the first", value=s["median"],
                             unit="samples/s", min=s["min"], max=s["max"], ratio=ratio,
-                            ratio_to=f"x {label[ref][0]}" if ref else None, target=target,
+                            ratio_to=f"x {ref}" if ref else None, target=target,
                             **{"pass": pass_fail(ratio, LOADER_VS_PAPER_TARGET) if target else None},
-                            peak_rss_mb=(cache_mem if key.startswith("cache") else paper_mem)[0],
-                            rss_growth_mb=(cache_mem if key.startswith("cache") else paper_mem)[1],
-                            note=label[key][1], **common))
-            rows.append(row("pipeline", label[key][0], variant="first epoch",
+                            peak_rss_mb=mem_[0], rss_growth_mb=mem_[1], note=notes[key], **common))
+            rows.append(row("pipeline", key, variant="first epoch",
                             value=pc.n_volumes / results[key]["first"], unit="samples/s",
-                            note="includes decoding into the cache" if key.startswith("cache") else "",
+                            note="includes decoding into the cache" if key.startswith("book") else "",
                             **{**common, "repeats": 1}))
     return rows
 
@@ -605,7 +614,7 @@ def derived_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     against the step the loader would have to keep up with.
     """
     out = []
-    loaders = [r for r in rows if r["section"] == "pipeline" and r["case"].startswith("book loader (in-memory cache, rot")
+    loaders = [r for r in rows if r["section"] == "pipeline" and r["case"] == BOOK_LOADER
                and r["variant"] == "epochs after the first"]
     for lr in loaders:
         steps = [r for r in rows if r["section"] == "train" and r["grid_mm"] == lr["grid_mm"]

@@ -23,7 +23,6 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a folder at the repository root,
 
 from benchmarks import suite  # noqa: E402
 from benchmarks._common import PeakMemory, markdown_table, summarise  # noqa: E402
-from benchmarks.augment import random_rotations, rotate_batch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +100,7 @@ def test_book_total_over_target_fails(tmp_path):
 
 
 def test_derived_rows_use_the_fastest_training_variant():
-    loader = suite.row("pipeline", "book loader (in-memory cache, rotation)", variant="epochs after the first",
+    loader = suite.row("pipeline", suite.BOOK_LOADER, variant="epochs after the first",
                        grid_mm=4.0, shape="49x58x49", value=60.0)
     steps = [suite.row("train", "demo model", variant=v, grid_mm=4.0, value=val, batch=16, channels="[8]")
              for v, val in (("naive", 10.0), ("fast", 30.0))]
@@ -147,20 +146,45 @@ def test_volume_bank_without_preprocessed_subjects(tmp_path):
 
 
 def test_paper_code_dataset_decodes_every_access(tmp_path):
+    import nibabel as nib
     import numpy as np
-
-    from brainsex.train import TrainConfig, make_augmentation
 
     paths = suite.volume_bank(tmp_path, 8.0, 2)
     ds = suite.PaperCodeDataset(paths, np.array([0.0, 1.0]))
     item = ds[1]
     assert item["image"].shape == (1, 25, 29, 25) and item["image"].dtype == torch.float32
     assert float(item["y"]) == 1.0
-    aug = suite.PaperCodeDataset(paths, np.array([0.0, 1.0]), augment=make_augmentation(TrainConfig(rotate_prob=1.0)))
+    nib.save(nib.Nifti1Image(np.zeros((25, 29, 25), np.float32), None), paths[1])
+    assert float(ds[1]["image"].abs().max()) == 0.0  # re-read from disk, not cached
+    aug = suite.PaperCodeDataset(paths, np.array([0.0, 1.0]), rotate=True, rotate_prob=1.0)
     a, b = aug[0]["image"], aug[0]["image"]
-    assert torch.equal(a, b)  # seeded per (epoch, item)
+    assert torch.equal(a, b) and not torch.equal(a, ds[0]["image"])  # rotated, seeded per (epoch, item)
     aug.set_epoch(1)
     assert not torch.equal(aug[0]["image"], a)
+
+
+def test_pipeline_rotation_is_the_training_loops(tmp_path, monkeypatch):
+    """The pipeline section rotates with brainsex.train.rotate_batch, once per batch for the book's loader
+    and once per scan for the paper-code design; its rows name both designs and judge the 20x target."""
+    import brainsex.train as T
+
+    calls = []
+    real = T.rotate_batch
+
+    def recording(x, angles, **kw):
+        calls.append(x.shape[0])
+        return real(x, angles, **kw)
+
+    monkeypatch.setattr(T, "rotate_batch", recording)
+    plan = suite.Plan("quick", 1, 1, (), (suite.PipelineCase(8.0, 4, 2, 2),), (), ())
+    rows = suite.run_pipeline(plan, tmp_path)
+    # book loader: 2 epochs x 2 batches of 2 scans; paper design: 2 epochs x 4 scans, one at a time
+    assert sorted(calls) == [1] * 8 + [2] * 4
+    cases = {r["case"] for r in rows}
+    assert cases == {suite.BOOK_LOADER, suite.BOOK_DELIVERY, suite.PAPER_LOADER, suite.PAPER_DELIVERY}
+    judged = [r for r in rows if r["target"]]
+    assert {r["case"] for r in judged} == {suite.BOOK_LOADER, suite.BOOK_DELIVERY}
+    assert all(r["ratio"] > 0 and r["pass"] in (True, False) for r in judged)
 
 
 def test_book_only_run_writes_tables_in_process(tmp_path):
@@ -198,40 +222,6 @@ def test_section_groups():
     assert suite.section_groups("quick", suite.SECTIONS) == [["preprocess", "pipeline", "train", "saliency"]]
     assert suite.section_groups("default", ["train", "book", "preprocess"]) == [["preprocess"], ["train"]]
     assert suite.section_groups("full", ["book"]) == []
-
-
-# ------------------------------------------------------------------------------------ augmentation
-def test_rotate_batch_identity_and_quarter_turn():
-    x = torch.randn(2, 1, 6, 6, 6)
-    assert torch.allclose(rotate_batch(x, prob=0.0), x, atol=1e-5)
-    a = math.pi / 2
-    rz = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
-    y = rotate_batch(x, rotations=rz.expand(2, 3, 3))
-    assert torch.allclose(y, torch.rot90(x, 1, (3, 4)), atol=1e-5)
-
-
-def test_rotate_batch_has_no_shear_on_a_non_cubic_grid():
-    # a point 3 voxels from the centre along W, turned 90 degrees about z, lands 3 voxels along H
-    x = torch.zeros(1, 1, 5, 13, 9)
-    x[0, 0, 2, 6, 7] = 1.0  # centre is (2, 6, 4)
-    a = math.pi / 2
-    rz = torch.tensor([[[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]]])
-    y = rotate_batch(x, rotations=rz)
-    idx = torch.nonzero(y[0, 0] > 0.5).tolist()
-    assert len(idx) == 1 and idx[0][0] == 2 and idx[0][2] == 4 and abs(idx[0][1] - 6) == 3
-
-
-def test_random_rotations_are_rotations_and_seeded():
-    g = torch.Generator().manual_seed(0)
-    r = random_rotations(64, max_deg=15, prob=0.5, generator=g)
-    eye = torch.eye(3).expand(64, 3, 3)
-    assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-5)
-    n_identity = int(torch.isclose(r, eye, atol=1e-7).flatten(1).all(1).sum())
-    assert 10 < n_identity < 54  # about half rotated
-    angle = torch.rad2deg(torch.acos(((r.diagonal(dim1=1, dim2=2).sum(1) - 1) / 2).clamp(-1, 1)))
-    assert 0 < float(angle.max()) <= 45 + 1e-3  # three turns of at most 15 degrees each
-    assert torch.equal(random_rotations(8, generator=torch.Generator().manual_seed(1)),
-                       random_rotations(8, generator=torch.Generator().manual_seed(1)))
 
 
 def test_gpu_floors_arithmetic():

@@ -71,3 +71,13 @@ def test_plot_map_static(tmp_path):
     out = tmp_path / "fig.png"
     plot_map_static(map_img, bg_img, title="mean map", cut_coords=[-10, 0, 10], output_file=out)
     assert out.stat().st_size > 1000
+
+
+def test_tbm_coefficients_one_trace_per_version():
+    from brainsex.figures import fig_tbm_coefficients
+
+    coef = pd.DataFrame({"perfect": [0.1, -0.05], "registered": [0.04, -0.01]}, index=pd.Index([36, 27], name="label"))
+    fig = fig_tbm_coefficients(coef, ["Right Entorhinal", "Right Pallidum"])
+    assert [t.name for t in fig.data] == ["perfect", "registered"]
+    assert list(fig.data[1].y) == [0.04, -0.01] and list(fig.data[0].x) == ["Right Entorhinal", "Right Pallidum"]
+    assert [str(x) for x in fig_tbm_coefficients(coef).data[0].x] == ["36", "27"]

@@ -1,11 +1,13 @@
 """Tests of brainsex.train on tiny synthetic volumes (a blob that is larger in 'males').
 
-Covers learning, outputs in the run directory, determinism, exact kill-and-resume, augmentation, the
-DistributedDataParallel path (2 CPU processes, gloo), the CLI entry, and each bad input.
+Covers learning, outputs in the run directory, determinism, exact kill-and-resume, the batched rotation
+augmentation (against torch.rot90 and MONAI's per-scan Rotate), the DistributedDataParallel path (2 CPU
+processes, gloo), the CLI entry, and each bad input.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -25,8 +27,9 @@ from brainsex.train import (
     TrainConfig,
     load_model,
     main_train,
-    make_augmentation,
     predict,
+    random_rotation_angles,
+    rotate_batch,
     train,
 )
 
@@ -157,22 +160,97 @@ def test_kill_mid_epoch_then_resume_equals_straight_run(table, reference, tmp_pa
     assert_same_run(reference, tmp_path)
 
 
-def test_augmentation_on_device_equals_in_loader(table, reference, tmp_path):
-    train(table, cfg(augment_on="device"), out_dir=tmp_path, channels=CH, progress=False)
-    assert_same_run(reference, tmp_path)
+# ------------------------------------------------------------------------------------ augmentation
+def test_rotate_batch_quarter_turns_match_rot90():
+    """90 degrees about each axis of an asymmetric volume is a torch.rot90 (exact up to rounding)."""
+    x = torch.randn(2, 1, 7, 7, 7, generator=torch.Generator().manual_seed(0))
+    for axis, dims, k in ((0, (3, 4), -1), (1, (2, 4), 1), (2, (2, 3), -1)):
+        angles = torch.zeros(2, 3)
+        angles[:, axis] = math.pi / 2
+        assert torch.allclose(rotate_batch(x, angles), torch.rot90(x, k, dims), atol=1e-5), axis
+        assert not torch.allclose(rotate_batch(x, angles), torch.rot90(x, -k, dims), atol=1e-2)
+    # non-cubic grid, turn about the last axis: rotates the first two (equal) axes, no shear
+    y = torch.randn(1, 1, 6, 6, 9)
+    assert torch.allclose(rotate_batch(y, torch.tensor([[0.0, 0.0, math.pi / 2]])), torch.rot90(y, -1, (2, 3)),
+                          atol=1e-5)
+    # a point 3 voxels from the centre along W, turned 90 degrees about the first axis, lands 3 voxels along H
+    z = torch.zeros(1, 1, 5, 13, 9)
+    z[0, 0, 2, 6, 7] = 1.0  # centre (2, 6, 4)
+    hit = torch.nonzero(rotate_batch(z, torch.tensor([[math.pi / 2, 0.0, 0.0]]))[0, 0] > 0.5).tolist()
+    assert len(hit) == 1 and hit[0][0] == 2 and hit[0][2] == 4 and abs(hit[0][1] - 6) == 3
 
 
-def test_augmentation_rotates_about_half():
-    aug = make_augmentation(TrainConfig())
-    vol = torch.zeros(1, *SHAPE)
-    vol[0, 4:12, 6:10, 5:11] = 1.0
-    from brainsex.train import _augment_one
+def test_rotate_batch_equals_monai_rotate_per_scan():
+    """The batched rotation is MONAI's Rotate (bilinear, border, keep_size) applied to each scan."""
+    from monai.transforms import Rotate
 
-    changed = [not torch.equal(_augment_one(aug, vol, 0, 0, i), vol) for i in range(200)]
-    assert 0.38 < np.mean(changed) < 0.62
-    again = [not torch.equal(_augment_one(aug, vol, 0, 0, i), vol) for i in range(200)]
-    assert changed == again  # per-sample seeds: same (seed, epoch, index) -> same rotation
-    assert make_augmentation(TrainConfig(rotate_prob=0)) is None
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.avg_pool3d(torch.randn(4, 1, 14, 18, 12, generator=g), 3, 1, 1)  # smooth-ish content
+    angles = torch.tensor([[0.1, -0.2, 0.25], [0.0, 0.0, 0.0], [-0.26, 0.05, 0.0], [0.2, 0.26, -0.1]])
+    got = rotate_batch(x, angles)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert torch.equal(got[1], x[1])  # not rotated: untouched
+    for j in range(4):
+        ref = Rotate(angle=angles[j].tolist(), keep_size=True, mode="bilinear", padding_mode="border",
+                     dtype=np.float32)(x[j])
+        ref = torch.as_tensor(ref.as_tensor() if hasattr(ref, "as_tensor") else ref)
+        assert torch.allclose(got[j], ref, atol=1e-5), j
+        if j != 1:
+            assert (got[j] - x[j]).abs().max() > 0.1  # it did rotate
+    # RandRotated (the former per-scan path) with the same angles agrees too, away from the border
+    from monai.transforms import RandRotated
+
+    aug = RandRotated(keys="image", range_x=0.3, range_y=0.3, range_z=0.3, prob=1.0, keep_size=True,
+                      mode="bilinear", padding_mode="border", dtype=np.float32)
+    aug.set_random_state(seed=3)
+    out = aug({"image": x[0]})
+    drawn = torch.tensor([[aug.rand_rotate.x, aug.rand_rotate.y, aug.rand_rotate.z]])
+    ref = torch.as_tensor(out["image"].as_tensor())
+    mine = rotate_batch(x[:1], drawn)[0]
+    assert torch.allclose(mine[:, 3:-3, 3:-3, 3:-3], ref[:, 3:-3, 3:-3, 3:-3], atol=1e-5)
+
+
+def test_random_rotation_angles_half_rotated_within_range_and_seeded():
+    a = random_rotation_angles(400, max_deg=15, prob=0.5, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (400, 3) and a.dtype == torch.float64
+    rotated = (a != 0).any(1)
+    assert 0.42 < rotated.double().mean() < 0.58
+    assert float(a.abs().max()) <= math.radians(15) and float(a.abs().max()) > math.radians(14)
+    assert (a[rotated] != 0).all()  # a rotated scan turns about all three axes
+    b = random_rotation_angles(400, max_deg=15, prob=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert not random_rotation_angles(50, prob=0.0).any() and (random_rotation_angles(50, prob=1.0) != 0).all()
+    with pytest.raises(BrainsexError, match="prob"):
+        random_rotation_angles(3, prob=1.5)
+    with pytest.raises(BrainsexError, match="angles must have shape"):
+        rotate_batch(torch.zeros(2, 1, 4, 4, 4), torch.zeros(3, 3))
+    with pytest.raises(BrainsexError, match=r"\(B, C, D, H, W\)"):
+        rotate_batch(torch.zeros(1, 4, 4, 4), torch.zeros(1, 3))
+
+
+def test_training_rotates_training_batches_only(table, tmp_path, monkeypatch):
+    """Each training batch is rotated once on the device, about half its scans; validation never."""
+    import brainsex.train as T
+
+    calls = []
+
+    def recording(x, angles, **kw):
+        calls.append((tuple(x.shape), angles.clone()))
+        return rotate_batch(x, angles, **kw)
+
+    monkeypatch.setattr(T, "rotate_batch", recording)
+    train(table, cfg(epochs=2), out_dir=tmp_path / "a", channels=CH, progress=False)
+    n_train = int((table["split"] == "train").sum())
+    assert len(calls) == 2 * n_train // 8 and all(s == (8, 1, *SHAPE) for s, _ in calls)
+    angles = torch.cat([a for _, a in calls])
+    assert 0.3 < (angles != 0).any(1).double().mean() < 0.7 and float(angles.abs().max()) <= math.radians(15)
+    first = [a for _, a in calls]
+    calls.clear()
+    train(table, cfg(epochs=2), out_dir=tmp_path / "b", channels=CH, progress=False)
+    assert all(torch.equal(a, b) for a, (_, b) in zip(first, calls, strict=True))  # seeded
+    calls.clear()
+    train(table, cfg(epochs=1, rotate_prob=0.0), out_dir=tmp_path / "c", channels=CH, progress=False)
+    assert calls == []
 
 
 def test_checkpoint_contents_and_load_model(reference):
@@ -348,6 +426,20 @@ def test_select_last_keeps_final_epoch(table, reference, tmp_path):
         train(table, cfg(epochs=4), out_dir=tmp_path, channels=CH, resume=True, progress=False)
     with pytest.raises(BrainsexError, match="select"):
         TrainConfig(select="val_acc")
+
+
+def test_resume_refuses_checkpoint_of_other_augmentation(table, reference, tmp_path):
+    """A checkpoint of the former per-scan rotation cannot continue to an uninterrupted run's result."""
+    import shutil
+
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    del ckpt["augmentation"]
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(BrainsexError, match="another rotation augmentation"):
+        train(table, cfg(epochs=4), out_dir=tmp_path, channels=CH, resume=True, progress=False)
+    res = train(table, cfg(epochs=1), out_dir=tmp_path, channels=CH, resume="auto", progress=False)
+    assert res.epochs_run == 1  # "auto" starts afresh
 
 
 def test_resume_checkpoint_without_select_field(table, reference, tmp_path):

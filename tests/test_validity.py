@@ -362,3 +362,34 @@ def test_tbm_transform_recovers_a_shift_in_its_affine_stage(tmp_path):
     brain = t > 0
     assert np.corrcoef(back[brain], t[brain])[0, 1] > 0.95
     assert v.tbm_transform(moved, template, tmp_path / "s_") == files  # cached
+
+
+def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
+    from brainsex.synthetic import make_cohort
+    from brainsex.templates import load_atlas
+
+    part = make_cohort(tmp_path / "ph", n=8, voxel_size=8.0, seed=0, progress=False, region_effect=0.3)
+    atlas, labels = load_atlas(8.0, source="offline")
+    template = load_template_8()
+    truth = v.planted_truth(tmp_path / "ph")
+    images = [str(tmp_path / "ph" / i / "anat" / f"{i}_T1w.nii.gz") for i in part["participant_id"]]
+    table = part.assign(etiv_ml=part["tiv_ml"], image_pp=images, status="ok")
+    only_true = v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w",
+                                   warps=(), n_perm=20)
+    assert list(only_true.tables) == [v.PERFECT_ALL] and np.isnan(only_true.ratio)
+    assert only_true.tables[v.PERFECT_ALL].attrs["n_subjects"] == 8
+    # the planted sign shows in the perfect-warp coefficients
+    signs = truth.set_index("label").loc[only_true.coef.index, "sign"]
+    assert (np.sign(only_true.coef[v.PERFECT_ALL]) == signs).mean() >= 0.8
+    pc = v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w", warps=("tbm",),
+                            max_subjects=4, n_perm=20)
+    assert list(pc.tables) == [v.PERFECT_ALL, v.WARP_NAMES["tbm"], v.PERFECT_SAMPLE]
+    assert pc.tables[v.PERFECT_SAMPLE].attrs["n_subjects"] == 4 == pc.tables[v.WARP_NAMES["tbm"]].attrs["n_subjects"]
+    summary = pc.summary(k=10)
+    assert summary["morphometry with"].tolist() == list(pc.tables) and (summary["P@10 chance"] > 0).all()
+    assert np.isfinite(pc.ratio) and -1.0 <= pc.agreement <= 1.0
+    with pytest.raises(BrainsexError, match="warps must be"):
+        v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w", warps=("bogus",))
+    with pytest.raises(BrainsexError, match="no subject"):
+        v.positive_control(table.assign(status="failed"), tmp_path / "ph", template, atlas, labels, truth,
+                           tmp_path / "w")

@@ -799,3 +799,23 @@ def fig_step_times(qc: pd.DataFrame, steps: Sequence[str] = ("t_load_s", "t_stri
                            text=[f"{v:.2f} s" for v in med.to_numpy()], textposition="outside"))
     fig.update_layout(title="Median time per preprocessing step and subject", yaxis_title="seconds", height=340)
     return fig
+
+
+def fig_tbm_coefficients(coef: pd.DataFrame, names: Sequence[str] | pd.Series | None = None,
+                         title: str = "Male − female difference in mean log-Jacobian of each planted region") -> Any:
+    """Grouped bars: each planted region's TIV-adjusted sex difference, one bar per morphometry version.
+
+    Parameters
+    ----------
+    coef
+        Planted regions (rows) x versions (columns), as :attr:`brainsex.validity.PositiveControl.coef`.
+    names
+        Region names in the order of ``coef``'s rows (default: the index).
+    """
+    import plotly.graph_objects as go
+
+    x = [str(n) for n in (names if names is not None else coef.index)]
+    fig = go.Figure([go.Bar(x=x, y=coef[c], name=str(c)) for c in coef.columns])
+    fig.update_layout(barmode="group", title=title, yaxis_title="coefficient of male (TIV-adjusted)", height=460,
+                      margin={"l": 10, "r": 10, "t": 50, "b": 120}, legend={"orientation": "h", "y": -0.45})
+    return fig

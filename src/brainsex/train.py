@@ -14,14 +14,19 @@ Differences from the paper's public code, on purpose:
 * ``BCEWithLogitsLoss`` on the logit instead of a sigmoid layer followed by ``BCELoss``: the same function,
   computed without overflow.
 * ``weight_decay`` defaults to 0 (the paper's text names none; its public code passes 1e-5 to Adam).
-* The rotation is MONAI's :class:`~monai.transforms.RandRotated` with probability 0.5 and an angle drawn
-  uniformly in [-15, 15] degrees about each of the three axes, border padding, bilinear interpolation.
+* The rotation (probability 0.5, an angle drawn uniformly in [-15, 15] degrees about each of the three
+  axes, bilinear, border padding) is applied to the whole batch at once on the model's device
+  (:func:`rotate_batch`: MONAI's batched spatial transformer
+  :class:`~monai.networks.layers.AffineTransform` with the rotation matrices of
+  :func:`monai.transforms.utils.create_rotate`, the code path of MONAI's ``Rotate``/``RandRotated``),
+  instead of one scan at a time in the loader.
 
 Engineering:
 
 * Volumes are decoded once into memory (MONAI :class:`~monai.data.CacheDataset`) and checked once for
-  shape and finite values; augmentation runs per sample with a seed derived from ``(seed, epoch,
-  index)``, so results do not depend on worker count, on where augmentation runs, or on interruptions.
+  shape and finite values; the loader only delivers these cached tensors. The rotations of each batch are
+  drawn from a ``torch.Generator`` seeded from ``(seed, epoch, rank, batch index)`` on the CPU, so results
+  do not depend on worker count, on the device, or on interruptions.
 * Every epoch writes ``last.pt`` (model, optimiser, scheduler, grad scaler, RNG states, epoch, history)
   and, when the validation loss improves, ``best.pt``, both atomically, plus ``history.tsv``. Because the
   shuffling (``DistributedSampler.set_epoch``), dropout (``torch.manual_seed`` per epoch) and augmentation
@@ -68,7 +73,11 @@ __all__ = [
     "load_model",
     "resolve_device",
     "labels_from_table",
-    "make_augmentation",
+    "random_rotation_angles",
+    "rotation_affines",
+    "rotate_batch",
+    "VolumeStore",
+    "ScanDataset",
     "main_train",
 ]
 
@@ -78,6 +87,10 @@ log = logging.getLogger("brainsex.train")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "samples_per_s")
 
 CHECKPOINT_FORMAT = "brainsex-sfcn/1"
+
+#: The rotation augmentation's implementation, stored in checkpoints: a run trained with another one
+#: (the earlier per-scan ``RandRotated`` in the loader) cannot be resumed to the same result.
+AUGMENTATION = "rotate_batch/1: monai AffineTransform per batch, generator seeded by (seed, epoch, rank, batch)"
 
 # Config fields that change the result; a resumed run must use the same values.
 _RESULT_FIELDS = ("batch_size", "lr", "weight_decay", "rotate_prob", "rotate_deg", "scheduler_factor",
@@ -131,10 +144,6 @@ class TrainConfig:
         Decode every NIfTI once and keep the volumes in memory (MONAI ``CacheDataset``).
     cache_dtype
         ``"float32"`` or ``"float16"`` (halves the memory of the cache; inputs are cast back to float32).
-    augment_on
-        Where the rotation runs: ``"loader"`` (per sample, in the DataLoader), ``"device"`` (per sample,
-        on the training device after transfer: use on a GPU when the CPU cannot keep up) or ``"auto"``
-        (``"device"`` on CUDA, else ``"loader"``). Both give the same rotations (same per-sample seeds).
     num_threads
         If set, ``torch.set_num_threads(num_threads)`` before training.
     deterministic
@@ -157,7 +166,6 @@ class TrainConfig:
     num_workers: int = 0
     cache: bool = True
     cache_dtype: str = "float32"
-    augment_on: str = "auto"
     num_threads: int | None = None
     deterministic: bool = False
 
@@ -177,7 +185,6 @@ class TrainConfig:
             (self.amp in ("auto", "bf16", "fp16", "off"), "amp must be 'auto', 'bf16', 'fp16' or 'off'"),
             (int(self.num_workers) >= 0, "num_workers must be >= 0"),
             (self.cache_dtype in ("float32", "float16"), "cache_dtype must be 'float32' or 'float16'"),
-            (self.augment_on in ("auto", "loader", "device"), "augment_on must be 'auto', 'loader' or 'device'"),
             (self.num_threads is None or int(self.num_threads) >= 1, "num_threads must be >= 1 or None"),
         ]
         for ok, msg in checks:
@@ -300,18 +307,93 @@ def labels_from_table(table: pd.DataFrame) -> np.ndarray:
     raise BrainsexError("table needs a 'y' (1 = male) or a 'sex' ('M'/'F') column")
 
 
-def make_augmentation(config: TrainConfig):
-    """The training augmentation (paper section 2.5): MONAI ``RandRotated`` on key ``"image"``.
+def random_rotation_angles(n: int, max_deg: float = 15.0, prob: float = 0.5,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rotation angles for ``n`` scans (paper section 2.5: half of the scans rotated by up to 15 degrees).
 
-    Returns ``None`` when ``rotate_prob`` or ``rotate_deg`` is 0.
+    Parameters
+    ----------
+    n
+        Number of scans.
+    max_deg
+        Largest angle in degrees about each axis; the angles are uniform in ``[-max_deg, max_deg]``.
+    prob
+        Probability that a scan is rotated.
+    generator
+        A CPU ``torch.Generator`` for reproducible draws.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, 3)`` float64 angles in radians about the first, second and third spatial axis (the ``angle``
+        of MONAI's ``Rotate``); a row of zeros for a scan that is not rotated.
     """
-    from monai.transforms import RandRotated
+    if int(n) < 0 or not 0.0 <= float(prob) <= 1.0 or float(max_deg) < 0:
+        raise BrainsexError(f"random_rotation_angles: need n >= 0, prob in [0, 1], max_deg >= 0 "
+                            f"(got n={n}, prob={prob}, max_deg={max_deg})")
+    rotated = torch.rand(int(n), generator=generator, dtype=torch.float64) < float(prob)
+    angles = (torch.rand(int(n), 3, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(max_deg)
+    return torch.where(rotated[:, None], angles, torch.zeros_like(angles))
 
-    if config.rotate_prob <= 0 or config.rotate_deg <= 0:
-        return None
-    r = math.radians(config.rotate_deg)
-    return RandRotated(keys="image", range_x=r, range_y=r, range_z=r, prob=config.rotate_prob,
-                       keep_size=True, mode="bilinear", padding_mode="border", dtype=np.float32)
+
+def rotation_affines(angles: torch.Tensor | np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+    """Voxel-index affines ``(n, 4, 4)`` that rotate a volume of ``shape`` about its centre.
+
+    ``T(c) @ R @ T(-c)`` with ``R`` from :func:`monai.transforms.utils.create_rotate` (rotation order
+    "XYZ") and ``c = (shape - 1) / 2``: the matrix MONAI's ``Rotate`` builds for ``keep_size=True``.
+    """
+    from monai.transforms.utils import create_rotate, create_translate
+
+    angles = np.asarray(torch.as_tensor(angles, dtype=torch.float64).cpu(), dtype=np.float64)
+    if angles.ndim != 2 or angles.shape[1] != 3 or len(shape) != 3:
+        raise BrainsexError(f"rotation_affines: need angles of shape (n, 3) and a 3-D shape "
+                            f"(got angles {angles.shape}, shape {tuple(shape)})")
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    to_centre, back = create_translate(3, (-centre).tolist()), create_translate(3, centre.tolist())
+    return torch.as_tensor(np.stack([back @ create_rotate(3, a.tolist()) @ to_centre for a in angles]),
+                           dtype=torch.float32)
+
+
+def rotate_batch(x: torch.Tensor, angles: torch.Tensor | np.ndarray, mode: str = "bilinear",
+                 padding_mode: str = "border") -> torch.Tensor:
+    """Rotate each volume of a batch about its centre, all at once on ``x``'s device (paper section 2.5).
+
+    The resampling is MONAI's batched spatial transformer
+    :class:`~monai.networks.layers.AffineTransform` (``normalized=False``, ``reverse_indexing=True``,
+    ``align_corners=False``) with the affines of :func:`rotation_affines`: the same computation as
+    ``monai.transforms.Rotate(angle, keep_size=True)`` applied to each scan, in one call.
+
+    Parameters
+    ----------
+    x
+        ``(B, C, D, H, W)`` float tensor on any device.
+    angles
+        ``(B, 3)`` angles in radians (see :func:`random_rotation_angles`); scans whose row is all zeros are
+        returned unchanged (not resampled).
+    mode, padding_mode
+        Interpolation (``"bilinear"``) and padding (``"border"``: the edge value outside the volume).
+
+    Returns
+    -------
+    torch.Tensor
+        The rotated batch: same shape, dtype and device as ``x``.
+    """
+    from monai.networks.layers import AffineTransform
+
+    if not isinstance(x, torch.Tensor) or x.ndim != 5:
+        raise BrainsexError(f"rotate_batch: x must be a (B, C, D, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+    angles = torch.as_tensor(angles, dtype=torch.float64).cpu()
+    if tuple(angles.shape) != (x.shape[0], 3):
+        raise BrainsexError(f"rotate_batch: angles must have shape ({x.shape[0]}, 3), got {tuple(angles.shape)}")
+    idx = torch.nonzero(angles.abs().sum(1) > 0).flatten()
+    if len(idx) == 0:
+        return x
+    xform = AffineTransform(normalized=False, mode=mode, padding_mode=padding_mode, align_corners=False,
+                            reverse_indexing=True)
+    theta = rotation_affines(angles[idx], x.shape[2:]).to(x.device)
+    dev_idx = idx.to(x.device)
+    rotated = xform(x.index_select(0, dev_idx).float(), theta)
+    return x.index_copy(0, dev_idx, rotated.to(x.dtype))
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -320,11 +402,6 @@ def _plain(x: Any) -> torch.Tensor:
         x = x.as_tensor()
     x = torch.as_tensor(x)
     return x.float() if x.dtype != torch.float32 else x
-
-
-def _augment_one(aug, image: torch.Tensor, seed: int, epoch: int, index: int) -> torch.Tensor:
-    aug.set_random_state(seed=_derive_seed(seed, _STREAM_AUGMENT, epoch, index))
-    return _plain(aug({"image": image})["image"])
 
 
 def _check_volume(image: Any, path: str, in_shape: tuple[int, int, int]) -> None:
@@ -377,8 +454,27 @@ def _infer_in_shape(path: str) -> tuple[int, int, int]:
     return tuple(int(s) for s in shape)  # type: ignore[return-value]
 
 
-class _VolumeStore:
-    """Decoded volumes: all in memory (MONAI CacheDataset, checked once) or decoded on each access."""
+class VolumeStore:
+    """Decoded volumes: all in memory (MONAI ``CacheDataset``, checked once) or decoded on each access.
+
+    Parameters
+    ----------
+    paths
+        NIfTI files of z-scored volumes on the common grid.
+    in_shape
+        The grid every volume must have; a volume of another shape or with NaN/inf is a
+        :class:`BrainsexError` naming the file.
+    cache
+        Decode every file once into memory (``True``) or on each access.
+    cache_dtype
+        ``"float32"`` or ``"float16"`` (volumes are returned as float32 either way).
+    num_workers
+        Threads that fill the cache.
+    progress
+        Progress bar while filling the cache.
+
+    ``store[i]`` is the ``(1, *in_shape)`` float32 tensor of ``paths[i]``.
+    """
 
     def __init__(self, paths: Sequence[str], in_shape: tuple[int, int, int], cache: bool = True,
                  cache_dtype: str = "float32", num_workers: int = 0, progress: bool = False) -> None:
@@ -420,30 +516,25 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class _SFCNDataset(torch.utils.data.Dataset):
-    """Items ``{"image", "y", "index"}`` for rows ``indices`` of a store, optionally augmented."""
+class ScanDataset(torch.utils.data.Dataset):
+    """Items ``{"image", "y", "index"}`` for rows ``indices`` of a :class:`VolumeStore`, as stored.
 
-    def __init__(self, store: _VolumeStore, indices: Sequence[int], labels: np.ndarray, augment=None,
-                 seed: int = 0) -> None:
+    No augmentation here: the training loop rotates whole batches on the model's device
+    (:func:`rotate_batch`), so the loader only delivers the cached tensors.
+    """
+
+    def __init__(self, store: VolumeStore, indices: Sequence[int], labels: np.ndarray) -> None:
         self.store = store
         self.indices = [int(i) for i in indices]
         self.labels = labels
-        self.augment = augment
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = self.indices[i]
-        image = self.store[index]
-        if self.augment is not None:
-            image = _augment_one(self.augment, image, self.seed, self.epoch, index)
-        return {"image": image, "y": torch.tensor(self.labels[index], dtype=torch.float32), "index": index}
+        return {"image": self.store[index], "y": torch.tensor(self.labels[index], dtype=torch.float32),
+                "index": index}
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -470,7 +561,7 @@ def _rng_state() -> dict[str, Any]:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
                   int(np_state[3]), float(np_state[4])],
         "python": random.getstate(),
-        "augment": "per-sample seeds derived from (seed, epoch, index); nothing to store",
+        "augment": "per-batch generators seeded from (seed, epoch, rank, batch); nothing to store",
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -671,7 +762,6 @@ def train(
             torch.backends.cudnn.deterministic = True
             torch.use_deterministic_algorithms(True, warn_only=True)
     amp_dtype = _amp_dtype(config.amp, device)
-    augment_on = config.augment_on if config.augment_on != "auto" else ("device" if device.type == "cuda" else "loader")
     if config.batch_size < world:
         raise BrainsexError(f"batch_size {config.batch_size} is smaller than the number of processes {world}")
     per_rank_batch = config.batch_size // world
@@ -681,8 +771,7 @@ def train(
 
     try:
         return _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config, out_dir, channels,
-                           dropout, resume, progress, rank, world, device, amp_dtype, augment_on, per_rank_batch,
-                           is_main)
+                           dropout, resume, progress, rank, world, device, amp_dtype, per_rank_batch, is_main)
     finally:
         if we_initialised:
             import torch.distributed as dist
@@ -691,21 +780,20 @@ def train(
 
 
 def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config, out_dir, channels, dropout,
-                resume, progress, rank, world, device, amp_dtype, augment_on, per_rank_batch, is_main):
+                resume, progress, rank, world, device, amp_dtype, per_rank_batch, is_main):
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data.distributed import DistributedSampler
     from tqdm.auto import tqdm
 
     distributed = world > 1
     # Data: one store over train+val rows (positions 0..len(used)-1), decoded once.
-    store = _VolumeStore(paths, in_shape, cache=config.cache, cache_dtype=config.cache_dtype,
-                         num_workers=config.num_workers, progress=progress)
+    store = VolumeStore(paths, in_shape, cache=config.cache, cache_dtype=config.cache_dtype,
+                        num_workers=config.num_workers, progress=progress)
     pos_labels = labels[used]
     n_train = len(train_idx)
-    aug = make_augmentation(config)
-    train_ds = _SFCNDataset(store, range(n_train), pos_labels, augment=aug if augment_on == "loader" else None,
-                            seed=config.seed)
-    val_ds = _SFCNDataset(store, range(n_train, len(used)), pos_labels)
+    rotating = config.rotate_prob > 0 and config.rotate_deg > 0
+    train_ds = ScanDataset(store, range(n_train), pos_labels)
+    val_ds = ScanDataset(store, range(n_train, len(used)), pos_labels)  # never augmented
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     per_rank_n = len(sampler)
     drop_last = per_rank_n % per_rank_batch == 1 and per_rank_n > 1  # BatchNorm cannot train on one sample
@@ -781,7 +869,6 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
         loader_gen.manual_seed(_derive_seed(config.seed, _STREAM_LOADER, epoch, rank))
         torch.manual_seed(_derive_seed(config.seed, _STREAM_DROPOUT, epoch, rank))
         lr = float(optimizer.param_groups[0]["lr"])
@@ -793,9 +880,9 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
         for step, batch in enumerate(train_loader):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["y"].to(device, non_blocking=True)
-            if aug is not None and augment_on == "device":
-                x = torch.stack([_augment_one(aug, x[j], config.seed, epoch, int(i))
-                                 for j, i in enumerate(batch["index"])])
+            if rotating:  # paper section 2.5, on the model's device, the whole batch at once
+                gen = torch.Generator().manual_seed(_derive_seed(config.seed, _STREAM_AUGMENT, epoch, rank, step))
+                x = rotate_batch(x, random_rotation_angles(len(x), config.rotate_deg, config.rotate_prob, gen))
             x = x.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             with autocast():
@@ -843,7 +930,7 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
                     "epoch": epoch + 1, "val_loss": val_loss, "val_acc": val_acc, "best_val_loss": best_val_loss,
                     "best_val_acc": best_val_acc, "best_epoch": best_epoch,
                     "train_config": dataclasses.asdict(config), "data_signature": signature,
-                    "world_size": world, "torch_version": str(torch.__version__)}
+                    "world_size": world, "torch_version": str(torch.__version__), "augmentation": AUGMENTATION}
             if improved:
                 _save(base, best_path)
             _save({**base, "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
@@ -878,6 +965,10 @@ def _check_resume(ckpt: dict, model: SFCN, config: TrainConfig, signature: str, 
     if diff:
         txt = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise BrainsexError(f"{path}: cannot resume with different settings ({txt}); use another out_dir or resume=False")
+    if config.rotate_prob > 0 and config.rotate_deg > 0 and ckpt.get("augmentation") != AUGMENTATION:
+        raise BrainsexError(f"{path}: cannot resume, the checkpoint was trained with another rotation augmentation "
+                            f"({ckpt.get('augmentation') or 'per-scan RandRotated in the loader'}); "
+                            f"use another out_dir or resume=False")
     if ckpt.get("data_signature") != signature:
         raise BrainsexError(f"{path}: cannot resume, the train/val subjects, labels or in_shape differ from the "
                             f"checkpoint's; use another out_dir or resume=False")
@@ -951,8 +1042,8 @@ def predict(
     if len(table) == 0:
         return pd.DataFrame({"participant_id": pd.Series(dtype=str), "prob_male": pd.Series(dtype=float)})
     paths = _image_paths(table)
-    store = _VolumeStore(paths, model.in_shape, cache=False)
-    ds = _SFCNDataset(store, range(len(paths)), np.zeros(len(paths), dtype=np.float32))
+    store = VolumeStore(paths, model.in_shape, cache=False)
+    ds = ScanDataset(store, range(len(paths)), np.zeros(len(paths), dtype=np.float32))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     amp_dtype = _amp_dtype(amp, dev)
     probs = np.empty(len(paths), dtype=np.float64)
