@@ -101,12 +101,18 @@ def test_book_total_over_target_fails(tmp_path):
 
 def test_derived_rows_use_the_fastest_training_variant():
     loader = suite.row("pipeline", suite.BOOK_LOADER, variant="epochs after the first",
-                       grid_mm=4.0, shape="49x58x49", value=60.0)
-    steps = [suite.row("train", "demo model", variant=v, grid_mm=4.0, value=val, batch=16, channels="[8]")
+                       grid_mm=4.0, shape="49x58x49", value=60.0, threads=2)
+    steps = [suite.row("train", "demo model", variant=v, grid_mm=4.0, value=val, batch=16, channels="[8]", threads=2)
              for v, val in (("naive", 10.0), ("fast", 30.0))]
     other_grid = suite.row("train", "demo model", variant="x", grid_mm=8.0, value=1000.0)
     (d,) = suite.derived_rows([loader, *steps, other_grid])
     assert d["variant"] == "fast" and d["value"] == pytest.approx(2.0) and d["pass"] is False
+    # the loader measured with the fastest step's thread count is the one compared
+    one = suite.row("pipeline", suite.BOOK_LOADER, variant="epochs after the first, 1 thread", grid_mm=4.0,
+                    shape="49x58x49", value=99.0, threads=1)
+    fast1 = suite.row("train", "demo model", variant="fast1", grid_mm=4.0, value=33.0, threads=1)
+    (d,) = suite.derived_rows([loader, one, *steps, fast1])
+    assert d["variant"] == "fast1" and d["value"] == pytest.approx(3.0) and d["pass"] is True
 
 
 def test_row_rejects_unknown_columns():
