@@ -56,8 +56,8 @@ voxel_size = 4.0
 n_workers = 2
 seed = 0
 device = "auto"
-max_scans = 24
-tbm_subjects = 24
+max_scans = 16
+tbm_subjects = 16
 tbm_warps = ["tbm"]
 n_perm = 1000
 atlas_source = "offline"
@@ -293,7 +293,7 @@ glue("paper_top", paper_way["top_k"].replace("*", " (planted)"), display=False)
 # ## What this means for reading the paper's region list
 #
 # On a phantom where the *only* local differences between the sexes are the ten planted regions, and
-# where a classical volume analysis finds them, a saliency ranking is a different kind of object: it
+# where morphometry with the true deformations finds them, a saliency ranking is a different kind of object: it
 # says where the trained network's output is *sensitive* to the intensities, which is not the same as
 # where the two groups *differ*. A planted volume change moves tissue boundaries, often outside the
 # region that changed; the per-scan z-score spreads a local change over the whole image; gradients are
