@@ -18,7 +18,7 @@
 # Table S1) and reads them as the regions that tell the sexes apart. That reading assumes that a
 # region where the average saliency is high is a region where female and male brains differ. On real
 # data nobody can check this. On the phantom we can: ten regions were planted with a known
-# difference between the sexes (each is larger in one sex by 10 % of its volume, independently of head
+# difference between the sexes (each is larger in one sex by {glue:text}`region_effect_pct` % of its volume, independently of head
 # size), so we measure how many of them each method finds, and compare with what chance would give.
 #
 # Three rankings of the same atlas regions are compared:
@@ -64,6 +64,7 @@ atlas_source = "offline"
 study_table = "benchmarks/validity/validity_study.tsv"
 
 # %% tags=["hide-input"]
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -95,6 +96,9 @@ atlas, labels = load_atlas(voxel_size, source=atlas_source)
 truth = planted_truth(run)
 neighbours = region_neighbours(np.asarray(atlas.dataobj))
 K = 10
+effect_pct = 100 * float(json.loads((run / "cohort" / "phantom" / "generation.json").read_text())["args"]["region_effect"])
+length_pct = 100 * ((1 + effect_pct / 100) ** (1 / 3) - 1)
+glue("region_effect_pct", f"{effect_pct:g}", display=False)
 
 
 def fmt_p(p: float) -> str:
@@ -171,9 +175,9 @@ glue("registered_text", (
     "regions) of the planted sex difference." if registered else
     "The registered warps were not run in this build (`tbm_subjects = 0`)."), display=False)
 glue("tbm_conclusion", (
-    "registration, not the phantom or the test, is what loses the planted differences on this grid. A 10 % "
-    "volume change is a 3 % change of length, under a millimetre, and regions of a few dozen voxels lose most "
-    "of it. That sets the bar for the saliency methods below: they see the same coarse images."
+    "registration, not the phantom or the test, is what loses the planted differences on this grid. A "
+    f"{effect_pct:g} % volume change is a {length_pct:.1f} % change of length, under a millimetre, and regions of "
+    "a few dozen voxels lose most of it. That sets the bar for the saliency methods below: they see the same coarse images."
     if registered and oracle >= 8 and control.ratio < 0.7 else
     "the registered warps keep most of the planted difference, so a larger sample would recover it."
     if registered and oracle >= 8 else
@@ -188,9 +192,9 @@ glue("tbm_conclusion", (
 # ```{note}
 # While building the book we tried to make registered-warp morphometry work on the 4 mm phantom:
 # registering the native scan instead of the preprocessed one, N4 bias correction, weaker
-# regularisation, a mean-squares metric, a study-specific template. None kept more than about half of
-# the planted difference, and small regions kept far less; finer grids, not more subjects, are what
-# this control needs (see the issue notes in the repository's history).
+# regularisation, a mean-squares metric, a study-specific template. None closed the gap, and small
+# regions lost the most; finer grids, not more subjects, are what this control needs (see the issue
+# notes in the repository's history).
 # ```
 #
 # ## The deep-learning explanations
@@ -293,9 +297,9 @@ glue("paper_top", paper_way["top_k"].replace("*", " (planted)"), display=False)
 # ## What this means for reading the paper's region list
 #
 # On a phantom where the *only* local differences between the sexes are the ten planted regions, and
-# where morphometry with the true deformations finds them, a saliency ranking is a different kind of object: it
-# says where the trained network's output is *sensitive* to the intensities, which is not the same as
-# where the two groups *differ*. A planted volume change moves tissue boundaries, often outside the
+# where morphometry with the true deformations finds them, a saliency ranking is a different kind of
+# object: it says where the trained network's output is *sensitive* to the intensities, which is not
+# the same as where the two groups *differ*. A planted volume change moves tissue boundaries, often outside the
 # region that changed; the per-scan z-score spreads a local change over the whole image; gradients are
 # largest at high-contrast edges; and a network can reach its decision from head size and shape alone.
 # Read the paper's top-ten list as a description of the model, not as a map of sex differences in the
