@@ -17,9 +17,16 @@ all: book
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# uv installs the 1.7 GB of dependencies several times faster than pip (measured in benchmarks/setup);
+	@# pip stays the fallback. uv does not read pip's configuration, so pip's find-links (where this
+	@# machine keeps its CPU torch wheel) is handed over explicitly.
+	if $(BIN)/python -m pip install -q uv; then \
+	  fl="$${UV_FIND_LINKS:-$${PIP_FIND_LINKS:-}}"; \
+	  $(BIN)/uv pip install -q --python $(BIN)/python $${fl:+--find-links "$$fl"} $(TORCH_PIN) && \
+	  $(BIN)/uv pip install -q --python $(BIN)/python $${fl:+--find-links "$$fl"} -e ".[dev]"; \
+	else false; fi || { \
+	  echo "uv install failed; falling back to pip"; \
+	  $(BIN)/python -m pip install -q $(TORCH_PIN) && $(BIN)/python -m pip install -q -e ".[dev]"; }
 	touch $@
 
 install: $(VENV)/.installed
