@@ -44,6 +44,7 @@ from brainsex import BrainsexError
 __all__ = [
     "PrivacyError",
     "DEFAULT_MIN_GROUP_SIZE",
+    "WITHHELD",
     "LOCAL_ONLY_KEY",
     "SUPPRESSED_NOTE",
     "Policy",
@@ -55,6 +56,7 @@ __all__ = [
     "group_summary",
     "suppress_table",
     "N_COLUMNS",
+    "EXTREME_COLUMNS",
     "reason_counts",
     "quantile_summary",
     "table1_public",
@@ -109,6 +111,31 @@ class Policy:
     def min_n(self) -> int:
         """The smallest group that may be published (1 for a shareable run, ``k`` otherwise)."""
         return 1 if self.shareable else self.k
+
+    def allows(self, n: Any) -> bool:
+        """Whether an aggregate over ``n`` subjects may be published.
+
+        Parameters
+        ----------
+        n
+            Group size.
+        """
+        try:
+            return self.shareable or float(n) >= self.k
+        except (TypeError, ValueError):
+            return False
+
+    def value(self, text: str, n: Any) -> str:
+        """``text`` (a number for the prose) when it may be published, else :data:`WITHHELD`.
+
+        Parameters
+        ----------
+        text
+            The formatted value.
+        n
+            How many subjects it summarises.
+        """
+        return text if self.allows(n) else WITHHELD
 
     @property
     def note(self) -> str:
@@ -308,12 +335,16 @@ def suppress_small_groups(table: pd.DataFrame, k: int, n_col: str = "n", keep: S
             out.loc[small, c] = None
         out[n_col] = out[n_col].astype(object)
         out.loc[small, n_col] = f"<{int(k)}"
-    out["note"] = np.where(small, SUPPRESSED_NOTE.format(k=int(k)), "")
-    if not small.any() and "note" not in table.columns:
-        out = out.drop(columns="note")
+    if "note" in table.columns:  # keep the table's own notes beside the suppression note
+        old = table["note"].fillna("").astype(str)
+        out["note"] = np.where(small, SUPPRESSED_NOTE.format(k=int(k)), old)
+    elif small.any():
+        out["note"] = np.where(small, SUPPRESSED_NOTE.format(k=int(k)), "")
     return out
 
 
+#: Columns that hold one subject's value (the smallest or largest of a group): dropped from public tables.
+EXTREME_COLUMNS = ("tiv_low", "tiv_high", "min", "max")
 #: Columns that hold a row's number of subjects (any of them under ``k`` suppresses the row).
 N_COLUMNS = ("n", "n_female", "n_male", "n_subjects", "N")
 
@@ -321,7 +352,8 @@ N_COLUMNS = ("n", "n_female", "n_male", "n_subjects", "N")
 def suppress_table(table: pd.DataFrame, k: int, n_columns: Sequence[str] = N_COLUMNS) -> pd.DataFrame:
     """:func:`suppress_small_groups` on whatever group-size columns a table has (:data:`N_COLUMNS`).
 
-    A row is suppressed when any of its group sizes is under ``k`` (accuracy among the females of a
+    Columns holding one subject's value (:data:`EXTREME_COLUMNS`) are dropped. A row is suppressed
+    when any of its group sizes is under ``k`` (accuracy among the females of a
     group is an aggregate over its females). A table without such a column is returned unchanged.
 
     Parameters
@@ -333,6 +365,7 @@ def suppress_table(table: pd.DataFrame, k: int, n_columns: Sequence[str] = N_COL
     n_columns
         Candidate group-size columns.
     """
+    table = table.drop(columns=[c for c in EXTREME_COLUMNS if c in table.columns])
     cols = [c for c in n_columns if c in table.columns]
     if not cols:
         return table
