@@ -244,6 +244,8 @@ def test_results_bundle_withholds_small_maps_and_rows(tmp_path):
     run = tmp_path / "run"
     (run / "saliency").mkdir(parents=True)
     (run / "tiv").mkdir()
+    (run / "atlas").mkdir()
+    pd.DataFrame({"label": [1], "weighted_score": [0.5]}).to_csv(run / "atlas" / "region_scores.tsv", sep="\t")
     for name in ("mean_correct_all.nii.gz", "mean_low_F.nii.gz", "mean_high_M.nii.gz"):
         (run / "saliency" / name).write_bytes(b"map")
     pd.DataFrame({"file": ["mean_correct_all.nii.gz", "mean_low_F.nii.gz"], "n": [30, 1]}).to_csv(
@@ -251,13 +253,14 @@ def test_results_bundle_withholds_small_maps_and_rows(tmp_path):
     pd.DataFrame({"tertile": ["low", "low"], "sex": ["F", "M"], "n": [1, 9], "accuracy": [1.0, 0.8],
                   "tiv_low": [1100.0, 1100.0]}).to_csv(run / "tiv" / "tertiles.tsv", sep="\t", index=False)
     open_zip = results_bundle(run, tmp_path / "open.zip")
-    assert "saliency/mean_low_F.nii.gz" in zipfile.ZipFile(open_zip).namelist()
+    assert {"saliency/mean_low_F.nii.gz", "atlas/region_scores.tsv"} <= set(zipfile.ZipFile(open_zip).namelist())
     zf = zipfile.ZipFile(results_bundle(run, tmp_path / "r.zip", policy=Policy(shareable=False, k=5)))
     names = zf.namelist()
     assert "saliency/mean_correct_all.nii.gz" in names
     assert "saliency/mean_low_F.nii.gz" not in names and "saliency/mean_high_M.nii.gz" not in names
     note = zf.read("SUPPRESSED.txt").decode()
     assert "mean_low_F" in note and "mean_high_M" in note
+    assert "region_scores" not in " ".join(names)  # read off a map that is not published
     tert = pd.read_csv(io.BytesIO(zf.read("tiv/tertiles.tsv")), sep="\t")
     assert pd.isna(tert.loc[0, "accuracy"]) and tert.loc[1, "accuracy"] == 0.8 and "tiv_low" not in tert.columns
 
@@ -316,3 +319,15 @@ def test_exclusions_of_non_shareable_cohorts_are_protected(tmp_path, repo_root):
                   {"participant_id": "sub-P9", "cohort": "phantom", "reason": "corrupt image"}]).to_csv(
         tmp_path / "cohort" / "exclusions.tsv", sep="\t", index=False)
     assert protected_ids(tmp_path, repo_root / "data_manifest.yaml") == {"sub-X9"}
+
+
+def test_a_manifest_copy_reaches_the_chapters(mini_book, tmp_path):
+    from brainsex.book import _chapter_params, plan_build
+
+    copy = tmp_path / "restricted.yaml"
+    copy.write_text((mini_book / "data_manifest.yaml").read_text().replace("shareable: true", "shareable: false"))
+    write_notebook(mini_book / "notebooks" / "b.py", "print(manifest)", params='manifest = "data_manifest.yaml"\n')
+    plan = plan_build(mini_book, "smoke", manifest=copy)
+    assert plan.manifest_path == copy.resolve()
+    assert (mini_book / _chapter_params(plan, "b")["manifest"]).resolve() == copy.resolve()
+    assert _chapter_params(plan_build(mini_book, "smoke"), "b")["manifest"] == "data_manifest.yaml"

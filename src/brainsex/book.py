@@ -632,8 +632,14 @@ def _restricted_files(run_dir: Path, files: list[Path], k: int) -> tuple[list[Pa
     if maps_tsv.is_file():
         t = pd.read_csv(maps_tsv, sep="\t")
         sizes = {str(f): int(n) for f, n in zip(t["file"], t["n"], strict=True)}
+    # tables read off one average map go (or stay) with it
+    derived = {"atlas/region_scores.tsv": "mean_rtiv_subset.nii.gz"}
     kept, withheld = [], []
     for f in files:
+        source = derived.get(f.relative_to(run_dir).as_posix())
+        if source is not None and sizes.get(source, 0) < k:
+            withheld.append(f"{f.relative_to(run_dir).as_posix()}: read off {source}, withheld with it")
+            continue
         if f.name.endswith((".nii", ".nii.gz")):
             n = sizes.get(f.name)
             if n is None or n < k:
