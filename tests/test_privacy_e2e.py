@@ -54,4 +54,9 @@ def test_no_single_subject_image_or_row_is_published(restricted_smoke_book):
     assert all(n.split("/")[-1] in withheld for n in sizes[sizes < 5].index)
     # tables with group sizes show no group under k
     tiv = (html / "notebooks" / "04_tiv.html").read_text()
-    assert "tiv_low" not in tiv
+    assert "<th>tiv_low</th>" not in tiv and "<th>tertile</th>" in tiv  # the smallest TIV of a bin is one person's
+    saliency = (html / "notebooks" / "05_saliency.html").read_text()
+    assert "suppressed: fewer than 5 subjects" in saliency  # the smoke model's bins hold one or two scans
+    if sizes.get("mean_rtiv_subset.nii.gz", 0) < 5:  # nor is a map of fewer than k read off in the regions chapter
+        regions = (html / "notebooks" / "06_regions.html").read_text()
+        assert "Withheld: the average map covers fewer than 5" in regions and "plotly-graph-div" not in regions
