@@ -322,12 +322,16 @@ def test_exclusions_of_non_shareable_cohorts_are_protected(tmp_path, repo_root):
 
 
 def test_a_manifest_copy_reaches_the_chapters(mini_book, tmp_path):
-    from brainsex.book import _chapter_params, plan_build
+    from brainsex.book import plan_build, run_notebooks
 
-    copy = tmp_path / "restricted.yaml"
+    copy = tmp_path / "elsewhere" / "restricted.yaml"
+    copy.parent.mkdir()
     copy.write_text((mini_book / "data_manifest.yaml").read_text().replace("shareable: true", "shareable: false"))
-    write_notebook(mini_book / "notebooks" / "b.py", "print(manifest)", params='manifest = "data_manifest.yaml"\n')
-    plan = plan_build(mini_book, "smoke", manifest=copy)
+    write_notebook(mini_book / "notebooks" / "b.py", "print('manifest:', manifest)",
+                   params='run_dir = "."\nmanifest = "data_manifest.yaml"\n')
+    plan = plan_build(mini_book, "smoke", manifest=copy, run_dir=tmp_path / "run")
     assert plan.manifest_path == copy.resolve()
-    assert (mini_book / _chapter_params(plan, "b")["manifest"]).resolve() == copy.resolve()
-    assert _chapter_params(plan_build(mini_book, "smoke"), "b")["manifest"] == "data_manifest.yaml"
+    run_notebooks(plan)
+    executed = (tmp_path / "run" / "notebooks" / "b.ipynb").read_text()
+    assert "manifest: elsewhere/restricted.yaml" in executed
+    assert plan_build(mini_book, "smoke").manifest_path == (mini_book / "data_manifest.yaml").resolve()
