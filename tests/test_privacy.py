@@ -225,8 +225,16 @@ def test_table1_public_drops_ranges_and_small_datasets():
     p = pd.DataFrame({"dataset": ["A"] * 10 + ["B"] * 2, "sex": ["F", "M"] * 6, "age": rng.uniform(20, 80, 12),
                       "vendor": "GE", "field": 3.0})
     t = table1_public(p, 5).set_index("dataset")
-    assert "(" not in str(t.loc["A", "Age (F)"]) and "±" in str(t.loc["A", "Age (F)"])
-    assert t.loc["B", "N"] == "<5" and pd.isna(t.loc["B", "Age (F)"])
+    assert "(" not in str(t.loc["All", "Age (F)"]) and "±" in str(t.loc["All", "Age (F)"])  # no min–max
+    # B (2 subjects) alone would be All - A: it is pooled, with A as the next smallest
+    assert list(t.index) == ["other datasets (pooled: 2)", "All"] and t.loc["All", "N"] == 12
+    tiny = table1_public(p.iloc[10:], 5).set_index("dataset")  # fewer than k subjects in all
+    assert tiny.loc["All", "N"] == "<5" and pd.isna(tiny.loc["All", "Age (F)"])
+    # complementary suppression: a small dataset is pooled with the next smallest until the pool reaches k
+    p3 = pd.concat([p, p.iloc[:6].assign(dataset="C")], ignore_index=True)
+    t3 = table1_public(p3, 5).set_index("dataset")
+    assert list(t3.index) == ["A", "other datasets (pooled: 2)", "All"]
+    assert t3.loc["other datasets (pooled: 2)", "N"] == 8 and t3.loc["All", "N"] == 18
 
 
 def test_qc_aggregate_mean_sd_and_counts():

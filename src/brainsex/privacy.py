@@ -471,9 +471,11 @@ def quantile_summary(table: pd.DataFrame, value: str, by: Sequence[str], k: int 
 def table1_public(participants: pd.DataFrame, k: int = DEFAULT_MIN_GROUP_SIZE) -> pd.DataFrame:
     """The paper's Table 1 (:func:`brainsex.cohorts.table1`) as a restricted cohort may publish it.
 
-    Age ranges (the youngest and oldest subject) are dropped, an age summary over fewer than ``k``
-    subjects of one sex is suppressed, and a dataset of fewer than ``k`` subjects keeps only its
-    label and a note.
+    Age ranges (the youngest and oldest subject) are dropped and an age summary over fewer than ``k``
+    subjects of one sex is suppressed. Datasets of fewer than ``k`` subjects are pooled into one row
+    ("other datasets (pooled)"); when the pool itself is under ``k``, the next smallest dataset joins
+    it, so that the ``All`` row minus the shown rows cannot give a small group away. A pool that stays
+    under ``k`` (too few subjects in all) keeps only its label and a note.
 
     Parameters
     ----------
@@ -484,7 +486,18 @@ def table1_public(participants: pd.DataFrame, k: int = DEFAULT_MIN_GROUP_SIZE) -
     """
     from brainsex.cohorts import table1
 
-    t = table1(participants).reset_index()
+    p = participants.copy()
+    sizes = p["dataset"].value_counts()
+    pooled: set[str] = set(sizes[sizes < int(k)].index)
+    while pooled and sizes[list(pooled)].sum() < int(k) and len(pooled) < len(sizes):
+        pooled.add(sizes.drop(list(pooled)).idxmin())  # complementary suppression
+    other = f"other datasets (pooled: {len(pooled)})"
+    if pooled:
+        p["dataset"] = p["dataset"].where(~p["dataset"].isin(pooled), other)
+    t = table1(p).reset_index()
+    if pooled:  # the pooled row goes last, before All
+        t = pd.concat([t[(t["dataset"] != other) & (t["dataset"] != "All")], t[t["dataset"] == other],
+                       t[t["dataset"] == "All"]], ignore_index=True)
     small_age = pd.Series(False, index=t.index)
     for col, count in (("Age (F)", "Female"), ("Age (M)", "Male")):
         t[col] = t[col].astype(str).str.replace(r"\s*\([^)]*\)\s*$", "", regex=True)
