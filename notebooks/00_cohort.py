@@ -72,7 +72,13 @@ from brainsex.figures import (
     show_table,
 )
 from brainsex.manifest import load_manifest
-from brainsex.privacy import binned_counts, publication_policy, quantile_summary, table1_public
+from brainsex.privacy import (
+    binned_counts,
+    pool_small_groups,
+    publication_policy,
+    quantile_summary,
+    table1_public,
+)
 
 m = load_manifest(manifest)
 participants, exclusions = load_cohorts(m, cohorts, run_dir=run_dir, n=n_subjects, voxel_size=voxel_size,
@@ -100,11 +106,12 @@ if policy.shareable:
 else:
     show_table(table1_public(participants, policy.k),
                caption="Subjects, sex, age (mean ± sd), vendor and field strength per dataset")
-show(fig_cohort_composition(participants), alt="Subjects per dataset by sex, vendor and field strength")
+public = participants if policy.shareable else pool_small_groups(participants, "dataset", policy.k)
+show(fig_cohort_composition(public), alt="Subjects per dataset by sex, vendor and field strength")
 if policy.shareable:
     show(fig_age_by_dataset(participants), alt="Age distribution per dataset and sex")
 else:
-    show(fig_box_summary(quantile_summary(participants, "age", ["dataset", "sex"], policy.k), "dataset",
+    show(fig_box_summary(quantile_summary(public, "age", ["dataset", "sex"], policy.k), "dataset",
                          "Age by dataset and sex (box: quartiles; whiskers: 10th and 90th percentiles)", "age (years)"),
          alt="Age distribution per dataset and sex, from percentiles")
 

@@ -60,6 +60,7 @@ __all__ = [
     "reason_counts",
     "quantile_summary",
     "table1_public",
+    "pool_small_groups",
     "binned_counts",
     "binned_counts_2d",
     "qc_aggregate",
@@ -468,6 +469,35 @@ def quantile_summary(table: pd.DataFrame, value: str, by: Sequence[str], k: int 
     return suppress_small_groups(out, k, keep=list(by))
 
 
+def pool_small_groups(table: pd.DataFrame, column: str, k: int = DEFAULT_MIN_GROUP_SIZE) -> pd.DataFrame:
+    """Relabel the groups of ``column`` with fewer than ``k`` rows as one pooled group.
+
+    When the pool itself is under ``k``, the next smallest group joins it (complementary
+    suppression), so that a total minus the shown groups cannot give a small group away. The pooled
+    label (``"other datasets (pooled: 2)"``) is in ``attrs["pooled_label"]`` (``None`` when nothing
+    was pooled).
+
+    Parameters
+    ----------
+    table
+        Per-subject rows.
+    column
+        The grouping column (e.g. ``dataset``).
+    k
+        Minimum group size.
+    """
+    out = table.copy()
+    sizes = out[column].value_counts()
+    pooled: set[Any] = set(sizes[sizes < int(k)].index)
+    while pooled and sizes[list(pooled)].sum() < int(k) and len(pooled) < len(sizes):
+        pooled.add(sizes.drop(list(pooled)).idxmin())
+    label = f"other {column}s (pooled: {len(pooled)})" if pooled else None
+    if pooled:
+        out[column] = out[column].where(~out[column].isin(pooled), label)
+    out.attrs["pooled_label"] = label
+    return out
+
+
 def table1_public(participants: pd.DataFrame, k: int = DEFAULT_MIN_GROUP_SIZE) -> pd.DataFrame:
     """The paper's Table 1 (:func:`brainsex.cohorts.table1`) as a restricted cohort may publish it.
 
@@ -486,16 +516,10 @@ def table1_public(participants: pd.DataFrame, k: int = DEFAULT_MIN_GROUP_SIZE) -
     """
     from brainsex.cohorts import table1
 
-    p = participants.copy()
-    sizes = p["dataset"].value_counts()
-    pooled: set[str] = set(sizes[sizes < int(k)].index)
-    while pooled and sizes[list(pooled)].sum() < int(k) and len(pooled) < len(sizes):
-        pooled.add(sizes.drop(list(pooled)).idxmin())  # complementary suppression
-    other = f"other datasets (pooled: {len(pooled)})"
-    if pooled:
-        p["dataset"] = p["dataset"].where(~p["dataset"].isin(pooled), other)
+    p = pool_small_groups(participants, "dataset", k)
+    other = p.attrs.get("pooled_label")
     t = table1(p).reset_index()
-    if pooled:  # the pooled row goes last, before All
+    if other:  # the pooled row goes last, before All
         t = pd.concat([t[(t["dataset"] != other) & (t["dataset"] != "All")], t[t["dataset"] == other],
                        t[t["dataset"] == "All"]], ignore_index=True)
     small_age = pd.Series(False, index=t.index)
