@@ -120,6 +120,8 @@ PLANTS = {
     # published file -> bytes with a protected ID or file name planted (mixed case on purpose)
     "notebooks/01_preprocessing.html": b"<html><td>s0002</td></html>",
     "alt.html": b'<div class="brainsex-plotly" role="img" aria-label="mosaic of S0002"></div>',
+    "highlighted.html": b'<span class="n">S</span><span class="mi">0002</span><span class="o">_</span>',
+    "entities.html": b"<td>&#83;0002</td>",
     "hover.html": b'<script>Plotly.newPlot("x", [{"text": ["S0002"]}])</script>',
     "_sources/notebooks/01_preprocessing.ipynb": b'{"cells": [{"outputs": [{"text": "S0002_T1w.nii.gz"}]}]}',
     "_sources/book/intro.md": b"see S0002_T1W.NII.GZ",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import html
 import io
 import re
 import struct
@@ -729,11 +730,16 @@ def _png_text(data: bytes) -> list[str]:
 _DATA_URI = re.compile(rb"data:[a-z]+/[a-z0-9.+-]+;base64,([A-Za-z0-9+/=\s\\n]{16,})")
 _NB_IMAGE = re.compile(rb'"image/(?:png|jpeg|gif)"\s*:\s*"([A-Za-z0-9+/=\\n]{16,})"')
 _MAX_DEPTH = 4
+_TAG = re.compile(r"<[^>]*>")
 
 
 def _texts(name: str, data: bytes, depth: int = 0) -> list[tuple[str, str]]:
     """``(where, text)`` pieces of one published file: itself, and what is packed inside it."""
-    out = [(name, data.decode("utf-8", "replace"))]
+    text = data.decode("utf-8", "replace")
+    out = [(name, text)]
+    if name.lower().endswith((".html", ".htm", ".xhtml", ".svg")) or "<span" in text[:100_000]:
+        # text as the reader sees it: an ID split over highlighting spans or written with entities
+        out.append((name, html.unescape(_TAG.sub("", text))))
     if depth >= _MAX_DEPTH:
         return out
     if data[:8] == b"\x89PNG\r\n\x1a\n":
