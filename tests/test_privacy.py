@@ -47,6 +47,8 @@ def _restricted_run(run_dir):
     _participants(run_dir, [
         {"participant_id": "S0002", "cohort": "CC-359", "shareable": False, "image": "/data/cc/S0002_T1w.nii.gz",
          "mask": "/data/cc/S0002_mask.nii.gz"},
+        {"participant_id": "S0003", "cohort": "CC-359", "shareable": False,
+         "image": "/data/cc/visit1/MPRAGE_20110602_Br_0117.nii.gz", "mask": "/data/cc/visit1/brain.nii.gz"},
         {"participant_id": "sub-P001", "cohort": "phantom", "shareable": True, "image": "/x/sub-P001_T1w.nii.gz",
          "mask": ""},
     ])
@@ -65,6 +67,8 @@ def test_protected_ids_only_from_non_shareable(tmp_path):
 def test_protected_names_include_file_names(tmp_path):
     names = protected_names(_restricted_run(tmp_path))
     assert {"S0002", "S0002_T1w.nii.gz", "S0002_mask.nii.gz"} <= names
+    assert "MPRAGE_20110602_Br_0117.nii.gz" in names  # a file name without the ID still names the subject
+    assert "brain.nii.gz" not in names  # a generic name does not
     assert not any("P001" in n for n in names)
 
 
@@ -125,6 +129,7 @@ PLANTS = {
     "hover.html": b'<script>Plotly.newPlot("x", [{"text": ["S0002"]}])</script>',
     "_sources/notebooks/01_preprocessing.ipynb": b'{"cells": [{"outputs": [{"text": "S0002_T1w.nii.gz"}]}]}',
     "_sources/book/intro.md": b"see S0002_T1W.NII.GZ",
+    "_downloads/listing.txt": b"mprage_20110602_br_0117.nii.gz\n",
     "searchindex.js": b'Search.setIndex({"terms": {"s0002": [3]}})',
     "_static/custom.js": b'const who = "S0002";',
     "_images/tEXt.png": _png([(b"tEXt", b"Title\x00QC of S0002")]),
@@ -155,7 +160,7 @@ def test_guard_refuses_a_planted_id_naming_the_file(tmp_path, path):
     with pytest.raises(PrivacyError, match="refusing to publish") as err:
         check_published(run, site)
     assert path in str(err.value)
-    assert "s0002" in str(err.value).lower()
+    assert "s0002" in str(err.value).lower() or "mprage_20110602_br_0117" in str(err.value).lower()
 
 
 def test_guard_reports_the_archive_member(tmp_path):
