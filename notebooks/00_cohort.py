@@ -5,10 +5,14 @@
 #     gpuType: T4
 #     provenance: []
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,colab,accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -49,14 +53,32 @@ n_subjects = 320
 voxel_size = 4.0
 n_workers = 2
 seed = 0
+min_group_size = 5
 
 # %% tags=["hide-input"]
 
+import numpy as np
 from myst_nb import glue
 
 from brainsex.cohorts import load_cohorts, public_exclusions, table1
-from brainsex.figures import fig_age_by_dataset, fig_cohort_composition, fig_tiv_by_sex, show, show_table
+from brainsex.figures import (
+    SEX_COLORS,
+    fig_age_by_dataset,
+    fig_binned_histogram,
+    fig_box_summary,
+    fig_cohort_composition,
+    fig_tiv_by_sex,
+    show,
+    show_table,
+)
 from brainsex.manifest import load_manifest
+from brainsex.privacy import (
+    binned_counts,
+    pool_small_groups,
+    publication_policy,
+    quantile_summary,
+    table1_public,
+)
 
 m = load_manifest(manifest)
 participants, exclusions = load_cohorts(m, cohorts, run_dir=run_dir, n=n_subjects, voxel_size=voxel_size,
@@ -67,19 +89,31 @@ glue("cohorts_used", ", ".join(cohorts), display=False)
 glue("profile", profile, display=False)
 glue("voxel_size", f"{voxel_size:g}", display=False)
 glue("pct_female", f"{100 * (participants['sex'] == 'F').mean():.0f}", display=False)
+policy = publication_policy(run_dir, m, min_group_size, cohorts=cohorts)
+glue("privacy_note", policy.note, display=False)
 
 # %% [markdown]
 # Profile **{glue:text}`profile`** reads the cohort(s) **{glue:text}`cohorts_used`**:
 # {glue:text}`n_subjects` subjects ({glue:text}`pct_female` % female), {glue:text}`n_excluded` excluded.
 # Images are generated on a {glue:text}`voxel_size` mm grid in the CPU profiles (the paper's images are
-# 1 mm); the `paper` profile generates or reads 1 mm images.
+# 1 mm); the `paper` profile generates or reads 1 mm images. {glue:text}`privacy_note`
 #
 # ## Table 1
 
 # %% tags=["hide-input"]
-show_table(table1(participants), caption="Subjects, sex, age (mean ± sd, range), vendor and field strength per dataset")
-show(fig_cohort_composition(participants), alt="Subjects per dataset by sex, vendor and field strength")
-show(fig_age_by_dataset(participants), alt="Age distribution per dataset and sex")
+if policy.shareable:
+    show_table(table1(participants), caption="Subjects, sex, age (mean ± sd, range), vendor and field strength per dataset")
+else:
+    show_table(table1_public(participants, policy.k),
+               caption="Subjects, sex, age (mean ± sd), vendor and field strength per dataset")
+public = participants if policy.shareable else pool_small_groups(participants, "dataset", policy.k)
+show(fig_cohort_composition(public), alt="Subjects per dataset by sex, vendor and field strength")
+if policy.shareable:
+    show(fig_age_by_dataset(participants), alt="Age distribution per dataset and sex")
+else:
+    show(fig_box_summary(quantile_summary(public, "age", ["dataset", "sex"], policy.k), "dataset",
+                         "Age by dataset and sex (box: quartiles; whiskers: 10th and 90th percentiles)", "age (years)"),
+         alt="Age distribution per dataset and sex, from percentiles")
 
 # %% [markdown]
 # ## Head size
@@ -89,9 +123,17 @@ show(fig_age_by_dataset(participants), alt="Age distribution per dataset and sex
 # for real heads. The preprocessing chapter will estimate TIV from the images and compare.
 
 # %% tags=["hide-input"]
-if participants["tiv_ml"].notna().any():
+if participants["tiv_ml"].notna().any() and policy.shareable:
     show(fig_tiv_by_sex(participants, "tiv_ml", title="True TIV of the phantom heads by sex"),
          alt="Histogram of true TIV by sex")
+elif participants["tiv_ml"].notna().any():
+    tiv = participants["tiv_ml"].dropna()
+    edges = np.linspace(tiv.min(), tiv.max(), 31)
+    show(fig_binned_histogram({name: binned_counts(participants.loc[participants["sex"] == sex, "tiv_ml"], edges,
+                                                   policy.k) for sex, name in (("F", "female"), ("M", "male"))},
+                              "True TIV of the phantom heads by sex", "TIV (ml)",
+                              colors={"female": SEX_COLORS["F"], "male": SEX_COLORS["M"]}, k=policy.k),
+         alt="Histogram of true TIV by sex, small bins suppressed")
 
 # %% [markdown]
 # ## Exclusions

@@ -5,10 +5,14 @@
 #     gpuType: T4
 #     provenance: []
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,colab,accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -39,6 +43,8 @@ run_dir = "runs/demo"
 device = "auto"
 seed = 0
 n_bootstrap = 1000
+manifest = "data_manifest.yaml"
+min_group_size = 5
 
 # %% tags=["hide-input"]
 from pathlib import Path
@@ -57,9 +63,11 @@ from brainsex.evaluate import (
 )
 from brainsex.figures import fig_confusion, fig_roc, show, show_table
 from brainsex.io import read_table, write_table
+from brainsex.privacy import publication_policy, suppress_table
 from brainsex.train import predict
 
 run = Path(run_dir)
+policy = publication_policy(run_dir, manifest, min_group_size)
 table = read_table(run / "preprocess" / "preprocessed.tsv").merge(read_table(run / "train" / "split.tsv"),
                                                                   on="participant_id")
 test = table[table["split"] == "test"].reset_index(drop=True)
@@ -104,7 +112,8 @@ show(fig_confusion(confusion(pred["y_true"], pred["y_pred"])), alt="Confusion ma
 # %% tags=["hide-input"]
 sub = subgroup_metrics(pred, by=("dataset", "vendor", "field", "age_group"), n_bootstrap=n_bootstrap, seed=seed)
 write_table(sub, run / "evaluate" / "subgroup_metrics.tsv")
-show_table(format_metrics_table(sub, which=("accuracy", "balanced_accuracy", "f1", "auc_roc")),
+by_group = format_metrics_table(sub, which=("accuracy", "balanced_accuracy", "f1", "auc_roc"))
+show_table(by_group if policy.shareable else suppress_table(by_group, policy.k),
            caption="Metrics by dataset, vendor, field strength and age range (95 % CI)")
 
 # %% [markdown]

@@ -5,10 +5,14 @@
 #     gpuType: T4
 #     provenance: []
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,colab,accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -39,15 +43,27 @@ run_dir = "runs/demo"
 seed = 0
 n_bootstrap = 1000
 kde_threshold = 0.2
+manifest = "data_manifest.yaml"
+min_group_size = 5
 
 # %% tags=["hide-input"]
 from pathlib import Path
 
+import numpy as np
 from myst_nb import glue
 
 from brainsex.evaluate import exclude_missing_tiv, format_metrics_table
-from brainsex.figures import fig_kde_overlap, fig_prob_vs_tiv, fig_tiv_tertile_hist, show, show_table
+from brainsex.figures import (
+    fig_binned_histogram,
+    fig_binned_scatter,
+    fig_kde_overlap,
+    fig_prob_vs_tiv,
+    fig_tiv_tertile_hist,
+    show,
+    show_table,
+)
 from brainsex.io import read_table, write_json_atomic, write_table
+from brainsex.privacy import binned_counts, binned_counts_2d, publication_policy, suppress_table
 from brainsex.tiv import (
     assign_tertiles,
     balanced_rtiv_subset,
@@ -58,6 +74,7 @@ from brainsex.tiv import (
 )
 
 run = Path(run_dir)
+policy = publication_policy(run_dir, manifest, min_group_size)
 pred, n_excluded = exclude_missing_tiv(read_table(run / "evaluate" / "predictions_with_baseline.tsv"), "etiv_ml")
 glue("n_tiv", len(pred), display=False)
 glue("n_excluded", n_excluded, display=False)
@@ -73,16 +90,24 @@ glue("profile", profile, display=False)
 # %% tags=["hide-input"]
 tertiles = tiv_tertiles(pred, tiv_col="etiv_ml")
 write_table(tertiles, run / "tiv" / "tertiles.tsv")
-show_table(tertiles.drop(columns=["note"], errors="ignore").round(3),
+shown = tertiles.drop(columns=["note"], errors="ignore").round(3)
+show_table(shown if policy.shareable else suppress_table(shown, policy.k),
            caption="Accuracy by TIV bin and sex; balanced accuracy per bin")
-show(fig_tiv_tertile_hist(assign_tertiles(pred, tiv_col="etiv_ml"), tiv_col="etiv_ml"),
-     alt="Histogram of TIV in three equal-count bins")
+assigned = assign_tertiles(pred, tiv_col="etiv_ml")
+if policy.shareable:
+    show(fig_tiv_tertile_hist(assigned, tiv_col="etiv_ml"), alt="Histogram of TIV in three equal-count bins")
+else:
+    edges = np.linspace(assigned["etiv_ml"].min(), assigned["etiv_ml"].max(), 21)
+    show(fig_binned_histogram({str(cat): binned_counts(assigned.loc[assigned["tertile"] == cat, "etiv_ml"], edges,
+                                                       policy.k) for cat in assigned["tertile"].cat.categories},
+                              "TIV distribution in three equal-count bins (paper Figure 2)", "TIV (etiv_ml, ml)",
+                              k=policy.k),
+         alt="Histogram of TIV in three equal-count bins, small bins suppressed")
 low_bin = tertiles[tertiles["tertile"] == tertiles["tertile"].iloc[0]].set_index("sex")
 high_bin = tertiles[tertiles["tertile"] == tertiles["tertile"].iloc[-1]].set_index("sex")
-glue("acc_f_low", f"{100 * low_bin.loc['F', 'accuracy']:.0f}", display=False)
-glue("acc_m_low", f"{100 * low_bin.loc['M', 'accuracy']:.0f}", display=False)
-glue("acc_f_high", f"{100 * high_bin.loc['F', 'accuracy']:.0f}", display=False)
-glue("acc_m_high", f"{100 * high_bin.loc['M', 'accuracy']:.0f}", display=False)
+for key, tbin, sex in (("acc_f_low", low_bin, "F"), ("acc_m_low", low_bin, "M"), ("acc_f_high", high_bin, "F"),
+                       ("acc_m_high", high_bin, "M")):
+    glue(key, policy.value(f"{100 * tbin.loc[sex, 'accuracy']:.0f}", tbin.loc[sex, "n"]), display=False)
 
 # %% [markdown]
 # In the smallest-TIV bin, females are classified correctly {glue:text}`acc_f_low` % of the time and
@@ -103,8 +128,18 @@ glue("rtiv_high", f"{high:,.0f}", display=False)
 glue("rtiv_low_ci", f"{rtiv['low_ci'][0]:,.0f}–{rtiv['low_ci'][1]:,.0f}", display=False)
 glue("rtiv_high_ci", f"{rtiv['high_ci'][0]:,.0f}–{rtiv['high_ci'][1]:,.0f}", display=False)
 glue("kde_threshold_pct", f"{100 * kde_threshold:.0f}", display=False)
-show(fig_prob_vs_tiv(pred, rtiv=(low, high), curves=curves), alt="Predicted probability of male against TIV")
-show(fig_kde_overlap(curves, female, male), alt="TIV densities of both sexes and the overlap range")
+if policy.shareable:
+    show(fig_prob_vs_tiv(pred, rtiv=(low, high), curves=curves), alt="Predicted probability of male against TIV")
+    show(fig_kde_overlap(curves, female, male), alt="TIV densities of both sexes and the overlap range")
+else:
+    for sex, name in (("F", "female"), ("M", "male")):
+        s = pred[pred["sex"] == sex]
+        show(fig_binned_scatter(binned_counts_2d(s["etiv_ml"], s["prob_male"], k=policy.k), "TIV (etiv_ml, ml)",
+                                "Predicted probability of male",
+                                f"Predicted probability of male against TIV, {name} scans (paper Figure 4)",
+                                k=policy.k, hline=0.5),
+             alt=f"Predicted probability of male against TIV for {name} scans, subjects counted per cell")
+    show(fig_kde_overlap(curves), alt="TIV densities of both sexes and the overlap range")
 
 # %% [markdown]
 # With a {glue:text}`kde_threshold_pct` % density threshold, the overlap range on this run is
@@ -120,8 +155,9 @@ inside_tiv = metrics_in_range(pred, low, high, prob_col="prob_male_tiv", n_boots
 write_table(inside, run / "tiv" / "metrics_in_rtiv.tsv")
 table = format_metrics_table(inside, which=("accuracy", "balanced_accuracy", "accuracy_female", "accuracy_male"))
 table_tiv = format_metrics_table(inside_tiv, which=("accuracy", "balanced_accuracy"))
-show_table(table, caption="SFCN: inside vs outside R_tiv")
-show_table(table_tiv, caption="TIV-only baseline: inside vs outside R_tiv")
+show_table(table if policy.shareable else suppress_table(table, policy.k), caption="SFCN: inside vs outside R_tiv")
+show_table(table_tiv if policy.shareable else suppress_table(table_tiv, policy.k),
+           caption="TIV-only baseline: inside vs outside R_tiv")
 v = inside.set_index("group").query("metric == 'balanced_accuracy'")["value"]
 vt = inside_tiv.set_index("group").query("metric == 'balanced_accuracy'")["value"]
 glue("bacc_inside", f"{100 * v['inside']:.1f}", display=False)

@@ -5,10 +5,14 @@
 #     gpuType: T4
 #     provenance: []
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,colab,accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -45,6 +49,8 @@ voxel_size = 4.0
 device = "auto"
 n_workers = 2
 seed = 0
+manifest = "data_manifest.yaml"
+min_group_size = 5
 
 # %% tags=["hide-input"]
 from pathlib import Path
@@ -54,13 +60,16 @@ import pandas as pd
 from myst_nb import glue
 
 from brainsex.figures import fig_slice_viewer, plot_map_static, show
-from brainsex.io import read_table, write_json_atomic
+from brainsex.io import read_table, write_json_atomic, write_table
+from brainsex.privacy import publication_policy, suppress_table
 from brainsex.saliency import average_maps, group_average, save_map, spearman_or_nan, template_space_maps
 from brainsex.templates import load_brain_mask, load_template
 from brainsex.tiv import assign_tertiles
 from brainsex.train import load_model
 
 run = Path(run_dir)
+policy = publication_policy(run_dir, manifest, min_group_size)
+map_sizes = []  # (file, n) of every average map, for the published bundle's group-size check
 template, brain = load_template(voxel_size), load_brain_mask(voxel_size)
 mask = np.asarray(brain.get_fdata()) > 0
 pred = read_table(run / "evaluate" / "predictions_with_baseline.tsv")
@@ -83,8 +92,10 @@ by_sex = group_average(maps, correct["sex"])
 out = run / "saliency"
 for sex, m in by_sex.items():
     save_map(m, template.affine, out / f"mean_correct_{sex}.nii.gz")
+    map_sizes.append({"file": f"mean_correct_{sex}.nii.gz", "n": int((correct["sex"] == sex).sum())})
 mean_all = average_maps(maps)
 save_map(mean_all, template.affine, out / "mean_correct_all.nii.gz")
+map_sizes.append({"file": "mean_correct_all.nii.gz", "n": len(correct)})
 if {"F", "M"} <= set(by_sex):
     rho, p = spearman_or_nan(by_sex["F"], by_sex["M"], mask)
 else:  # a model that gets one sex always wrong (e.g. the tiny smoke model) has no map for it
@@ -94,7 +105,7 @@ glue("p_fm", f"{p:.1g}", display=False)
 import nibabel as nib
 
 for sex, name in (("F", "female"), ("M", "male")):
-    if sex in by_sex:
+    if sex in by_sex and policy.allows((correct["sex"] == sex).sum()):
         plot_map_static(nib.Nifti1Image(by_sex[sex], template.affine), bg_img=template,
                         title=f"Average saliency, correctly classified {name} scans")
 
@@ -110,15 +121,19 @@ subset_ids = set(read_table(run / "tiv" / "rtiv_subset.tsv")["participant_id"])
 in_subset = correct["participant_id"].isin(subset_ids).to_numpy()
 mean_subset = average_maps(maps[in_subset]) if in_subset.any() else mean_all
 save_map(mean_subset, template.affine, out / "mean_rtiv_subset.nii.gz")
+map_sizes.append({"file": "mean_rtiv_subset.nii.gz", "n": int(in_subset.sum()) if in_subset.any() else len(correct)})
 rho_s, p_s = spearman_or_nan(mean_all, mean_subset, mask)
 glue("n_subset_maps", int(in_subset.sum()) if in_subset.any() else f"{len(correct)} (the subset was empty: all correct)",
      display=False)
 write_json_atomic(out / "spearman.json", {"female_vs_male": rho, "female_vs_male_p": p,
                                           "all_vs_rtiv_subset": rho_s, "all_vs_rtiv_subset_p": p_s})
 glue("rho_subset", f"{rho_s:.2f}", display=False)
-show(fig_slice_viewer(nib.Nifti1Image(mean_subset, template.affine), background=template,
-                      title="Average saliency, balanced subset inside R_tiv (move the sliders)"),
-     alt="Interactive three-plane viewer of the average saliency map")
+if policy.allows(map_sizes[-1]["n"]):
+    show(fig_slice_viewer(nib.Nifti1Image(mean_subset, template.affine), background=template,
+                          title="Average saliency, balanced subset inside R_tiv (move the sliders)"),
+         alt="Interactive three-plane viewer of the average saliency map")
+else:
+    print(f"The subset's average map is not shown: fewer than {policy.k} subjects (restricted cohort).")
 
 # %% [markdown]
 # The map averaged over the {glue:text}`n_subset_maps` scans of the balanced subset correlates with the
@@ -134,10 +149,15 @@ rows = []
 for key, m in sorted(by_bin.items()):
     r, _ = spearman_or_nan(m, mean_all, mask)
     rows.append({"group": key, "n": int((keys == key).sum()), "spearman_vs_all": round(r, 3)})
-    save_map(m, template.affine, out / f"mean_{key.replace(' · ', '_').replace(' ', '')}.nii.gz")
+    name = f"mean_{key.replace(' · ', '_').replace(' ', '')}.nii.gz"
+    save_map(m, template.affine, out / name)
+    map_sizes.append({"file": name, "n": rows[-1]["n"]})
+write_table(pd.DataFrame(map_sizes), out / "maps.tsv")
 from brainsex.figures import show_table
 
-show_table(pd.DataFrame(rows), caption="Average map per TIV bin and sex: agreement with the overall average")
+bins_table = pd.DataFrame(rows)
+show_table(bins_table if policy.shareable else suppress_table(bins_table, policy.k),
+           caption="Average map per TIV bin and sex: agreement with the overall average")
 
 # %% [markdown]
 # ```{exercise}

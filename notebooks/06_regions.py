@@ -5,10 +5,14 @@
 #     gpuType: T4
 #     provenance: []
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,colab,accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -41,6 +45,8 @@ voxel_size = 4.0
 saliency_threshold = 0.1
 atlas_source = "offline"
 seed = 0
+manifest = "data_manifest.yaml"
+min_group_size = 5
 
 # %% tags=["hide-input"]
 from pathlib import Path
@@ -51,10 +57,16 @@ from myst_nb import glue
 
 from brainsex.atlas import average_precision, permutation_null, precision_at_k, region_scores
 from brainsex.figures import fig_slice_viewer, fig_top_regions, show, show_table
-from brainsex.io import write_table
+from brainsex.io import read_table, write_table
+from brainsex.privacy import WITHHELD, publication_policy
 from brainsex.templates import load_atlas, load_template
 
 run = Path(run_dir)
+policy = publication_policy(run_dir, manifest, min_group_size)
+maps_tsv = run / "saliency" / "maps.tsv"
+sizes = read_table(maps_tsv).set_index("file")["n"] if maps_tsv.is_file() else {}
+# a map over fewer than k subjects of a restricted cohort is not published, nor what is read off it
+publish = policy.allows(sizes.get("mean_rtiv_subset.nii.gz"))
 atlas, labels = load_atlas(voxel_size, source=atlas_source)
 template = load_template(voxel_size)
 mean_map = nib.load(run / "saliency" / "mean_rtiv_subset.nii.gz")
@@ -69,8 +81,10 @@ glue("n_regions", int((scores["n_voxels"] > 0).sum()), display=False)
 
 # %% tags=["hide-input"]
 top = scores.head(10)
+if not publish:
+    print(f"Withheld: the average map covers fewer than {policy.k} subjects of a restricted cohort.")
 show_table(top[["rank", "name", "n_voxels", "saliency_score", "mean_saliency_norm", "weighted_score"]].round(3),
-           caption="Top ten regions by weighted saliency score")
+           caption="Top ten regions by weighted saliency score", local_only=not publish)
 
 # %% [markdown]
 # ## Against the planted truth
@@ -84,11 +98,12 @@ ranking = scores[scores["n_voxels"] > 0]["label"].astype(int).tolist()
 p10 = permutation_null(lambda r, t: precision_at_k(r, t, k=10), ranking, truth, n_perm=1000, seed=seed)
 ap = permutation_null(average_precision, ranking, truth, n_perm=1000, seed=seed)
 planted = scores["label"].astype(int).isin(truth)
-show(fig_top_regions(scores, k=10, highlight=truth), alt="Top ten regions by weighted saliency score")
-glue("p_at_10", f"{p10['observed']:.2f}", display=False)
+show(fig_top_regions(scores, k=10, highlight=truth), alt="Top ten regions by weighted saliency score",
+     local_only=not publish)
+glue("p_at_10", f"{p10['observed']:.2f}" if publish else WITHHELD, display=False)
 glue("p_at_10_chance", f"{p10['chance']:.2f}", display=False)
-glue("p_at_10_p", f"{p10['p_value']:.3f}", display=False)
-glue("ap", f"{ap['observed']:.2f}", display=False)
+glue("p_at_10_p", f"{p10['p_value']:.3f}" if publish else WITHHELD, display=False)
+glue("ap", f"{ap['observed']:.2f}" if publish else WITHHELD, display=False)
 glue("ap_chance", f"{ap['chance']:.2f}", display=False)
 glue("n_planted", len(truth), display=False)
 
@@ -107,4 +122,4 @@ outlines = np.where(np.isin(np.asarray(atlas.dataobj), top_ids), np.asarray(atla
 names = dict(zip(top["label"].astype(int), top["name"], strict=True))
 show(fig_slice_viewer(mean_map, background=template, regions=nib.Nifti1Image(outlines.astype(np.int16), atlas.affine),
                       region_names=names, title="Average saliency with the ten top regions outlined"),
-     alt="Saliency map with the ten highest-scoring atlas regions outlined")
+     alt="Saliency map with the ten highest-scoring atlas regions outlined", local_only=not publish)

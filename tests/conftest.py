@@ -63,3 +63,26 @@ def mini_book(tmp_path) -> Path:
                    params='profile = "x"\nrun_dir = "."\nepochs = 1\n')
     write_notebook(tmp_path / "notebooks" / "b.py", "print('b', seed)", params='run_dir = "."\nseed = 0\n')
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def restricted_smoke_book(tmp_path_factory) -> dict:
+    """The smoke book with the phantom marked ``shareable: false`` (a manifest copy passed to the build)."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from brainsex.book import build
+
+    base = tmp_path_factory.mktemp("restricted_smoke_book")
+    manifest = yaml.safe_load((ROOT / "data_manifest.yaml").read_text())
+    for cohort in manifest["cohorts"]:
+        if cohort["name"] == "phantom":
+            cohort["shareable"] = False
+    (base / "data_manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    run_dir, out = base / "run", base / "out"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        html = build(ROOT, "smoke", run_dir=run_dir, out=out, force=True, manifest=base / "data_manifest.yaml")
+    return {"html": html, "run_dir": run_dir, "manifest": base / "data_manifest.yaml", "stdout": buf.getvalue()}

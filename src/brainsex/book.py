@@ -88,6 +88,11 @@ class BuildPlan:
     run_dir: Path
     notebooks: list[Path]
     declared: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifest: Path | None = None  # the data manifest the chapters read (default: <root>/data_manifest.yaml)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.manifest if self.manifest is not None else self.root / "data_manifest.yaml"
 
 
 def _log(msg: str) -> None:
@@ -205,10 +210,15 @@ def plan_build(
     profile: str = "demo",
     overrides: dict[str, Any] | None = None,
     run_dir: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
 ) -> BuildPlan:
-    """Check every input and return what would run: notebooks, parameters, run directory."""
+    """Check every input and return what would run: notebooks, parameters, run directory.
+
+    ``manifest`` replaces ``<root>/data_manifest.yaml`` (e.g. a copy with a cohort's flags changed).
+    """
     root = Path(root).resolve()
-    load_manifest(root / "data_manifest.yaml")  # validate early: a bad manifest stops the build here
+    manifest_path = Path(manifest).resolve() if manifest is not None else root / "data_manifest.yaml"
+    load_manifest(manifest_path)  # validate early: a bad manifest stops the build here
     notebooks = toc_notebooks(root)
     declared = {nb.stem: notebook_parameters(nb) for nb in notebooks}
     known = set().union(*[set(d) for d in declared.values()]) if declared else set()
@@ -216,7 +226,8 @@ def plan_build(
     rd = Path(run_dir) if run_dir else root / "runs" / profile
     if not rd.is_absolute():
         rd = root / rd
-    return BuildPlan(root=root, profile=profile, params=params, run_dir=rd, notebooks=notebooks, declared=declared)
+    return BuildPlan(root=root, profile=profile, params=params, run_dir=rd, notebooks=notebooks, declared=declared,
+                     manifest=manifest_path if manifest is not None else None)
 
 
 def _chapter_params(plan: BuildPlan, stem: str) -> dict[str, Any]:
@@ -227,7 +238,8 @@ def _chapter_params(plan: BuildPlan, stem: str) -> dict[str, Any]:
     if "run_dir" in declared:
         params["run_dir"] = _relative(plan.run_dir, plan.root)
     if "manifest" in declared:
-        params["manifest"] = "data_manifest.yaml"  # chapters run with the book root as working folder
+        # chapters run with the book root as working folder
+        params["manifest"] = _relative(plan.manifest_path, plan.root)
     return params
 
 
@@ -274,7 +286,7 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_dir.mkdir(parents=True, exist_ok=True)
     pkg = _package_hash()
-    manifest_bytes = (plan.root / "data_manifest.yaml").read_bytes()
+    manifest_bytes = plan.manifest_path.read_bytes()
     upstream = ""
     results: list[ChapterResult] = []
     n = len(plan.notebooks)
@@ -389,6 +401,25 @@ def _dedupe_inline_scripts(html_dir: Path) -> None:
             page.write_text("".join(out))
 
 
+def _policy(plan: BuildPlan) -> Any:
+    from brainsex.privacy import DEFAULT_MIN_GROUP_SIZE, publication_policy
+
+    k = plan.params.get("min_group_size", DEFAULT_MIN_GROUP_SIZE)
+    return publication_policy(plan.run_dir, plan.manifest_path, k if k is not None else DEFAULT_MIN_GROUP_SIZE,
+                              cohorts=plan.params.get("cohorts"))
+
+
+def _publishable_copy(executed: Path, dest: Path) -> None:
+    """Copy an executed chapter into the staging folder without its outputs marked local only."""
+    from brainsex.privacy import strip_local_outputs
+
+    nb = nbformat.read(executed, as_version=4)
+    if strip_local_outputs(nb):
+        nbformat.write(nb, dest)
+    else:
+        shutil.copy2(executed, dest)
+
+
 def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
     """Stage the book sources with the executed chapters, run ``jupyter-book build``, swap into place.
 
@@ -412,14 +443,15 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
             executed = plan.run_dir / "notebooks" / f"{src.stem}.ipynb"
             if not executed.is_file():
                 raise BuildError(f"{executed}: executed chapter missing; run the notebooks first")
-            shutil.copy2(executed, stage / "notebooks" / executed.name)
+            _publishable_copy(executed, stage / "notebooks" / executed.name)
         static = stage / "_static"
         static.mkdir(exist_ok=True)
         if (root / "_static").is_dir():
             shutil.copytree(root / "_static", static, dirs_exist_ok=True)
         shutil.copy2(_plotly_js(), static / "plotly.min.js")
         _copy_mathjax(stage / "_extra" / "_mathjax")
-        results_bundle(plan.run_dir, stage / "_extra" / "results.zip")
+        policy = _policy(plan)
+        results_bundle(plan.run_dir, stage / "_extra" / "results.zip", policy=policy)
         jb = Path(sys.executable).parent / "jupyter-book"
         cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(stage), "--path-output", str(stage / "_out")]
         _log("building HTML with jupyter-book ...")
@@ -432,9 +464,11 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
             tail = "\n".join(log.strip().splitlines()[-30:])
             raise NotebookFailed(f"jupyter-book build failed (log: {plan.run_dir / 'build.log'}):\n{tail}")
         new_html = stage / "_out" / "_build" / "html"
-        from brainsex.privacy import check_published_html
+        from brainsex.privacy import check_published
 
-        check_published_html(plan.run_dir, new_html, plan.root / "data_manifest.yaml")  # refuse before anything is published
+        # refuse before anything is published: every file of the new site, archives opened
+        scan_s = check_published(plan.run_dir, new_html, plan.manifest_path)
+        _log(f"privacy check: no protected subject ID or file name in the site ({scan_s:.1f} s)")
         _dedupe_inline_scripts(new_html)
         final = out_root / "html"
         old = out_root / f".html-old-{os.getpid()}"
@@ -457,10 +491,14 @@ def build(
     out: str | os.PathLike | None = None,
     run_dir: str | os.PathLike | None = None,
     html: bool = True,
+    manifest: str | os.PathLike | None = None,
 ) -> Path | None:
-    """Run every chapter of the book on ``profile`` and build the HTML (the whole of ``make book``)."""
+    """Run every chapter of the book on ``profile`` and build the HTML (the whole of ``make book``).
+
+    ``manifest`` replaces ``<root>/data_manifest.yaml`` for this build.
+    """
     t0 = time.perf_counter()
-    plan = plan_build(root, profile, overrides, run_dir=run_dir)
+    plan = plan_build(root, profile, overrides, run_dir=run_dir, manifest=manifest)
     _log(f"profile '{profile}', run directory {plan.run_dir}, {len(plan.notebooks)} chapters")
     results = run_notebooks(plan, force=force)
     final = None
@@ -541,11 +579,23 @@ def chapter_timings(run_dir: str | os.PathLike, chapters: Sequence[str] | None =
     return pd.DataFrame(rows, columns=["chapter", "seconds", "minutes"])
 
 
-def results_bundle(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+def results_bundle(run_dir: str | os.PathLike, dest: str | os.PathLike, policy: Any = None) -> Path:
     """Zip a run's aggregate results (:data:`BUNDLE_PATTERNS`: tables, average maps, timings) to ``dest``.
 
-    Only aggregate files are included, never per-subject tables or images, so the bundle can be
-    published for any cohort.
+    Only aggregate files are included, never per-subject tables or images. For a run on a restricted
+    cohort (``policy`` from :func:`brainsex.privacy.publication_policy` with ``shareable`` False), every
+    table row over fewer than ``policy.k`` subjects is suppressed and every average map over fewer
+    than ``k`` subjects — or of unknown size (not listed in ``saliency/maps.tsv``) — is left out;
+    ``SUPPRESSED.txt`` in the bundle lists what was withheld and why.
+
+    Parameters
+    ----------
+    run_dir
+        The run directory.
+    dest
+        The zip file to write.
+    policy
+        What may be published (default: everything in :data:`BUNDLE_PATTERNS`).
     """
     import zipfile
 
@@ -553,7 +603,48 @@ def results_bundle(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     files = sorted({f for pattern in BUNDLE_PATTERNS for f in run_dir.glob(pattern) if f.is_file()})
     from brainsex.io import atomic_path
 
+    restricted = policy is not None and not policy.shareable
+    withheld: list[str] = []
+    if restricted:
+        files, withheld = _restricted_files(run_dir, files, policy.k)
     with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for f in files:
-            zf.write(f, f.relative_to(run_dir).as_posix())
+            name = f.relative_to(run_dir).as_posix()
+            if restricted and f.suffix == ".tsv":
+                import pandas as pd
+
+                from brainsex.privacy import suppress_table
+
+                zf.writestr(name, suppress_table(pd.read_csv(f, sep="\t"), policy.k).to_csv(sep="\t", index=False))
+            else:
+                zf.write(f, name)
+        if withheld:
+            zf.writestr("SUPPRESSED.txt", "\n".join(withheld) + "\n")
     return dest
+
+
+def _restricted_files(run_dir: Path, files: list[Path], k: int) -> tuple[list[Path], list[str]]:
+    """Leave out the average maps over fewer than ``k`` subjects (or of unknown size)."""
+    import pandas as pd
+
+    sizes: dict[str, int] = {}
+    maps_tsv = run_dir / "saliency" / "maps.tsv"
+    if maps_tsv.is_file():
+        t = pd.read_csv(maps_tsv, sep="\t")
+        sizes = {str(f): int(n) for f, n in zip(t["file"], t["n"], strict=True)}
+    # tables read off one average map go (or stay) with it
+    derived = {"atlas/region_scores.tsv": "mean_rtiv_subset.nii.gz"}
+    kept, withheld = [], []
+    for f in files:
+        source = derived.get(f.relative_to(run_dir).as_posix())
+        if source is not None and sizes.get(source, 0) < k:
+            withheld.append(f"{f.relative_to(run_dir).as_posix()}: read off {source}, withheld with it")
+            continue
+        if f.name.endswith((".nii", ".nii.gz")):
+            n = sizes.get(f.name)
+            if n is None or n < k:
+                why = "size unknown" if n is None else f"fewer than {k} subjects"
+                withheld.append(f"{f.relative_to(run_dir).as_posix()}: average map withheld ({why}; restricted cohort)")
+                continue
+        kept.append(f)
+    return kept, withheld

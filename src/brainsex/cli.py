@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--out", default=None, help="output folder (default: <root>/_build)")
     b.add_argument("--run-dir", default=None, help="run directory (default: <root>/runs/<profile>)")
     b.add_argument("--no-html", action="store_true", help="execute the chapters only")
+    b.add_argument("--manifest", default=None, help="data manifest (default: <root>/data_manifest.yaml)")
 
     sub.add_parser("profiles", help="list the parameter profiles")
     sub.add_parser("train", help="train the SFCN outside the book (see `brainsex train --help`)")
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 build(args.root, args.profile, _params(args.param), force=args.force, out=args.out,
-                      run_dir=args.run_dir, html=not args.no_html)
+                      run_dir=args.run_dir, html=not args.no_html, manifest=args.manifest)
             except NotebookFailed as exc:
                 print(f"brainsex: error: {exc}", file=sys.stderr)
                 return 1

@@ -678,7 +678,8 @@ def public_exclusions(exclusions: pd.DataFrame, manifest: Manifest | str | os.Pa
     """The exclusions table as it may be published: IDs only for shareable cohorts.
 
     Subjects of cohorts with ``shareable: false`` (or of cohorts the manifest does not know) are
-    counted per reason instead of listed, so that no protected identifier reaches the book.
+    counted per reason instead of listed, so that no protected identifier reaches the book; their
+    reasons are passed through :func:`brainsex.privacy.scrub_reason` (no ID, file name or path).
 
     Returns
     -------
@@ -691,8 +692,14 @@ def public_exclusions(exclusions: pd.DataFrame, manifest: Manifest | str | os.Pa
     cols = ["cohort", "participant_id", "reason", "n"]
     if exclusions.empty:
         return pd.DataFrame(columns=cols)
+    from brainsex.privacy import scrub_reason
+
     is_public = exclusions["cohort"].map(lambda c: shareable.get(str(c), False)).astype(bool)
     listed = exclusions.loc[is_public, ["cohort", "participant_id", "reason"]].assign(n=1)
-    counted = (exclusions.loc[~is_public].groupby(["cohort", "reason"], sort=True).size().rename("n").reset_index()
+    closed = exclusions.loc[~is_public].copy()
+    ids = closed["participant_id"].astype(str).tolist()
+    # reasons of restricted cohorts lose IDs, file names and quoted values, then group together
+    closed["reason"] = [scrub_reason(r, ids) for r in closed["reason"].astype(str)]
+    counted = (closed.groupby(["cohort", "reason"], sort=True).size().rename("n").reset_index()
                .assign(participant_id=""))
     return pd.concat([listed, counted[cols]], ignore_index=True)[cols]

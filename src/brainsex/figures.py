@@ -17,7 +17,7 @@ import pandas as pd
 
 from brainsex import BrainsexError
 
-__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex", "fig_qc_mosaic", "fig_tiv_agreement", "fig_step_times"]
+__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex", "fig_qc_mosaic", "fig_tiv_agreement", "fig_step_times", "fig_binned_histogram", "fig_binned_scatter", "fig_qc_summary", "fig_box_summary"]
 
 #: Colour-blind safe (Okabe-Ito), readable on light and dark themes.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999"]
@@ -28,7 +28,7 @@ def _in_book_build() -> bool:
     return os.environ.get("BRAINSEX_BOOK_BUILD") == "1"
 
 
-def show(fig: Any, alt: str | None = None) -> None:
+def show(fig: Any, alt: str | None = None, local_only: bool = False) -> None:
     """Display a plotly figure so that it works both in the offline book and in live notebooks.
 
     Parameters
@@ -37,6 +37,9 @@ def show(fig: Any, alt: str | None = None) -> None:
         A ``plotly.graph_objects.Figure``.
     alt
         A text description for screen readers (``aria-label`` of the figure's container).
+    local_only
+        Subject-level detail of a restricted cohort: kept in the executed notebook in the run directory,
+        removed from the published book (:func:`brainsex.privacy.strip_local_outputs`).
 
     Returns ``None`` so that a call on a cell's last line does not display the figure twice.
     """
@@ -49,12 +52,24 @@ def show(fig: Any, alt: str | None = None) -> None:
     html = fig.to_html(include_plotlyjs=False, full_html=False, config={"responsive": True},
                        default_height=f"{height}px")
     label = (alt or fig.layout.title.text or "interactive figure").replace('"', "'")
-    display(HTML(f'<div class="brainsex-plotly" role="img" aria-label="{label}">{html}</div>'))
+    display(HTML(f'<div class="brainsex-plotly" role="img" aria-label="{label}">{html}</div>'),
+            metadata=_local_metadata(local_only))
     return None
 
 
-def show_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 200, **style: Any) -> None:
-    """Display a table as static HTML (sortable in the page, readable without JavaScript)."""
+def _local_metadata(local_only: bool) -> dict[str, Any] | None:
+    from brainsex.privacy import LOCAL_ONLY_KEY
+
+    return {LOCAL_ONLY_KEY: True} if local_only else None
+
+
+def show_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 200, local_only: bool = False,
+               **style: Any) -> None:
+    """Display a table as static HTML (sortable in the page, readable without JavaScript).
+
+    ``local_only=True`` keeps the table in the executed notebook of the run directory and out of the
+    published book (subject-level rows of a restricted cohort).
+    """
     from IPython.display import HTML, display
 
     if df.index.name is not None or any(n is not None for n in df.index.names):
@@ -65,7 +80,7 @@ def show_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 200
     html = shown.to_html(index=False, classes="brainsex-table", border=0, na_rep="n/a", **style)
     cap = f"<p class='caption'><em>{caption}</em></p>" if caption else ""
     more = f"<p><em>{len(df) - max_rows} more rows in the run directory.</em></p>" if len(df) > max_rows else ""
-    display(HTML(cap + html + more))
+    display(HTML(cap + html + more), metadata=_local_metadata(local_only))
     return None
 
 
@@ -818,4 +833,139 @@ def fig_tbm_coefficients(coef: pd.DataFrame, names: Sequence[str] | pd.Series | 
     fig = go.Figure([go.Bar(x=x, y=coef[c], name=str(c)) for c in coef.columns])
     fig.update_layout(barmode="group", title=title, yaxis_title="coefficient of male (TIV-adjusted)", height=460,
                       margin={"l": 10, "r": 10, "t": 50, "b": 120}, legend={"orientation": "h", "y": -0.45})
+    return fig
+
+
+# --- aggregate views for restricted cohorts (see brainsex.privacy) ---------------------------------
+
+
+def fig_binned_histogram(groups: Mapping[str, pd.DataFrame], title: str, x_title: str,
+                         colors: Mapping[str, str] | None = None, k: int | None = None) -> Any:
+    """Histogram bars drawn from pre-binned counts (:func:`brainsex.privacy.binned_counts`), one trace per group.
+
+    The page carries only the counts, never the subjects' values; suppressed bins (1 to ``k - 1``
+    subjects) are drawn as hatched grey placeholders and named in the legend.
+
+    Parameters
+    ----------
+    groups
+        Group name -> binned counts (``left``, ``right``, ``center``, ``n``, ``suppressed``).
+    title, x_title
+        Figure and x-axis titles.
+    colors
+        Group name -> colour.
+    k
+        The minimum group size (for the legend entry of suppressed bins).
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    any_suppressed = False
+    for i, (name, b) in enumerate(groups.items()):
+        color = (colors or {}).get(name, PALETTE[i % len(PALETTE)])
+        width = (b["right"] - b["left"]).to_numpy()
+        fig.add_trace(go.Bar(x=b["center"], y=b["n"], width=width, name=str(name), marker_color=color, opacity=0.6,
+                             hovertemplate=f"{name}<br>%{{x:.0f}}: %{{y}} subjects<extra></extra>"))
+        sup = b[b["suppressed"]]
+        if len(sup):
+            any_suppressed = True
+            fig.add_trace(go.Bar(x=sup["center"], y=[1] * len(sup), width=(sup["right"] - sup["left"]).to_numpy(),
+                                 name=f"{name}: suppressed (< {k} subjects)", marker_color="#BBBBBB",
+                                 marker_pattern_shape="/", hoverinfo="skip"))
+    fig.update_layout(barmode="overlay", title=title, xaxis_title=x_title, yaxis_title="subjects", height=380)
+    if any_suppressed:
+        fig.add_annotation(xref="paper", yref="paper", x=0, y=1.08, showarrow=False, xanchor="left",
+                           text=f"grey bins: fewer than {k} subjects, count suppressed", font={"size": 10})
+    return fig
+
+
+def fig_binned_scatter(binned: Mapping[str, Any], x_title: str, y_title: str, title: str, k: int | None = None,
+                       identity: bool = False, hline: float | None = None) -> Any:
+    """The public form of a scatter plot: subjects counted per cell (:func:`brainsex.privacy.binned_counts_2d`).
+
+    Cells with 1 to ``k - 1`` subjects are blank; the title says how many subjects they hold.
+
+    Parameters
+    ----------
+    binned
+        Output of :func:`brainsex.privacy.binned_counts_2d`.
+    x_title, y_title, title
+        Axis and figure titles.
+    k
+        The minimum group size.
+    identity
+        Draw the line y = x.
+    hline
+        Draw a dashed horizontal line (a decision threshold).
+    """
+    import plotly.graph_objects as go
+
+    xe, ye = np.asarray(binned["x_edges"]), np.asarray(binned["y_edges"])
+    fig = go.Figure(go.Heatmap(x=(xe[:-1] + xe[1:]) / 2, y=(ye[:-1] + ye[1:]) / 2,
+                               z=np.asarray(binned["counts"]).T, colorscale="Blues", colorbar={"title": "subjects"},
+                               hovertemplate="%{x:.0f}, %{y:.2f}: %{z} subjects<extra></extra>"))
+    if identity:
+        lo, hi = float(min(xe[0], ye[0])), float(max(xe[-1], ye[-1]))
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="identity",
+                                 line={"color": "#999999", "dash": "dash"}, hoverinfo="skip"))
+    if hline is not None:
+        fig.add_hline(y=hline, line={"dash": "dash", "color": "#333333"})
+    note = (f" ({binned['n_suppressed']} subjects in cells of fewer than {k}: blank)"
+            if binned.get("n_suppressed") else "")
+    fig.update_layout(title=f"{title}{note}", xaxis_title=x_title, yaxis_title=y_title, height=440)
+    return fig
+
+
+def fig_qc_summary(mean: np.ndarray | None, sd: np.ndarray | None, n: int, note: str = "",
+                   title: str = "Registered brains, mid-axial slice: mean and standard deviation") -> Any:
+    """Mean and SD of the registered brains side by side (the QC view of a restricted cohort).
+
+    Parameters
+    ----------
+    mean, sd
+        2D arrays (x by y) from :func:`brainsex.privacy.qc_aggregate`; ``None`` when suppressed.
+    n
+        Number of subjects averaged.
+    note
+        Shown instead of the images when they are suppressed.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"mean (n = {n})", "standard deviation"),
+                        horizontal_spacing=0.08)
+    if mean is None or sd is None:
+        fig.add_annotation(xref="paper", yref="paper", x=0.5, y=0.5, text=note or "suppressed", showarrow=False)
+    else:
+        fig.add_trace(go.Heatmap(z=np.asarray(mean).T, colorscale="Gray", colorbar={"x": 0.45, "title": "mean"},
+                                 hoverinfo="skip"), row=1, col=1)
+        fig.add_trace(go.Heatmap(z=np.asarray(sd).T, colorscale="Viridis", colorbar={"title": "SD"},
+                                 hoverinfo="skip"), row=1, col=2)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, scaleanchor="x")
+    fig.update_layout(title=title, height=420)
+    return fig
+
+
+def fig_box_summary(stats: pd.DataFrame, x: str, title: str, y_title: str) -> Any:
+    """Box plots drawn from quantiles only (no subject's value), one box per row of ``stats``.
+
+    Parameters
+    ----------
+    stats
+        Columns ``x``, ``sex``, ``q10``, ``q25``, ``median``, ``q75``, ``q90``, ``n`` (rows with a
+        missing ``median`` are suppressed groups and left out).
+    x
+        The grouping column drawn on the x axis.
+    title, y_title
+        Figure and axis titles.
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for sex, name in (("F", "female"), ("M", "male")):
+        s = stats[(stats["sex"] == sex) & stats["median"].notna()]
+        fig.add_trace(go.Box(x=s[x].astype(str), q1=s["q25"], median=s["median"], q3=s["q75"], lowerfence=s["q10"],
+                             upperfence=s["q90"], name=name, marker_color=SEX_COLORS[sex], boxpoints=False))
+    fig.update_layout(boxmode="group", title=title, yaxis_title=y_title, height=380)
     return fig
