@@ -9,7 +9,8 @@ BIN    := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 PROFILE   ?= demo
 ARGS      ?=
-PYTEST_ARGS ?=
+# two workers: the book-building tests stay together on one (see tests/conftest.py), the unit tests take the other
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: all book test install browser lint bench clean
 

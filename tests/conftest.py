@@ -66,8 +66,12 @@ def mini_book(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def restricted_smoke_book(tmp_path_factory) -> dict:
-    """The smoke book with the phantom marked ``shareable: false`` (a manifest copy passed to the build)."""
+def restricted_smoke_book(tmp_path_factory, smoke_book) -> dict:
+    """The smoke book with the phantom marked ``shareable: false`` (a manifest copy passed to the build).
+
+    It starts from a copy of the shareable smoke book's run directory, so the phantom, the preprocessing
+    and the checkpoint are resumed rather than recomputed; every chapter still runs again (``force``).
+    """
     import contextlib
     import io
 
@@ -82,6 +86,7 @@ def restricted_smoke_book(tmp_path_factory) -> dict:
             cohort["shareable"] = False
     (base / "data_manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     run_dir, out = base / "run", base / "out"
+    shutil.copytree(smoke_book["run_dir"], run_dir, ignore=shutil.ignore_patterns("build.log", "_book*", "_html*"))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         html = build(ROOT, "smoke", run_dir=run_dir, out=out, force=True, manifest=base / "data_manifest.yaml")
