@@ -12,13 +12,13 @@ ARGS      ?=
 # two workers: the book-building tests stay together on one (see tests/conftest.py), the unit tests take the other
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: all book test install browser lint bench clean
+.PHONY: all book test install browser lint bench bench-fresh clean
 
 all: book
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@# uv installs the 1.7 GB of dependencies several times faster than pip (measured in benchmarks/setup);
+	@# uv installs the 1.7 GB of dependencies several times faster than pip (measured: benchmarks/fresh_clone.py);
 	@# pip stays the fallback. uv does not read pip's configuration, so pip's find-links (where this
 	@# machine keeps its CPU torch wheel) is handed over explicitly.
 	if $(BIN)/python -m pip install -q uv; then \
@@ -49,6 +49,10 @@ test: install browser
 # performance table (benchmarks/results/); run on an otherwise idle machine
 bench: install
 	$(BIN)/python -m benchmarks $(ARGS)
+
+# wall time of `make test` and `make book` from fresh clones of HEAD (benchmarks/results/fresh_clone.md)
+bench-fresh:
+	$(PYTHON) -m benchmarks.fresh_clone $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests notebooks benchmarks

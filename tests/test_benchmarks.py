@@ -325,3 +325,60 @@ def test_gpu_script_refuses_the_paper_profile_on_a_cpu(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--tiny" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def _fake_repo(tmp_path: Path, fail_phase: str | None = None) -> Path:
+    """A git repository whose Makefile has the README's targets, each trivial (one may fail)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    lines = []
+    for phase in ("install", "browser", "test", "book"):
+        body = "false" if phase == fail_phase else f"echo {phase}"
+        lines.append(f"{phase}:\n\t{body}\n")
+    (repo / "Makefile").write_text("\n".join(lines))
+    build = repo / "runs" / "demo" / ".build"
+    build.mkdir(parents=True)
+    (build / "00_cohort.json").write_text(json.dumps({"seconds": 12.5}))
+    (repo / ".gitignore").write_text("")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A", "-f"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "x"], cwd=repo, check=True, env=env)
+    return repo
+
+
+def test_fresh_clone_times_each_phase_and_reads_chapter_timings(tmp_path):
+    from benchmarks import fresh_clone
+
+    repo = _fake_repo(tmp_path)
+    log = tmp_path / "log.txt"
+    log.write_text("")
+    test_rows = fresh_clone.measure("make test", tmp_path / "w", log, repo=repo)
+    assert [r["phase"] for r in test_rows] == ["install", "browser", "test", "total"]
+    total = test_rows[-1]
+    assert total["target_s"] == fresh_clone.TARGETS["make test"] and total["pass"] is True
+    assert total["seconds"] == pytest.approx(sum(r["seconds"] for r in test_rows[:-1]))
+    book_rows = fresh_clone.measure("make book", tmp_path / "w", log, repo=repo)
+    chapter = [r for r in book_rows if r["phase"].startswith("chapter")]
+    assert [(r["phase"], r["seconds"]) for r in chapter] == [("chapter 00_cohort", 12.5)]
+    assert "stretch" in book_rows[-1]["note"]
+    assert "$ make install" in log.read_text()
+    header = {"date": "d", "git_commit": "c", "chromium": "x", "cache": "warm", "machine": {"cpu": "x"}}
+    md = fresh_clone.write(test_rows + book_rows, tmp_path / "out", header, ["--only", "test"]).read_text()
+    assert "| make test | total |" in md and "pass" in md
+    with (tmp_path / "out" / "fresh_clone.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == len(test_rows) + len(book_rows)
+
+
+def test_fresh_clone_failing_phase_stops_and_fails(tmp_path):
+    from benchmarks import fresh_clone
+
+    repo = _fake_repo(tmp_path, fail_phase="browser")
+    log = tmp_path / "log.txt"
+    log.write_text("")
+    rows = fresh_clone.measure("make test", tmp_path / "w", log, repo=repo)
+    assert [r["phase"] for r in rows] == ["install", "browser", "total"]
+    assert rows[1]["note"].startswith("exit status") and rows[-1]["pass"] is False
+    with pytest.raises(ValueError, match="unknown command"):
+        fresh_clone.measure("make tea", tmp_path / "w2", log, repo=repo)
