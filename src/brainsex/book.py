@@ -35,6 +35,7 @@ from brainsex import BrainsexError
 from brainsex.io import write_json_atomic, write_text_atomic
 from brainsex.manifest import load_manifest
 from brainsex.profiles import resolve_profile
+from brainsex.run import BUNDLE_PATTERNS, RunDir
 
 __all__ = [
     "BuildError",
@@ -52,12 +53,6 @@ __all__ = [
     "BUNDLE_PATTERNS",
 ]
 
-#: Aggregate results of a run that go into the book's downloadable ``results.zip`` (no per-subject rows).
-BUNDLE_PATTERNS = (
-    "evaluate/subgroup_metrics.tsv", "tiv/tertiles.tsv", "tiv/metrics_in_rtiv.tsv", "tiv/rtiv.json",
-    "train/history.tsv", "saliency/*.nii.gz", "saliency/spearman.json", "atlas/region_scores.tsv",
-    "validity/*.tsv", ".build/*.json",
-)
 
 #: Files and folders of the repository that make up the book's sources (book root = repository root).
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book", "benchmarks/results", "benchmarks/validity")
@@ -269,8 +264,9 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    out_dir = plan.run_dir / "notebooks"
-    stamp_dir = plan.run_dir / ".build"
+    run = RunDir(plan.run_dir)
+    out_dir = run.notebooks
+    stamp_dir = run.stamps
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_dir.mkdir(parents=True, exist_ok=True)
     pkg = _package_hash()
@@ -288,8 +284,8 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
             h.update(part)
         digest = h.hexdigest()
         upstream = digest
-        executed = out_dir / f"{stem}.ipynb"
-        stamp = stamp_dir / f"{stem}.json"
+        executed = run.executed(stem)
+        stamp = run.stamp(stem)
         if not force and executed.exists() and stamp.exists():
             try:
                 if json.loads(stamp.read_text()).get("hash") == digest:
@@ -409,7 +405,7 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
                 shutil.copy2(src, stage / name)
         (stage / "notebooks").mkdir()
         for src in plan.notebooks:
-            executed = plan.run_dir / "notebooks" / f"{src.stem}.ipynb"
+            executed = RunDir(plan.run_dir).executed(src.stem)
             if not executed.is_file():
                 raise BuildError(f"{executed}: executed chapter missing; run the notebooks first")
             shutil.copy2(executed, stage / "notebooks" / executed.name)
@@ -427,10 +423,10 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=stage)
         log = proc.stdout + "\n" + proc.stderr
         plan.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(plan.run_dir / "build.log", log)
+        write_text_atomic(RunDir(plan.run_dir).build_log, log)
         if proc.returncode != 0:
             tail = "\n".join(log.strip().splitlines()[-30:])
-            raise NotebookFailed(f"jupyter-book build failed (log: {plan.run_dir / 'build.log'}):\n{tail}")
+            raise NotebookFailed(f"jupyter-book build failed (log: {RunDir(plan.run_dir).build_log}):\n{tail}")
         new_html = stage / "_out" / "_build" / "html"
         from brainsex.privacy import check_published_html
 
@@ -488,7 +484,7 @@ def paper_vs_run(run_dir: str | os.PathLike) -> Any:
     rows = []
     for item in items:
         spec = item["run"]
-        path = run_dir / spec["file"]
+        path = RunDir(run_dir).file(spec["file"])
         value = None
         if path.is_file():
             if path.suffix == ".json":
@@ -526,11 +522,11 @@ def chapter_timings(run_dir: str | os.PathLike, chapters: Sequence[str] | None =
     """
     import pandas as pd
 
-    stamps = Path(run_dir) / ".build"
-    names = list(chapters) if chapters is not None else sorted(p.stem for p in stamps.glob("*.json"))
+    run = RunDir(run_dir)
+    names = list(chapters) if chapters is not None else sorted(p.stem for p in run.stamps.glob(run.stamp("*").name))
     rows = []
     for name in names:
-        path = stamps / f"{name}.json"
+        path = run.stamp(name)
         if not path.is_file():
             continue
         try:

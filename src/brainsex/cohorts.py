@@ -44,6 +44,7 @@ import pandas as pd
 from brainsex import BrainsexError
 from brainsex.io import write_table
 from brainsex.manifest import CohortEntry, Manifest, expand_env, load_manifest
+from brainsex.run import RunDir
 
 __all__ = [
     "COLUMNS",
@@ -360,8 +361,7 @@ def _load_synthetic(entry: CohortEntry, root: Path, n: int | None, voxel_size: f
         pid = r["participant_id"]
         rows.append({"participant_id": pid, "sex_raw": r["sex"], "age_raw": r["age"], "dataset": r["dataset"],
                      "vendor_raw": r["vendor"], "field_raw": r["field"], "tiv_raw": r["tiv_ml"],
-                     "image": root / pid / "anat" / f"{pid}_T1w.nii.gz",
-                     "mask": root / "ground_truth" / "masks" / f"{pid}_desc-brain_mask.nii.gz" if provide_masks else ""})
+                     "image": Path(r["image"]), "mask": Path(r["mask"]) if provide_masks else ""})
     exclusions: list[dict[str, str]] = []
     return _validate(rows, entry, exclusions), pd.DataFrame(exclusions, columns=EXCLUSION_COLUMNS)
 
@@ -605,9 +605,9 @@ def load_cohorts(
         participants.loc[clash, "participant_id"] = (participants.loc[clash, "cohort"] + "-"
                                                      + participants.loc[clash, "participant_id"])
     exclusions = pd.concat(excls, ignore_index=True) if excls else pd.DataFrame(columns=EXCLUSION_COLUMNS)
-    out = Path(run_dir) / "cohort"
-    write_table(participants[COLUMNS], out / "participants.tsv")
-    write_table(exclusions[EXCLUSION_COLUMNS], out / "exclusions.tsv")
+    out = RunDir(run_dir).cohort
+    write_table(participants[COLUMNS], out.participants)
+    write_table(exclusions[EXCLUSION_COLUMNS], out.exclusions)
     return participants[COLUMNS], exclusions[EXCLUSION_COLUMNS]
 
 

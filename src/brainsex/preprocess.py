@@ -52,6 +52,7 @@ from scipy import ndimage
 
 from brainsex import BrainsexError
 from brainsex.io import atomic_path, read_table, sha256_file, write_json_atomic, write_table
+from brainsex.run import PhantomDir, PreprocessDir
 
 __all__ = [
     "PIPELINE_VERSION",
@@ -1509,15 +1510,15 @@ def preprocess_cohort(
     order = {_pid(r): i for i, r in enumerate(rows)}
     qc = qc[QC_COLUMNS].assign(_o=qc["participant_id"].map(order)).sort_values("_o").drop(columns="_o")
     qc = qc.reset_index(drop=True)
-    write_table(qc, out / "qc.tsv")
+    write_table(qc, PreprocessDir(out).qc)
     pp = table.drop(columns=[c for c in PREPROCESSED_COLUMNS if c in table.columns])
     key = pp["participant_id"].map(lambda p: _pid({"participant_id": p}))
     merged = qc.set_index("participant_id")[PREPROCESSED_COLUMNS]
     pp = pd.concat([pp.reset_index(drop=True), merged.loc[key.to_numpy()].reset_index(drop=True)], axis=1)
-    write_table(pp, out / "preprocessed.tsv")
+    write_table(pp, PreprocessDir(out).table)
     n_failed = int((pp["status"] != "ok").sum())
     if n_failed:
-        logger.warning("preprocessing: %d of %d participants failed (see %s)", n_failed, len(pp), out / "qc.tsv")
+        logger.warning("preprocessing: %d of %d participants failed (see %s)", n_failed, len(pp), PreprocessDir(out).qc)
     return pp
 
 
@@ -1569,7 +1570,9 @@ def registration_errors(table: pd.DataFrame, cohort_dir: str | os.PathLike,
     """
     from brainsex.synthetic import pose_matrix
 
-    files = sorted(Path(cohort_dir).glob("*/ground_truth/poses.tsv"))
+    root = Path(cohort_dir)
+    files = sorted(p for p in (PhantomDir(d).poses for d in (root.iterdir() if root.is_dir() else ()) if d.is_dir())
+                   if p.is_file())
     if not files:
         return None
     poses = pd.concat([pd.read_csv(f, sep="\t") for f in files]).drop_duplicates("participant_id")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainsex import BrainsexError
+from brainsex.run import RunDir
 
 __all__ = ["PrivacyError", "protected_ids", "scan_html", "check_published_html"]
 
@@ -28,15 +29,14 @@ def protected_ids(run_dir: str | Path, manifest: str | Path | None = None) -> se
     A row counts as non-shareable when its ``shareable`` column says so, or when its ``cohort`` is marked
     ``shareable: false`` in ``manifest`` (used for the exclusions table, which has no ``shareable`` column).
     """
-    folder = Path(run_dir) / "cohort"
+    folder = RunDir(run_dir).cohort
     closed: set[str] = set()
     if manifest is not None and Path(manifest).is_file():
         from brainsex.manifest import load_manifest
 
         closed = {c.name for c in load_manifest(manifest).cohorts if not c.shareable}
     ids: set[str] = set()
-    for name in ("participants.tsv", "exclusions.tsv"):
-        path = folder / name
+    for path in (folder.participants, folder.exclusions):
         if not path.is_file():
             continue
         table = pd.read_csv(path, sep="\t", dtype=str)
