@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from brainsex import BrainsexError
 from brainsex import validity as v
+from brainsex.run import RunDir
 
 torch.set_num_threads(1)
 
@@ -35,19 +36,28 @@ def _labels() -> pd.DataFrame:
     return pd.DataFrame({"label": [1, 2, 3, 4, 5, 6], "name": [f"R{i}" for i in range(1, 7)]})
 
 
-def test_planted_truth_finds_the_table_in_a_run_dir(tmp_path):
-    gt = tmp_path / "run" / "cohort" / "phantom" / "ground_truth"
+def test_planted_truth_reads_the_run_layout(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert run.truth is None and not run.has_truth  # nothing generated yet: a real cohort looks the same
+    with pytest.raises(BrainsexError, match="no ground truth"):
+        v.planted_truth(run)
+    gt = run.phantom.truth_dir
     gt.mkdir(parents=True)
     pd.DataFrame({"label": [3, 1], "name": ["R3", "R1"], "sign": [1, -1], "effect": [0.1, -0.1]}).to_csv(
-        gt / "regions.tsv", sep="\t", index=False)
-    for src in (tmp_path / "run", tmp_path / "run" / "cohort" / "phantom", gt / "regions.tsv"):
+        run.phantom.regions, sep="\t", index=False)
+    run.phantom.generation.write_text("{}")
+    assert run.has_truth
+    for src in (run, run.phantom, run.phantom.root, run.phantom.regions):
         t = v.planted_truth(src)
         assert t["label"].tolist() == [3, 1] and t["contrast"].tolist() == [0.0, 0.0]
+    # a run directory given as a plain path is not searched: only the phantom's root or the file
+    with pytest.raises(BrainsexError, match="no planted-region table"):
+        v.planted_truth(run.root)
     with pytest.raises(BrainsexError, match="no planted-region table"):
         v.planted_truth(tmp_path / "nowhere")
-    (gt / "regions.tsv").write_text("name\tsign\nR1\t1\n")
+    run.phantom.regions.write_text("name\tsign\nR1\t1\n")
     with pytest.raises(BrainsexError, match="label"):
-        v.planted_truth(gt / "regions.tsv")
+        v.planted_truth(run.phantom.regions)
 
 
 def test_truth_map_ranking_hand_computed():
@@ -336,9 +346,18 @@ def load_template_8():
     return load_template(8.0, source="offline")
 
 
-def test_study_cli_parses_defaults():
-    args = v._parser().parse_args(["study", "--voxel-sizes", "8", "--effects", "contrast"])
-    assert args.voxel_sizes == [8.0] and args.effects == ["contrast"] and args.zscores == ["brain", "reference"]
+def test_study_cli_options_are_the_study_profile():
+    from brainsex.profiles import resolve_profile
+
+    defaults = resolve_profile("study", kind="study")
+    args = vars(v._parser().parse_args(["study", "--voxel-sizes", "8", "--effects", "contrast", "--no-tbm"]))
+    assert args["voxel_sizes"] == [8.0] and args["effects"] == ["contrast"] and args["tbm"] is False
+    # every profile parameter is an option; what is not given stays None so that the profile decides
+    assert set(defaults) <= set(args) and args["zscores"] is None and args["select"] is None
+    with pytest.raises(SystemExit):
+        v._parser().parse_args(["study", "--effects", "shape"])
+    with pytest.raises(BrainsexError, match="unknown parameter 'epohcs'"):
+        v.study(epohcs=3)
     with pytest.raises(BrainsexError, match="effect"):
         v._study_config("shape", 0.1, 0.1)
 
@@ -372,8 +391,7 @@ def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
     atlas, labels = load_atlas(8.0, source="offline")
     template = load_template_8()
     truth = v.planted_truth(tmp_path / "ph")
-    images = [str(tmp_path / "ph" / i / "anat" / f"{i}_T1w.nii.gz") for i in part["participant_id"]]
-    table = part.assign(etiv_ml=part["tiv_ml"], image_pp=images, status="ok")
+    table = part.assign(etiv_ml=part["tiv_ml"], image_pp=part["image"], status="ok")
     only_true = v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w",
                                    warps=(), n_perm=20)
     assert list(only_true.tables) == [v.PERFECT_ALL] and np.isnan(only_true.ratio)
@@ -387,7 +405,17 @@ def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
     assert pc.tables[v.PERFECT_SAMPLE].attrs["n_subjects"] == 4 == pc.tables[v.WARP_NAMES["tbm"]].attrs["n_subjects"]
     summary = pc.summary(k=10)
     assert summary["morphometry with"].tolist() == list(pc.tables) and (summary["P@10 chance"] > 0).all()
-    assert np.isfinite(pc.ratio) and -1.0 <= pc.agreement <= 1.0
+    # agreement and ratio, recomputed from the public pieces on the registered sample
+    sample = pc.tables[v.WARP_NAMES["tbm"]].attrs["sample"]
+    rows = table.set_index("participant_id", drop=False).loc[sample].reset_index(drop=True)
+    est = v.tbm_region_means(rows, template, atlas, labels, tmp_path / "w", warps="tbm")
+    true = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=sample)
+    r = [np.corrcoef(est[c], true.loc[est.index, c])[0, 1] for c in est.columns
+         if c in true.columns and est[c].notna().all() and est[c].std() > 0]
+    assert len(r) > 10 and pc.agreement == pytest.approx(np.median(r))
+    assert pc.agreement > 0.1  # registered warps follow each subject's anatomy (0.37 here; chance ~0)
+    ratio = (pc.coef[v.WARP_NAMES["tbm"]] / pc.coef[v.PERFECT_SAMPLE]).median()
+    assert pc.ratio == pytest.approx(ratio)
     with pytest.raises(BrainsexError, match="warps must be"):
         v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w", warps=("bogus",))
     with pytest.raises(BrainsexError, match="no subject"):
