@@ -50,20 +50,19 @@ seed = 0
 n_strip_check = 8
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 import numpy as np
 from myst_nb import glue
 
 from brainsex.figures import fig_qc_mosaic, fig_step_times, fig_tiv_agreement, show, show_table
 from brainsex.io import read_table
 from brainsex.preprocess import preprocess_cohort, qc_mosaic_slices, registration_errors, strip_agreement
+from brainsex.run import RunDir
 
-run = Path(run_dir)
-participants = read_table(run / "cohort" / "participants.tsv")
-table = preprocess_cohort(participants, run / "preprocess", voxel_size=voxel_size, n_workers=n_workers,
+run = RunDir(run_dir)
+participants = read_table(run.cohort.participants)
+table = preprocess_cohort(participants, run.preprocess, voxel_size=voxel_size, n_workers=n_workers,
                           progress=False)
-qc = read_table(run / "preprocess" / "qc.tsv")
+qc = read_table(run.preprocess.qc)
 ok = table["status"] == "ok"
 glue("n_ok", int(ok.sum()), display=False)
 glue("n_failed", int((~ok).sum()), display=False)
@@ -122,7 +121,7 @@ show(fig_qc_mosaic(slices, names, flagged), alt="Mosaic of registered brains wit
 # registration's error directly.
 
 # %% tags=["hide-input"]
-errors = registration_errors(table[ok], run / "cohort", qc=qc)
+errors = registration_errors(table[ok], run.cohort, qc=qc)
 if errors is not None and len(errors):
     glue("rot_err", f"{errors['rotation_error_deg'].median():.2f}", display=False)
     glue("trans_err", f"{errors['translation_error_mm'].median():.2f}", display=False)

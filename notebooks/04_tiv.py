@@ -41,13 +41,12 @@ n_bootstrap = 1000
 kde_threshold = 0.2
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 from myst_nb import glue
 
 from brainsex.evaluate import exclude_missing_tiv, format_metrics_table
 from brainsex.figures import fig_kde_overlap, fig_prob_vs_tiv, fig_tiv_tertile_hist, show, show_table
 from brainsex.io import read_table, write_json_atomic, write_table
+from brainsex.run import RunDir
 from brainsex.tiv import (
     assign_tertiles,
     balanced_rtiv_subset,
@@ -57,8 +56,8 @@ from brainsex.tiv import (
     tiv_tertiles,
 )
 
-run = Path(run_dir)
-pred, n_excluded = exclude_missing_tiv(read_table(run / "evaluate" / "predictions_with_baseline.tsv"), "etiv_ml")
+run = RunDir(run_dir)
+pred, n_excluded = exclude_missing_tiv(read_table(run.evaluate.predictions_with_baseline), "etiv_ml")
 glue("n_tiv", len(pred), display=False)
 glue("n_excluded", n_excluded, display=False)
 glue("profile", profile, display=False)
@@ -72,7 +71,7 @@ glue("profile", profile, display=False)
 
 # %% tags=["hide-input"]
 tertiles = tiv_tertiles(pred, tiv_col="etiv_ml")
-write_table(tertiles, run / "tiv" / "tertiles.tsv")
+write_table(tertiles, run.tiv.tertiles)
 show_table(tertiles.drop(columns=["note"], errors="ignore").round(3),
            caption="Accuracy by TIV bin and sex; balanced accuracy per bin")
 show(fig_tiv_tertile_hist(assign_tertiles(pred, tiv_col="etiv_ml"), tiv_col="etiv_ml"),
@@ -96,7 +95,7 @@ glue("acc_m_high", f"{100 * high_bin.loc['M', 'accuracy']:.0f}", display=False)
 female, male = pred.loc[pred["sex"] == "F", "etiv_ml"], pred.loc[pred["sex"] == "M", "etiv_ml"]
 curves = kde_curves(female, male, threshold=kde_threshold)
 rtiv = bootstrap_rtiv(female, male, n_bootstrap=n_bootstrap, seed=seed, threshold=kde_threshold)
-write_json_atomic(run / "tiv" / "rtiv.json", rtiv)
+write_json_atomic(run.tiv.rtiv, rtiv)
 low, high = rtiv["low"], rtiv["high"]
 glue("rtiv_low", f"{low:,.0f}", display=False)
 glue("rtiv_high", f"{high:,.0f}", display=False)
@@ -117,7 +116,7 @@ show(fig_kde_overlap(curves, female, male), alt="TIV densities of both sexes and
 # %% tags=["hide-input"]
 inside = metrics_in_range(pred, low, high, n_bootstrap=n_bootstrap, seed=seed)
 inside_tiv = metrics_in_range(pred, low, high, prob_col="prob_male_tiv", n_bootstrap=n_bootstrap, seed=seed)
-write_table(inside, run / "tiv" / "metrics_in_rtiv.tsv")
+write_table(inside, run.tiv.metrics_in_rtiv)
 table = format_metrics_table(inside, which=("accuracy", "balanced_accuracy", "accuracy_female", "accuracy_male"))
 table_tiv = format_metrics_table(inside_tiv, which=("accuracy", "balanced_accuracy"))
 show_table(table, caption="SFCN: inside vs outside R_tiv")
@@ -143,7 +142,7 @@ try:
     why = ""
 except BrainsexError as exc:  # e.g. no correctly classified scan of one sex inside the range
     subset, why = pred.iloc[0:0], f" ({exc})"
-write_table(subset, run / "tiv" / "rtiv_subset.tsv")
+write_table(subset, run.tiv.rtiv_subset)
 glue("n_subset", len(subset), display=False)
 glue("subset_note", why or " ", display=False)
 

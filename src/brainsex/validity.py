@@ -78,6 +78,14 @@ __all__ = [
     "method_rankings",
     "compare_methods",
     "reference_zscore",
+    "CONTROL_MIN_RECOVERED",
+    "CONTROL_MAX_RATIO",
+    "MIN_MODEL_ACCURACY",
+    "ControlVerdict",
+    "control_verdict",
+    "format_p",
+    "comparison_table",
+    "study_precision_table",
     "study",
     "main",
 ]
@@ -1252,6 +1260,159 @@ def _reference_mask(voxel_size: float, planted: Sequence[int], atlas: Any, margi
 # --------------------------------------------------------------------------------------------------
 # the study: effect types x grids x z-score variants (too heavy for the demo book)
 # --------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# the validity chapter's verdicts and tables
+# --------------------------------------------------------------------------------------------------
+#: The positive control passes when perfect warps on everyone recover at least this many planted regions
+#: (FDR q < 0.05 with the planted sign; the phantom plants ten, a few of which a coarse grid may lose).
+CONTROL_MIN_RECOVERED = 8
+#: Registered warps that carry less than this share of the planted difference (median over the planted
+#: regions, :attr:`PositiveControl.ratio`) are said to lose it.
+CONTROL_MAX_RATIO = 0.7
+#: A study model with a test accuracy below this is near chance: its maps explain little.
+MIN_MODEL_ACCURACY = 0.7
+
+
+@dataclass
+class ControlVerdict:
+    """What the positive control (:func:`positive_control`) says, as the validity chapter reads it.
+
+    Attributes
+    ----------
+    n_recovered
+        Planted regions recovered with perfect warps on every subject.
+    passes
+        ``n_recovered >= min_recovered``: the phantom and the test are sound.
+    registered
+        Name of the first registered version (None when none ran).
+    n_registered_subjects
+        Its sample size (0 when none ran).
+    registered_recovered, sample_recovered
+        Planted regions it recovers, and perfect warps on the same sample (None when none ran).
+    loses_difference
+        The registered warps carry less than ``max_ratio`` of the planted difference.
+    """
+
+    n_recovered: int
+    passes: bool
+    registered: str | None
+    n_registered_subjects: int
+    registered_recovered: int | None
+    sample_recovered: int | None
+    loses_difference: bool
+
+
+def control_verdict(
+    control: PositiveControl,
+    min_recovered: int = CONTROL_MIN_RECOVERED,
+    max_ratio: float = CONTROL_MAX_RATIO,
+) -> ControlVerdict:
+    """Read a positive control: does it pass, and do the registered warps keep the planted difference?
+
+    Parameters
+    ----------
+    control
+        The result of :func:`positive_control`.
+    min_recovered
+        Planted regions perfect warps must recover for the control to pass (:data:`CONTROL_MIN_RECOVERED`).
+    max_ratio
+        Below this share of the planted difference the registered warps lose it (:data:`CONTROL_MAX_RATIO`).
+
+    Returns
+    -------
+    ControlVerdict
+    """
+    recovered = {name: int(r["recovered"].sum()) for name, r in control.recoveries.items()}
+    n_recovered = recovered[PERFECT_ALL]
+    registered = [n for n in control.tables if n not in (PERFECT_ALL, PERFECT_SAMPLE)]
+    first = registered[0] if registered else None
+    return ControlVerdict(
+        n_recovered=n_recovered,
+        passes=n_recovered >= int(min_recovered),
+        registered=first,
+        n_registered_subjects=int(control.tables[first].attrs["n_subjects"]) if first else 0,
+        registered_recovered=recovered[first] if first else None,
+        sample_recovered=recovered.get(PERFECT_SAMPLE) if first else None,
+        loses_difference=bool(first) and bool(control.ratio < float(max_ratio)),
+    )
+
+
+def format_p(p: float) -> str:
+    """A p-value for a table: three decimals, ``< 0.001`` below that, ``n/a`` when missing.
+
+    Parameters
+    ----------
+    p
+        The p-value.
+    """
+    if p is None or not np.isfinite(p):
+        return "n/a"
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
+def comparison_table(summary: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """One row per method and scoring: precision@k, average precision and tolerant precision@k with chance.
+
+    Parameters
+    ----------
+    summary
+        Long rows (:func:`report_long` with ``method`` and ``scoring`` columns), e.g. the chapter's
+        ``validity_summary.tsv``.
+    k
+        The k of precision@k.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``method``, ``scoring`` and the observed values, chance levels (rounded to two decimals) and
+        p-values (:func:`format_p`) of each metric, in the order of ``summary``.
+    """
+    wide = summary.pivot_table(index=["method", "scoring"], columns="metric",
+                               values=["observed", "chance", "p_value"], sort=False)
+    return pd.DataFrame({
+        f"P@{k}": wide[("observed", f"precision_at_{k}")].round(2),
+        f"P@{k} chance": wide[("chance", f"precision_at_{k}")].round(2),
+        f"P@{k} p": wide[("p_value", f"precision_at_{k}")].map(format_p),
+        "AP": wide[("observed", "average_precision")].round(2),
+        "AP chance": wide[("chance", "average_precision")].round(2),
+        "AP p": wide[("p_value", "average_precision")].map(format_p),
+        f"P@{k} tolerant": wide[("observed", f"precision_at_{k}_tolerant")].round(2),
+        "chance ": wide[("chance", f"precision_at_{k}_tolerant")].round(2),
+    }).reset_index()
+
+
+def study_precision_table(study: pd.DataFrame, k: int = 10, min_accuracy: float = MIN_MODEL_ACCURACY) -> pd.DataFrame:
+    """The validity study's precision@k rows for display, with a note on models near chance.
+
+    Parameters
+    ----------
+    study
+        The study table (:func:`study`).
+    k
+        The k of precision@k.
+    min_accuracy
+        Models below this test accuracy are noted as near chance (:data:`MIN_MODEL_ACCURACY`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``effect``, ``voxel_size``, ``zscore``, ``method``, ``scoring``, ``accuracy``, ``n_scans``,
+        ``observed``, ``chance``, ``p_value`` (formatted) and ``note``; ``attrs["n_weak"]`` is the
+        number of configurations whose model is near chance.
+    """
+    s10 = study[study["metric"] == f"precision_at_{k}"].copy()
+    s10["observed"] = s10["observed"].round(2)
+    s10["chance"] = s10["chance"].round(2)
+    s10["p_value"] = s10["p_value"].map(format_p)
+    s10["note"] = np.where(s10["accuracy"] < min_accuracy, "model near chance: its maps explain little", "")
+    s10["accuracy"] = s10["accuracy"].round(2)
+    out = s10[["effect", "voxel_size", "zscore", "method", "scoring", "accuracy", "n_scans", "observed", "chance",
+               "p_value", "note"]]
+    configs = study.drop_duplicates(["effect", "voxel_size", "zscore"])
+    out.attrs["n_weak"] = int((configs["accuracy"] < min_accuracy).sum())
+    return out
+
+
 def _study_config(effect: str, region_effect: float, contrast_effect: float) -> dict[str, float]:
     if effect == "volume":
         return {"region_effect": float(region_effect), "contrast_effect": 0.0}
