@@ -18,6 +18,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,8 @@ __all__ = [
     "paper_vs_run",
     "chapter_timings",
     "results_bundle",
+    "glue_references",
+    "unresolved_glue",
     "BUNDLE_PATTERNS",
 ]
 
@@ -553,3 +556,41 @@ def results_bundle(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
         for f in files:
             zf.write(f, f.relative_to(run_dir).as_posix())
     return dest
+
+
+#: A myst-nb glue role or directive in markdown: ``{glue}`key```, ``{glue:text}`key:.2f```, ``{glue:figure} key``.
+_GLUE_REF = re.compile(r"\{glue(?::[a-z]+)?\}(?:`([^`]+)`| +([^\s`]+))")
+
+
+def glue_references(notebook: Any) -> set[str]:
+    """The glue keys that a notebook's markdown cells refer to (roles and directives).
+
+    Parameters
+    ----------
+    notebook
+        A notebook (:class:`nbformat.NotebookNode`) or the path of an ``.ipynb``.
+    """
+    nb = nbformat.read(str(notebook), as_version=4) if isinstance(notebook, str | os.PathLike) else notebook
+    keys: set[str] = set()
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for role, directive in _GLUE_REF.findall(cell.source):
+                keys.add((role or directive).split(":")[0].strip())
+    return keys
+
+
+def unresolved_glue(notebook: Any) -> set[str]:
+    """Glue keys an executed notebook's prose refers to but none of its cells glued.
+
+    myst-nb renders such a reference as nothing (and logs ``No key ... found in glue data``), so a
+    sentence silently loses its number; a built book should have none.
+
+    Parameters
+    ----------
+    notebook
+        An executed notebook (:class:`nbformat.NotebookNode`) or the path of one.
+    """
+    nb = nbformat.read(str(notebook), as_version=4) if isinstance(notebook, str | os.PathLike) else notebook
+    glued = {out.get("metadata", {}).get("scrapbook", {}).get("name")
+             for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])}
+    return glue_references(nb) - glued

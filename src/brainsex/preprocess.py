@@ -1150,17 +1150,13 @@ def _pid(row: Mapping[str, Any]) -> str:
 
 def subject_dir(out_dir: str | os.PathLike, participant_id: str) -> Path:
     """``out_dir/sub-<id>/`` (the id keeps its ``sub-`` prefix once)."""
-    return Path(out_dir) / _pid({"participant_id": participant_id})
+    return PreprocessDir(out_dir).subject(_pid({"participant_id": participant_id}))
 
 
 def _output_paths(sdir: Path, pid: str) -> dict[str, Path]:
-    return {
-        "image_pp": sdir / f"{pid}_space-template_desc-preproc_T1w.nii.gz",
-        "mask_pp": sdir / f"{pid}_space-template_desc-brain_mask.nii.gz",
-        "mask_native": sdir / f"{pid}_space-T1w_desc-brain_mask.nii.gz",
-        "rigid_transform": sdir / f"{pid}_from-T1w_to-template_mode-rigid_xfm.mat",
-        "affine_transform": sdir / f"{pid}_from-T1w_to-template_mode-affine_xfm.mat",
-    }
+    paths = PreprocessDir(sdir.parent).subject_outputs(pid)
+    paths.pop("marker")
+    return paths
 
 
 def nonlinear_prefix(out_dir: str | os.PathLike, participant_id: str) -> Path:
@@ -1171,11 +1167,11 @@ def nonlinear_prefix(out_dir: str | os.PathLike, participant_id: str) -> Path:
     ``nonlinear_transform(image_pp, template, nonlinear_prefix(out_dir, pid))`` and reuses it.
     """
     pid = _pid({"participant_id": participant_id})
-    return subject_dir(out_dir, pid) / f"{pid}_from-rigid_to-template_mode-syn_"
+    return PreprocessDir(out_dir).syn_prefix(pid)
 
 
 def _marker_path(sdir: Path, pid: str) -> Path:
-    return sdir / f"{pid}_preprocess.json"
+    return PreprocessDir(sdir.parent).subject_outputs(pid)["marker"]
 
 
 def _present(value: Any) -> bool:

@@ -218,6 +218,51 @@ class PreprocessDir(_Folder):
         """``warps/``: cached non-linear transforms to the template (saliency and validity chapters)."""
         return self.root / "warps"
 
+    def subject(self, participant_id: str) -> Path:
+        """A subject's folder, ``<pid>/`` (the id as given: ``sub-0001``).
+
+        Parameters
+        ----------
+        participant_id
+            The subject's id, with its ``sub-`` prefix.
+        """
+        return self.root / str(participant_id)
+
+    def subject_outputs(self, participant_id: str) -> dict[str, Path]:
+        """The files preprocessing writes for a subject (BIDS-derivative names), by column name.
+
+        Parameters
+        ----------
+        participant_id
+            The subject's id, with its ``sub-`` prefix.
+
+        Returns
+        -------
+        dict
+            ``image_pp`` (z-scored, template grid), ``mask_pp``, ``mask_native``, ``rigid_transform``,
+            ``affine_transform`` and ``marker`` (written last: the subject is complete).
+        """
+        pid, d = str(participant_id), self.subject(participant_id)
+        return {
+            "image_pp": d / f"{pid}_space-template_desc-preproc_T1w.nii.gz",
+            "mask_pp": d / f"{pid}_space-template_desc-brain_mask.nii.gz",
+            "mask_native": d / f"{pid}_space-T1w_desc-brain_mask.nii.gz",
+            "rigid_transform": d / f"{pid}_from-T1w_to-template_mode-rigid_xfm.mat",
+            "affine_transform": d / f"{pid}_from-T1w_to-template_mode-affine_xfm.mat",
+            "marker": d / f"{pid}_preprocess.json",
+        }
+
+    def syn_prefix(self, participant_id: str) -> Path:
+        """Prefix of a subject's cached non-linear (SyN) transform files.
+
+        Parameters
+        ----------
+        participant_id
+            The subject's id, with its ``sub-`` prefix.
+        """
+        pid = str(participant_id)
+        return self.subject(pid) / f"{pid}_from-rigid_to-template_mode-syn_"
+
 
 class TrainDir(_Folder):
     """``<run_dir>/train/`` (or any folder :func:`brainsex.train.train` writes to; chapter 02).
