@@ -502,9 +502,8 @@ def test_study_at_smoke_size(tmp_path):
     dl = res[res["method"] == "saliency"]
     assert dl["accuracy"].between(0, 1).all() and dl["accuracy"].nunique() == 1
     # the accuracy is that of the kept checkpoint on the test subset, recomputed from the run's pieces
-    from brainsex.stages import evaluate_predictions, predict_split, split_subjects
-
     from brainsex.run import PreprocessDir, TrainDir
+    from brainsex.stages import evaluate_predictions, predict_split, split_subjects
 
     base = tmp_path / "work" / "volume_8mm"
     split = split_subjects(pd.read_csv(PreprocessDir(base / "preprocess").table, sep="\t"), seed=0)
