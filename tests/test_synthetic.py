@@ -245,9 +245,9 @@ def _arrays(out, df):
     return [np.asarray(nib.load(out / p / "anat" / f"{p}_T1w.nii.gz").dataobj) for p in df["participant_id"]]
 
 
-def test_same_seed_same_tree_whatever_n_jobs(tmp_path, cohort):
+def test_same_seed_same_tree_whatever_n_workers(tmp_path, cohort):
     out, df = cohort
-    df2 = synthetic.make_cohort(tmp_path, n=N, voxel_size=VS, seed=3, progress=False, n_jobs=2)
+    df2 = synthetic.make_cohort(tmp_path, n=N, voxel_size=VS, seed=3, progress=False, n_workers=2)
     paths = ["image", "mask"]
     pd.testing.assert_frame_equal(df.drop(columns=paths), df2.drop(columns=paths))
     for a, b in zip(_arrays(out, df), _arrays(tmp_path, df2), strict=True):

@@ -354,7 +354,7 @@ def _load_synthetic(entry: CohortEntry, root: Path, n: int | None, voxel_size: f
     regions = opts.pop("sex_regions", None)  # YAML: [[Pallidum, right], "Left Entorhinal"] or {"Right Pallidum": -1}
     if isinstance(regions, list):
         regions = [tuple(r) if isinstance(r, list) else r for r in regions]
-    participants = make_cohort(root, n=n, voxel_size=voxel_size, seed=seed, n_jobs=n_workers, progress=progress,
+    participants = make_cohort(root, n=n, voxel_size=voxel_size, seed=seed, n_workers=n_workers, progress=progress,
                                sex_regions=regions, **opts)
     rows = []
     for r in participants.to_dict("records"):

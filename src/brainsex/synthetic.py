@@ -41,7 +41,7 @@ How one subject is made (all in template space first, then placed in the scanner
    demo profile uses 4 mm, the smoke profile 8 mm, the paper profile 1 mm.
 
 Every subject has its own random stream (``numpy.random.SeedSequence(seed).spawn``), so a tree is the
-same for a given seed whatever ``n_jobs`` is.
+same for a given seed whatever ``n_workers`` is.
 """
 
 from __future__ import annotations
@@ -806,7 +806,7 @@ def make_cohort(
     region_effect: float = 0.10,
     tiv_effect: bool = True,
     seed: int = 0,
-    n_jobs: int = 1,
+    n_workers: int = 1,
     progress: bool = True,
     contrast_effect: float = 0.0,
     reference_source: str = "offline",
@@ -834,8 +834,8 @@ def make_cohort(
     tiv_effect : bool, default=True
         False draws both sexes' TIV from one distribution (no size difference).
     seed : int, default=0
-        Random seed; the tree is identical for a seed whatever ``n_jobs`` is.
-    n_jobs : int, default=1
+        Random seed; the tree is identical for a seed whatever ``n_workers`` is.
+    n_workers : int, default=1
         Parallel workers (joblib; -1 for all cores).
     progress : bool, default=True
         Show a progress bar.
@@ -910,7 +910,7 @@ def make_cohort(
     records = participants.to_dict("records")
     jobs = [(records[i], seeds[i], (str(img_paths[i]), str(mask_paths[i]))) for i in todo]
     bar = tqdm(total=len(jobs), desc=f"phantom ({vs:g} mm)", unit="subject", disable=not progress)
-    if n_jobs == 1 or len(jobs) <= 1:
+    if n_workers == 1 or len(jobs) <= 1:
         with threadpool_limits(1):  # tiny matrix products: threads only get in each other's way
             for row, ss, paths in jobs:
                 _make_subject(ctx, row, ss, info, paths)
@@ -923,7 +923,7 @@ def make_cohort(
                 if key != "effect_map":
                     np.save(ctx_dir / f"{key}.npy", np.ascontiguousarray(arr))
             tasks = (delayed(_subject_task)(str(ctx_dir), info, row, ss, paths) for row, ss, paths in jobs)
-            for _ in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
+            for _ in Parallel(n_jobs=n_workers, return_as="generator_unordered")(tasks):
                 bar.update()
         finally:
             shutil.rmtree(ctx_dir, ignore_errors=True)

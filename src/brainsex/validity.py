@@ -1506,7 +1506,7 @@ def study(
             tag = f"{effect}_{vs:g}mm"
             base = work / tag
             phantom = PhantomDir(base / "phantom")
-            participants = make_cohort(phantom.root, n=p["n_subjects"], voxel_size=vs, seed=seed, n_jobs=n_workers,
+            participants = make_cohort(phantom.root, n=p["n_subjects"], voxel_size=vs, seed=seed, n_workers=n_workers,
                                        progress=progress, **cfg)
             truth = planted_truth(phantom)
             prep = PreprocessDir(base / "preprocess")
