@@ -191,18 +191,20 @@ def book_rows(run_dir: str | os.PathLike, root: str | os.PathLike = REPO_ROOT) -
     """
     import datetime
 
-    run_dir = Path(run_dir)
-    stamps = run_dir / ".build"
+    from brainsex.run import RunDir
+
+    run = RunDir(run_dir)
+    stamps = run.stamps
     try:
         from brainsex.book import toc_notebooks
 
         chapters = [p.stem for p in toc_notebooks(root)]
     except Exception:  # a broken toc must not stop the benchmarks; fall back to the stamps present
-        chapters = sorted(p.stem for p in stamps.glob("*.json")) if stamps.is_dir() else []
+        chapters = sorted(p.stem for p in stamps.glob(run.stamp("*").name)) if stamps.is_dir() else []
     rows = []
     seconds = []
     for stem in chapters:
-        stamp = stamps / f"{stem}.json"
+        stamp = run.stamp(stem)
         if not stamp.is_file():
             rows.append(row("book", stem, unit="s", note="not run"))
             continue
@@ -237,8 +239,7 @@ def phantom_participants(workdir: Path, voxel: float, n: int, seed: int = 0):
     root = workdir / f"phantom-{voxel:g}mm"
     table = make_cohort(root, n=n, voxel_size=voxel, seed=seed, progress=False)
     table = table.copy()
-    table["image"] = [str(root / p / "anat" / f"{p}_T1w.nii.gz") for p in table["participant_id"]]
-    table["mask"] = ""
+    table["mask"] = ""  # make_cohort returns the image paths it wrote; the benchmark skull-strips
     return table
 
 
@@ -292,6 +293,7 @@ def run_preprocess(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
     """Seconds per subject of :func:`brainsex.preprocess.preprocess_cohort` (phantom, deepbet, ANTs)."""
     from brainsex.io import read_table
     from brainsex.preprocess import preprocess_cohort
+    from brainsex.run import PreprocessDir
 
     rows = []
     for pc in plan.preprocess:
@@ -307,7 +309,7 @@ def run_preprocess(plan: Plan, workdir: Path) -> list[dict[str, Any]]:
                         preprocess_cohort(participants, out, voxel_size=pc.voxel, n_workers=workers, resume=False,
                                           progress=False)
                     throughput.append(sw.seconds / len(participants))
-                    qc = read_table(out / "qc.tsv")
+                    qc = read_table(PreprocessDir(out).qc)
                     ok = qc["status"].astype(str) == "ok"
                     n_failed += int((~ok).sum())
                     per_subject += [float(v) for v in qc.loc[ok, "t_total_s"]]

@@ -82,7 +82,7 @@ from brainsex.privacy import (
 
 m = load_manifest(manifest)
 participants, exclusions = load_cohorts(m, cohorts, run_dir=run_dir, n=n_subjects, voxel_size=voxel_size,
-                                        seed=seed, n_jobs=n_workers, progress=False)
+                                        seed=seed, n_workers=n_workers, progress=False)
 glue("n_subjects", len(participants), display=False)
 glue("n_excluded", len(exclusions), display=False)
 glue("cohorts_used", ", ".join(cohorts), display=False)
@@ -148,7 +148,7 @@ show_table(public_exclusions(exclusions, m), caption="Excluded subjects and why"
 # %% [markdown]
 # ```{exercise}
 # :label: ex-cohort-truth
-# Open `runs/demo/cohort/phantom/ground_truth/regions.tsv`. Which regions were made larger in males
+# Open the phantom's planted-region table (`brainsex.run.RunDir("runs/demo").phantom.regions`). Which regions were made larger in males
 # and which smaller? Would you expect a saliency map to tell you the direction?
 # ```
 #

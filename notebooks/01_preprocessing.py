@@ -56,8 +56,6 @@ manifest = "data_manifest.yaml"
 min_group_size = 5
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 import numpy as np
 from myst_nb import glue
 
@@ -80,12 +78,13 @@ from brainsex.privacy import (
     qc_aggregate,
     reason_counts,
 )
+from brainsex.run import RunDir
 
-run = Path(run_dir)
-participants = read_table(run / "cohort" / "participants.tsv")
-table = preprocess_cohort(participants, run / "preprocess", voxel_size=voxel_size, n_workers=n_workers,
+run = RunDir(run_dir)
+participants = read_table(run.cohort.participants)
+table = preprocess_cohort(participants, run.preprocess, voxel_size=voxel_size, n_workers=n_workers,
                           progress=False)
-qc = read_table(run / "preprocess" / "qc.tsv")
+qc = read_table(run.preprocess.qc)
 ok = table["status"] == "ok"
 glue("n_ok", int(ok.sum()), display=False)
 glue("n_failed", int((~ok).sum()), display=False)
@@ -166,7 +165,7 @@ else:
 # registration's error directly.
 
 # %% tags=["hide-input"]
-errors = registration_errors(table[ok], run / "cohort", qc=qc)
+errors = registration_errors(table[ok], run.cohort, qc=qc)
 if errors is not None and len(errors):
     glue("rot_err", f"{errors['rotation_error_deg'].median():.2f}", display=False)
     glue("trans_err", f"{errors['translation_error_mm'].median():.2f}", display=False)

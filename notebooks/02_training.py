@@ -45,21 +45,17 @@ device = "auto"
 seed = 0
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 from myst_nb import glue
 
 from brainsex.figures import fig_learning_curves, show, show_table
-from brainsex.io import read_table, write_table
-from brainsex.split import check_no_leakage, split_composition, stratified_split
-from brainsex.train import TrainConfig, train
+from brainsex.io import read_table
+from brainsex.run import RunDir
+from brainsex.split import split_composition
+from brainsex.stages import split_subjects, train_model
 
-run = Path(run_dir)
-table = read_table(run / "preprocess" / "preprocessed.tsv")
-table = table[table["status"] == "ok"].reset_index(drop=True)
-split = stratified_split(table, by=("sex", "vendor", "field"), fractions=(0.8, 0.1, 0.1), seed=seed)
-check_no_leakage(split)
-write_table(split[["participant_id", "split", "stratum"]], run / "train" / "split.tsv")
+run = RunDir(run_dir)
+# the usable subjects, stratified by sex, vendor and field, checked for leakage; written to the run
+split = split_subjects(read_table(run.preprocess.table), seed=seed, out=run.train)
 counts = split["split"].value_counts()
 for name in ("train", "val", "test"):
     glue(f"n_{name}", int(counts.get(name, 0)), display=False)
@@ -90,10 +86,10 @@ show_table(split_composition(split), caption="Composition of each subset (percen
 # ```
 
 # %% tags=["hide-input"]
-config = TrainConfig(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seed=int(seed),
-                     device=device, select=select)
+settings = {"channels": channels, "epochs": epochs, "batch_size": batch_size, "lr": lr, "select": select,
+            "device": device, "seed": seed}
 # resume="auto": continue after an interruption, start afresh when settings changed
-result = train(split, config, out_dir=run / "train", channels=channels, resume="auto", progress=False)
+result = train_model(split, settings, run.train, resume="auto", progress=False)
 history = result.history
 glue("best_epoch", int(result.best_epoch), display=False)
 glue("train_acc_16", f"{100 * history.loc[history['epoch'] == 16, 'train_acc'].iloc[0]:.0f}"

@@ -47,15 +47,12 @@ manifest = "data_manifest.yaml"
 min_group_size = 5
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 from myst_nb import glue
 
 from brainsex.evaluate import (
     confusion,
     exclude_missing_tiv,
     format_metrics_table,
-    make_predictions_table,
     metrics,
     roc_curve_table,
     subgroup_metrics,
@@ -64,20 +61,17 @@ from brainsex.evaluate import (
 from brainsex.figures import fig_confusion, fig_roc, show, show_table
 from brainsex.io import read_table, write_table
 from brainsex.privacy import publication_policy, suppress_table
-from brainsex.train import predict
+from brainsex.run import RunDir
+from brainsex.stages import evaluate_predictions, predict_split
 
-run = Path(run_dir)
+run = RunDir(run_dir)
 policy = publication_policy(run_dir, manifest, min_group_size)
-table = read_table(run / "preprocess" / "preprocessed.tsv").merge(read_table(run / "train" / "split.tsv"),
-                                                                  on="participant_id")
-test = table[table["split"] == "test"].reset_index(drop=True)
-probs = predict(run / "train" / "best.pt", test, device=device, progress=False)
-pred = make_predictions_table(test, probs, split="test")
-write_table(pred, run / "evaluate" / "predictions.tsv")
+table = read_table(run.preprocess.table).merge(read_table(run.train.split), on="participant_id")
+pred = predict_split(run.train.best, table, split="test", device=device)
+write_table(pred, run.evaluate.predictions)
 
 # %% tags=["hide-input"]
-overall = metrics(pred["y_true"], pred["prob_male"], n_bootstrap=n_bootstrap, seed=seed)
-value = overall.set_index("metric")
+value = evaluate_predictions(pred, n_bootstrap=n_bootstrap, seed=seed)
 for name in ("accuracy", "balanced_accuracy", "auc_roc", "f1", "precision", "recall",
              "accuracy_female", "accuracy_male"):
     glue(name, f"{100 * value.loc[name, 'value']:.1f}", display=False)
@@ -111,7 +105,7 @@ show(fig_confusion(confusion(pred["y_true"], pred["y_pred"])), alt="Confusion ma
 
 # %% tags=["hide-input"]
 sub = subgroup_metrics(pred, by=("dataset", "vendor", "field", "age_group"), n_bootstrap=n_bootstrap, seed=seed)
-write_table(sub, run / "evaluate" / "subgroup_metrics.tsv")
+write_table(sub, run.evaluate.subgroup_metrics)
 by_group = format_metrics_table(sub, which=("accuracy", "balanced_accuracy", "f1", "auc_roc"))
 show_table(by_group if policy.shareable else suppress_table(by_group, policy.k),
            caption="Metrics by dataset, vendor, field strength and age range (95 % CI)")
@@ -126,7 +120,7 @@ show_table(by_group if policy.shareable else suppress_table(by_group, policy.k),
 kept, n_excluded = exclude_missing_tiv(pred, tiv_col="etiv_ml")
 train_rows = table[table["split"] == "train"]
 kept = kept.assign(prob_male_tiv=tiv_baseline(train_rows, kept, tiv_col="etiv_ml").to_numpy())
-write_table(kept, run / "evaluate" / "predictions_with_baseline.tsv")
+write_table(kept, run.evaluate.predictions_with_baseline)
 base = metrics(kept["y_true"], kept["prob_male_tiv"], n_bootstrap=n_bootstrap, seed=seed).set_index("metric")
 glue("tiv_only_accuracy", f"{100 * base.loc['accuracy', 'value']:.1f}", display=False)
 glue("tiv_only_auc", f"{100 * base.loc['auc_roc', 'value']:.1f}", display=False)
@@ -143,15 +137,16 @@ show(fig_roc({"SFCN": roc_curve_table(kept["y_true"], kept["prob_male"]),
 #
 # ```{exercise}
 # :label: ex-eval-by-hand
-# Take the rows of `evaluate/predictions.tsv` for one vendor and compute its accuracy and balanced
+# Take the rows of this run's predictions table (`RunDir("runs/demo").evaluate.predictions`) for one vendor and compute its accuracy and balanced
 # accuracy by hand with pandas. Do you get the numbers in the table?
 # ```
 #
 # ::::{solution} ex-eval-by-hand
 # :class: dropdown
 # ```python
-# import pandas as pd
-# p = pd.read_csv("runs/demo/evaluate/predictions.tsv", sep="\t")
+# from brainsex.io import read_table
+# from brainsex.run import RunDir
+# p = read_table(RunDir("runs/demo").evaluate.predictions)
 # g = p[p["vendor"] == "Siemens"]
 # acc = (g["y_true"] == g["y_pred"]).mean()
 # recall_m = (g.loc[g["y_true"] == 1, "y_pred"] == 1).mean()

@@ -47,8 +47,6 @@ manifest = "data_manifest.yaml"
 min_group_size = 5
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 import numpy as np
 from myst_nb import glue
 
@@ -64,6 +62,7 @@ from brainsex.figures import (
 )
 from brainsex.io import read_table, write_json_atomic, write_table
 from brainsex.privacy import binned_counts, binned_counts_2d, publication_policy, suppress_table
+from brainsex.run import RunDir
 from brainsex.tiv import (
     assign_tertiles,
     balanced_rtiv_subset,
@@ -73,9 +72,9 @@ from brainsex.tiv import (
     tiv_tertiles,
 )
 
-run = Path(run_dir)
+run = RunDir(run_dir)
 policy = publication_policy(run_dir, manifest, min_group_size)
-pred, n_excluded = exclude_missing_tiv(read_table(run / "evaluate" / "predictions_with_baseline.tsv"), "etiv_ml")
+pred, n_excluded = exclude_missing_tiv(read_table(run.evaluate.predictions_with_baseline), "etiv_ml")
 glue("n_tiv", len(pred), display=False)
 glue("n_excluded", n_excluded, display=False)
 glue("profile", profile, display=False)
@@ -89,7 +88,7 @@ glue("profile", profile, display=False)
 
 # %% tags=["hide-input"]
 tertiles = tiv_tertiles(pred, tiv_col="etiv_ml")
-write_table(tertiles, run / "tiv" / "tertiles.tsv")
+write_table(tertiles, run.tiv.tertiles)
 shown = tertiles.drop(columns=["note"], errors="ignore").round(3)
 show_table(shown if policy.shareable else suppress_table(shown, policy.k),
            caption="Accuracy by TIV bin and sex; balanced accuracy per bin")
@@ -121,7 +120,7 @@ for key, tbin, sex in (("acc_f_low", low_bin, "F"), ("acc_m_low", low_bin, "M"),
 female, male = pred.loc[pred["sex"] == "F", "etiv_ml"], pred.loc[pred["sex"] == "M", "etiv_ml"]
 curves = kde_curves(female, male, threshold=kde_threshold)
 rtiv = bootstrap_rtiv(female, male, n_bootstrap=n_bootstrap, seed=seed, threshold=kde_threshold)
-write_json_atomic(run / "tiv" / "rtiv.json", rtiv)
+write_json_atomic(run.tiv.rtiv, rtiv)
 low, high = rtiv["low"], rtiv["high"]
 glue("rtiv_low", f"{low:,.0f}", display=False)
 glue("rtiv_high", f"{high:,.0f}", display=False)
@@ -152,7 +151,7 @@ else:
 # %% tags=["hide-input"]
 inside = metrics_in_range(pred, low, high, n_bootstrap=n_bootstrap, seed=seed)
 inside_tiv = metrics_in_range(pred, low, high, prob_col="prob_male_tiv", n_bootstrap=n_bootstrap, seed=seed)
-write_table(inside, run / "tiv" / "metrics_in_rtiv.tsv")
+write_table(inside, run.tiv.metrics_in_rtiv)
 table = format_metrics_table(inside, which=("accuracy", "balanced_accuracy", "accuracy_female", "accuracy_male"))
 table_tiv = format_metrics_table(inside_tiv, which=("accuracy", "balanced_accuracy"))
 show_table(table if policy.shareable else suppress_table(table, policy.k), caption="SFCN: inside vs outside R_tiv")
@@ -179,7 +178,7 @@ try:
     why = ""
 except BrainsexError as exc:  # e.g. no correctly classified scan of one sex inside the range
     subset, why = pred.iloc[0:0], f" ({exc})"
-write_table(subset, run / "tiv" / "rtiv_subset.tsv")
+write_table(subset, run.tiv.rtiv_subset)
 glue("n_subset", len(subset), display=False)
 glue("subset_note", why or " ", display=False)
 

@@ -53,8 +53,6 @@ manifest = "data_manifest.yaml"
 min_group_size = 5
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from myst_nb import glue
@@ -62,21 +60,22 @@ from myst_nb import glue
 from brainsex.figures import fig_slice_viewer, plot_map_static, show
 from brainsex.io import read_table, write_json_atomic, write_table
 from brainsex.privacy import publication_policy, suppress_table
+from brainsex.run import RunDir
 from brainsex.saliency import average_maps, group_average, save_map, spearman_or_nan, template_space_maps
 from brainsex.templates import load_brain_mask, load_template
 from brainsex.tiv import assign_tertiles
 from brainsex.train import load_model
 
-run = Path(run_dir)
+run = RunDir(run_dir)
 policy = publication_policy(run_dir, manifest, min_group_size)
 map_sizes = []  # (file, n) of every average map, for the published bundle's group-size check
 template, brain = load_template(voxel_size), load_brain_mask(voxel_size)
 mask = np.asarray(brain.get_fdata()) > 0
-pred = read_table(run / "evaluate" / "predictions_with_baseline.tsv")
-paths = read_table(run / "preprocess" / "preprocessed.tsv")[["participant_id", "image_pp"]]
+pred = read_table(run.evaluate.predictions_with_baseline)
+paths = read_table(run.preprocess.table)[["participant_id", "image_pp"]]
 correct = pred[pred["y_true"] == pred["y_pred"]].merge(paths, on="participant_id").reset_index(drop=True)
-model = load_model(run / "train" / "best.pt", device="cpu" if device == "auto" else device)
-maps = template_space_maps(model, correct, template, cache_dir=run / "preprocess" / "warps", n_jobs=n_workers,
+model = load_model(run.train.best, device="cpu" if device == "auto" else device)
+maps = template_space_maps(model, correct, template, cache_dir=run.preprocess.warps, n_jobs=n_workers,
                            progress=False)
 glue("n_correct", len(correct), display=False)
 glue("n_test", len(pred), display=False)
@@ -89,13 +88,13 @@ glue("n_test", len(pred), display=False)
 
 # %% tags=["hide-input"]
 by_sex = group_average(maps, correct["sex"])
-out = run / "saliency"
+out = run.saliency
 for sex, m in by_sex.items():
-    save_map(m, template.affine, out / f"mean_correct_{sex}.nii.gz")
-    map_sizes.append({"file": f"mean_correct_{sex}.nii.gz", "n": int((correct["sex"] == sex).sum())})
+    save_map(m, template.affine, out.mean_correct(sex))
+    map_sizes.append({"file": out.mean_correct(sex).name, "n": int((correct["sex"] == sex).sum())})
 mean_all = average_maps(maps)
-save_map(mean_all, template.affine, out / "mean_correct_all.nii.gz")
-map_sizes.append({"file": "mean_correct_all.nii.gz", "n": len(correct)})
+save_map(mean_all, template.affine, out.mean_correct("all"))
+map_sizes.append({"file": out.mean_correct("all").name, "n": len(correct)})
 if {"F", "M"} <= set(by_sex):
     rho, p = spearman_or_nan(by_sex["F"], by_sex["M"], mask)
 else:  # a model that gets one sex always wrong (e.g. the tiny smoke model) has no map for it
@@ -117,15 +116,15 @@ for sex, name in (("F", "female"), ("M", "male")):
 # ## The balanced subset inside the TIV overlap range (Figure 6)
 
 # %% tags=["hide-input"]
-subset_ids = set(read_table(run / "tiv" / "rtiv_subset.tsv")["participant_id"])
+subset_ids = set(read_table(run.tiv.rtiv_subset)["participant_id"])
 in_subset = correct["participant_id"].isin(subset_ids).to_numpy()
 mean_subset = average_maps(maps[in_subset]) if in_subset.any() else mean_all
-save_map(mean_subset, template.affine, out / "mean_rtiv_subset.nii.gz")
-map_sizes.append({"file": "mean_rtiv_subset.nii.gz", "n": int(in_subset.sum()) if in_subset.any() else len(correct)})
+save_map(mean_subset, template.affine, out.mean_rtiv_subset)
+map_sizes.append({"file": out.mean_rtiv_subset.name, "n": int(in_subset.sum()) if in_subset.any() else len(correct)})
 rho_s, p_s = spearman_or_nan(mean_all, mean_subset, mask)
 glue("n_subset_maps", int(in_subset.sum()) if in_subset.any() else f"{len(correct)} (the subset was empty: all correct)",
      display=False)
-write_json_atomic(out / "spearman.json", {"female_vs_male": rho, "female_vs_male_p": p,
+write_json_atomic(out.spearman, {"female_vs_male": rho, "female_vs_male_p": p,
                                           "all_vs_rtiv_subset": rho_s, "all_vs_rtiv_subset_p": p_s})
 glue("rho_subset", f"{rho_s:.2f}", display=False)
 if policy.allows(map_sizes[-1]["n"]):
@@ -149,10 +148,9 @@ rows = []
 for key, m in sorted(by_bin.items()):
     r, _ = spearman_or_nan(m, mean_all, mask)
     rows.append({"group": key, "n": int((keys == key).sum()), "spearman_vs_all": round(r, 3)})
-    name = f"mean_{key.replace(' · ', '_').replace(' ', '')}.nii.gz"
-    save_map(m, template.affine, out / name)
-    map_sizes.append({"file": name, "n": rows[-1]["n"]})
-write_table(pd.DataFrame(map_sizes), out / "maps.tsv")
+    save_map(m, template.affine, out.mean_map(key))
+    map_sizes.append({"file": out.mean_map(key).name, "n": rows[-1]["n"]})
+write_table(pd.DataFrame(map_sizes), out.maps_table)
 from brainsex.figures import show_table
 
 bins_table = pd.DataFrame(rows)

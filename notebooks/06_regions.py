@@ -49,8 +49,6 @@ manifest = "data_manifest.yaml"
 min_group_size = 5
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 from myst_nb import glue
@@ -59,25 +57,26 @@ from brainsex.atlas import average_precision, permutation_null, precision_at_k, 
 from brainsex.figures import fig_slice_viewer, fig_top_regions, show, show_table
 from brainsex.io import read_table, write_table
 from brainsex.privacy import WITHHELD, publication_policy
+from brainsex.run import RunDir
 from brainsex.templates import load_atlas, load_template
 
-run = Path(run_dir)
+run = RunDir(run_dir)
 policy = publication_policy(run_dir, manifest, min_group_size)
-maps_tsv = run / "saliency" / "maps.tsv"
+maps_tsv = run.saliency.maps_table
 sizes = read_table(maps_tsv).set_index("file")["n"] if maps_tsv.is_file() else {}
 # a map over fewer than k subjects of a restricted cohort is not published, nor what is read off it
-publish = policy.allows(sizes.get("mean_rtiv_subset.nii.gz"))
+publish = policy.allows(sizes.get(run.saliency.mean_rtiv_subset.name))
 atlas, labels = load_atlas(voxel_size, source=atlas_source)
 template = load_template(voxel_size)
-mean_map = nib.load(run / "saliency" / "mean_rtiv_subset.nii.gz")
+mean_map = nib.load(run.saliency.mean_rtiv_subset)
 scores = region_scores(mean_map, atlas, labels, threshold=saliency_threshold)
-write_table(scores, run / "atlas" / "region_scores.tsv")
+write_table(scores, run.atlas.region_scores)
 glue("atlas_name", labels.attrs.get("atlas", atlas_source), display=False)
 glue("n_regions", int((scores["n_voxels"] > 0).sum()), display=False)
 
 # %% [markdown]
 # Atlas used here: **{glue:text}`atlas_name`** ({glue:text}`n_regions` labelled regions on this grid).
-# The full table (the paper's Table S1) is saved as `atlas/region_scores.tsv`; the top of it:
+# The full table (the paper's Table S1) is saved in the run (`run.atlas.region_scores`); the top of it:
 
 # %% tags=["hide-input"]
 top = scores.head(10)
@@ -90,10 +89,9 @@ show_table(top[["rank", "name", "n_voxels", "saliency_score", "mean_saliency_nor
 # ## Against the planted truth
 
 # %% tags=["hide-input"]
-import pandas as pd
+from brainsex.validity import planted_truth
 
-truth_table = pd.read_csv(run / "cohort" / "phantom" / "ground_truth" / "regions.tsv", sep="\t")
-truth = set(truth_table["label"].astype(int))
+truth = set(planted_truth(run)["label"].astype(int))
 ranking = scores[scores["n_voxels"] > 0]["label"].astype(int).tolist()
 p10 = permutation_null(lambda r, t: precision_at_k(r, t, k=10), ranking, truth, n_perm=1000, seed=seed)
 ap = permutation_null(average_precision, ranking, truth, n_perm=1000, seed=seed)

@@ -61,51 +61,48 @@ tbm_subjects = 16
 tbm_warps = ["tbm"]
 n_perm = 1000
 atlas_source = "offline"
-study_table = "benchmarks/validity/validity_study.tsv"
+study_dir = "benchmarks/validity"
 
 # %% tags=["hide-input"]
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 from myst_nb import glue
 
 from brainsex.atlas import region_neighbours
-from brainsex.figures import fig_tbm_coefficients, show, show_table
+from brainsex.figures import fig_precision_at_k, fig_tbm_coefficients, show, show_table
 from brainsex.io import read_table, write_table
+from brainsex.run import RunDir, ValidityDir
 from brainsex.templates import load_atlas, load_template
 from brainsex.validity import (
     PERFECT_ALL,
-    PERFECT_SAMPLE,
     compare_methods,
+    comparison_table,
+    control_verdict,
+    format_p,
     planted_recovery,
     planted_truth,
     positive_control,
     ranking_report,
     report_long,
+    study_precision_table,
     truth_map_ranking,
 )
 
-run = Path(run_dir)
-out = run / "validity"
+run = RunDir(run_dir)
+out = run.validity
 template = load_template(voxel_size, source=atlas_source)
 atlas, labels = load_atlas(voxel_size, source=atlas_source)
 truth = planted_truth(run)
 neighbours = region_neighbours(np.asarray(atlas.dataobj))
 K = 10
-effect_pct = 100 * float(json.loads((run / "cohort" / "phantom" / "generation.json").read_text())["args"]["region_effect"])
+effect_pct = 100 * float(json.loads(run.phantom.generation.read_text())["args"]["region_effect"])
 length_pct = 100 * ((1 + effect_pct / 100) ** (1 / 3) - 1)
 glue("region_effect_pct", f"{effect_pct:g}", display=False)
 
-
-def fmt_p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
-
-
-effect_map = nib.load(run / "cohort" / "phantom" / "ground_truth" / "sex_effect_map.nii.gz")
+effect_map = nib.load(run.phantom.effect_map)
 ceiling = truth_map_ranking(effect_map, atlas, labels)
 ceiling_rep = ranking_report(ceiling, truth, neighbours=neighbours, n_perm=n_perm, seed=seed, k=K)
 rec_ceiling = planted_recovery(ceiling, truth, k=K)
@@ -141,35 +138,35 @@ glue("n_ranked", int(ceiling_rep.loc[0, "n_ranked"]), display=False)
 # subject — beside the perfect warps on that same sample, which is the fair comparison.
 
 # %% tags=["hide-input"]
-pre = read_table(run / "preprocess" / "preprocessed.tsv")
-control = positive_control(pre, run / "cohort" / "phantom", template, atlas, labels, truth, run / "preprocess" / "warps",
+pre = read_table(run.preprocess.table)
+control = positive_control(pre, run.phantom, template, atlas, labels, truth, run.preprocess.warps,
                            warps=tbm_warps, max_subjects=tbm_subjects, n_jobs=n_workers, n_perm=n_perm, k=K,
                            neighbours=neighbours, seed=seed)
 for name, res in control.tables.items():
-    write_table(res, out / f"tbm_regions_{name.split(',')[0].split(' ')[0]}_{res.attrs['n_subjects']}.tsv")
+    write_table(res, out.tbm_regions(name, res.attrs["n_subjects"]))
 summary = control.summary(k=K)
-show_table(summary.assign(**{f"P@{K} p": summary[f"P@{K} p"].map(fmt_p)}),
+show_table(summary.assign(**{f"P@{K} p": summary[f"P@{K} p"].map(format_p)}),
            caption="Tensor-based morphometry (recovered: FDR q < 0.05 with the planted sign)")
 names = labels.set_index("label").loc[control.coef.index, "name"]
 show(fig_tbm_coefficients(control.coef, names),
      alt="Grouped bars: each planted region's sex difference measured with perfect and with registered warps")
 
-recovered = {name: int(r["recovered"].sum()) for name, r in control.recoveries.items()}
+verdict = control_verdict(control)
 n_on_grid = len(control.coef)
-oracle = recovered[PERFECT_ALL]
+oracle = verdict.n_recovered
 glue("n_all", control.tables[PERFECT_ALL].attrs["n_subjects"], display=False)
 glue("oracle_n_recovered", oracle, display=False)
 glue("oracle_hits10", int(control.reports[PERFECT_ALL].loc[0, "hits_at_k"]), display=False)
 glue("oracle_verdict", (
     f"the positive control passes: the phantom and the test are sound ({oracle} of {len(truth)} planted regions, "
-    f"{n_on_grid} of which exist on this grid)" if oracle >= 8 else
+    f"{n_on_grid} of which exist on this grid)" if verdict.passes else
     f"the positive control falls short ({oracle} of {len(truth)}): at this sample size even perfect warps miss "
     "planted regions, so the effects are small for this design"), display=False)
-registered = [n for n in control.tables if n not in (PERFECT_ALL, PERFECT_SAMPLE)]
-glue("tbm_n_subjects", control.tables[registered[0]].attrs["n_subjects"] if registered else 0, display=False)
+registered = verdict.registered is not None
+glue("tbm_n_subjects", verdict.n_registered_subjects, display=False)
 glue("registered_text", (
-    f"On the sample of {control.tables[registered[0]].attrs['n_subjects']}, the registered warps recover "
-    f"{recovered[registered[0]]} planted regions against {recovered[PERFECT_SAMPLE]} with perfect warps. They do "
+    f"On the sample of {verdict.n_registered_subjects}, the registered warps recover "
+    f"{verdict.registered_recovered} planted regions against {verdict.sample_recovered} with perfect warps. They do "
     f"follow each subject's anatomy — their regional log-Jacobians correlate at a median {control.agreement:.2f} "
     f"with the true ones across subjects — but they carry only {control.ratio:.2f} (median over the planted "
     "regions) of the planted sex difference." if registered else
@@ -178,9 +175,9 @@ glue("tbm_conclusion", (
     "registration, not the phantom or the test, is what loses the planted differences on this grid. A "
     f"{effect_pct:g} % volume change is a {length_pct:.1f} % change of length, under a millimetre, and regions of "
     "a few dozen voxels lose most of it. That sets the bar for the saliency methods below: they see the same coarse images."
-    if registered and oracle >= 8 and control.ratio < 0.7 else
+    if registered and verdict.passes and verdict.loses_difference else
     "the registered warps keep most of the planted difference, so a larger sample would recover it."
-    if registered and oracle >= 8 else
+    if registered and verdict.passes else
     "the perfect-warp control is the reference; read the results below against it."), display=False)
 
 # %% [markdown]
@@ -205,15 +202,15 @@ import torch
 from brainsex.train import load_model
 
 torch.manual_seed(seed)
-pred = read_table(run / "evaluate" / "predictions.tsv")
+pred = read_table(run.evaluate.predictions)
 if "split" in pred.columns:
     pred = pred[pred["split"] == "test"]
 paths = pre[["participant_id", "image_pp"]]
 scans = pred.merge(paths, on="participant_id").reset_index(drop=True)
-model = load_model(run / "train" / "best.pt", device="cpu" if device == "auto" else device)
+model = load_model(run.train.best, device="cpu" if device == "auto" else device)
 comparison = compare_methods(
     model, scans, template, atlas, labels, truth, max_scans=max_scans, warp="syn",
-    cache_dir=run / "preprocess" / "warps", neighbours=neighbours, n_perm=n_perm, k=K, seed=seed,
+    cache_dir=run.preprocess.warps, neighbours=neighbours, n_perm=n_perm, k=K, seed=seed,
     n_jobs=n_workers)
 reference = pd.concat([
     report_long(ceiling_rep.assign(method="truth map", scoring="effect"), id_cols=("method", "scoring")),
@@ -221,36 +218,17 @@ reference = pd.concat([
       for name, rep in control.reports.items()],
 ], ignore_index=True)
 everything = pd.concat([reference, comparison.drop(columns=["top_k"])], ignore_index=True)
-write_table(comparison, out / "method_comparison.tsv")
-write_table(everything, out / "validity_summary.tsv")
+write_table(comparison, out.method_comparison)
+write_table(everything, out.summary)
 n_scans = int(comparison["n_scans"].iloc[0])
 glue("n_scans", n_scans, display=False)
 
 p10 = everything[everything["metric"] == f"precision_at_{K}"].copy()
 p10["label"] = p10["method"] + " · " + p10["scoring"]
-fig = go.Figure()
-fig.add_bar(x=p10["observed"], y=p10["label"], orientation="h", name="observed",
-            marker_color=np.where(p10["p_value"] < 0.05, "#1f77b4", "#aec7e8"))
-fig.add_scatter(x=p10["chance"], y=p10["label"], mode="markers", name="chance level",
-                marker={"symbol": "line-ns-open", "size": 18, "color": "black", "line": {"width": 3}})
-fig.update_layout(title=f"Precision@{K}: planted regions among the ten top-ranked (dark: p < 0.05)",
-                  xaxis={"title": f"precision@{K}", "range": [0, 1.02]}, yaxis={"autorange": "reversed"},
-                  height=140 + 32 * len(p10), margin={"l": 10, "r": 10, "t": 50, "b": 40})
-show(fig, alt="Precision at 10 of every method and scoring against its chance level")
-
-wide = everything.pivot_table(index=["method", "scoring"], columns="metric", values=["observed", "chance", "p_value"],
-                              sort=False)
-table = pd.DataFrame({
-    f"P@{K}": wide[("observed", f"precision_at_{K}")].round(2),
-    f"P@{K} chance": wide[("chance", f"precision_at_{K}")].round(2),
-    f"P@{K} p": wide[("p_value", f"precision_at_{K}")].map(fmt_p),
-    "AP": wide[("observed", "average_precision")].round(2),
-    "AP chance": wide[("chance", "average_precision")].round(2),
-    "AP p": wide[("p_value", "average_precision")].map(fmt_p),
-    f"P@{K} tolerant": wide[("observed", f"precision_at_{K}_tolerant")].round(2),
-    "chance ": wide[("chance", f"precision_at_{K}_tolerant")].round(2),
-}).reset_index()
-show_table(table, caption="Every ranking against the planted regions, with permutation chance levels and p-values")
+show(fig_precision_at_k(p10, k=K,
+                        title=f"Precision@{K}: planted regions among the ten top-ranked (dark: p < 0.05)"),
+     alt="Precision at 10 of every method and scoring against its chance level")
+show_table(comparison_table(everything, k=K), caption="Every ranking against the planted regions, with permutation chance levels and p-values")
 show_table(comparison[comparison["metric"] == f"precision_at_{K}"][["method", "scoring", "top_k"]]
            .rename(columns={"top_k": f"top {K} regions (* planted)"}),
            caption="The ten top regions of every method and scoring")
@@ -263,7 +241,7 @@ glue("dl_n_above", len(above), display=False)
 glue("dl_best", f"{best['method']} · {best['scoring']}", display=False)
 glue("dl_best_p10", f"{best['observed']:.1f}", display=False)
 glue("dl_best_chance", f"{best['chance']:.2f}", display=False)
-glue("dl_best_p", fmt_p(best["p_value"]), display=False)
+glue("dl_best_p", format_p(best["p_value"]), display=False)
 glue("dl_range", f"{dl['observed'].min():.1f}–{dl['observed'].max():.1f}", display=False)
 glue("dl_above_list", "; ".join(f"{m} · {s} ({o:.1f})" for m, s, o in
                                 zip(above["method"], above["scoring"], above["observed"], strict=True)) or "none",
@@ -276,7 +254,7 @@ glue("dl_ap_n_above", len(ap_above), display=False)
 glue("dl_expected_false", f"{0.05 * len(dl):.1f}", display=False)
 paper_way = dl[(dl["method"] == "saliency") & (dl["scoring"] == "weighted_score")].iloc[0]
 glue("paper_p10", f"{paper_way['observed']:.1f}", display=False)
-glue("paper_p", fmt_p(paper_way["p_value"]), display=False)
+glue("paper_p", format_p(paper_way["p_value"]), display=False)
 glue("paper_top", paper_way["top_k"].replace("*", " (planted)"), display=False)
 
 # %% [markdown]
@@ -316,19 +294,11 @@ glue("paper_top", paper_way["top_k"].replace("*", " (planted)"), display=False)
 # made it.
 
 # %% tags=["hide-input"]
-study_path = Path(study_table)
+study_path = ValidityDir(study_dir).study_table
 if study_path.is_file():
-    study = read_table(study_path)
-    s10 = study[study["metric"] == f"precision_at_{K}"].copy()
-    s10["observed"] = s10["observed"].round(2)
-    s10["chance"] = s10["chance"].round(2)
-    s10["p_value"] = s10["p_value"].map(fmt_p)
-    s10["note"] = np.where(s10["accuracy"] < 0.7, "model near chance: its maps explain little", "")
-    s10["accuracy"] = s10["accuracy"].round(2)
-    show_table(s10[["effect", "voxel_size", "zscore", "method", "scoring", "accuracy", "n_scans", "observed",
-                    "chance", "p_value", "note"]],
-               caption=f"Validity study ({study_path}): precision@{K} of every configuration, with its chance level")
-    weak = int((study.drop_duplicates(["effect", "voxel_size", "zscore"])["accuracy"] < 0.7).sum())
+    s10 = study_precision_table(read_table(study_path), k=K)
+    show_table(s10, caption=f"Validity study ({study_path}): precision@{K} of every configuration, with its chance level")
+    weak = s10.attrs["n_weak"]
     glue("study_status", f"The study table ({study_path}, {len(s10)} rankings) is shown above; `tbm` is morphometry "
          "with registered warps, `tbm_perfect_warps` with the phantom's true deformations, `truth_map` the ceiling. "
          + (f"{weak} of its trained models are near chance, so their saliency rows say little: a larger run "

@@ -102,3 +102,24 @@ def test_chapter_timings_reads_the_stamps_in_book_order(tmp_path):
     (stamps / "c.json").write_text("{not json")
     with pytest.raises(BuildError, match="c.json"):
         chapter_timings(tmp_path)
+
+
+def test_unresolved_glue_finds_prose_keys_that_no_cell_glued():
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    from brainsex.book import glue_references, unresolved_glue
+
+    def glued(name):
+        return new_output("display_data", data={"application/papermill.record/text/plain": "1"},
+                          metadata={"scrapbook": {"name": name, "mime_prefix": "application/papermill.record/"}})
+
+    nb = new_notebook(cells=[
+        new_code_cell("glue('n', 1)", outputs=[glued("n"), glued("acc")]),
+        new_markdown_cell("We have {glue:text}`n` scans, {glue:text}`acc:.1f` % right and {glue}`missing`.\n\n"
+                          "```{glue:figure} fig_key\n```"),
+    ])
+    assert glue_references(nb) == {"n", "acc", "missing", "fig_key"}
+    assert unresolved_glue(nb) == {"missing", "fig_key"}
+    nb.cells[0].outputs += [glued("missing"), glued("fig_key")]
+    assert unresolved_glue(nbformat.from_dict(nb)) == set()

@@ -47,9 +47,21 @@ def test_no_unknown_mime_type_warnings(smoke_book):
     assert "skipping unknown output mime type" not in smoke_book["log"]
 
 
-def test_numbers_in_prose_come_from_glue(smoke_book):
+def test_every_glue_reference_in_the_prose_resolves(smoke_book, repo_root):
+    """A missing glue key renders as nothing (the sentence loses its number) and logs a warning."""
+    from brainsex.book import glue_references, unresolved_glue
+    from brainsex.run import RunDir
+
+    run = RunDir(smoke_book["run_dir"])
+    n_refs = 0
+    for nb in toc_notebooks(repo_root):
+        executed = nbformat.read(run.executed(nb.stem), as_version=4)
+        n_refs += len(glue_references(executed))
+        assert unresolved_glue(executed) == set(), nb.stem
+    assert n_refs > 50  # the chapters' numbers do come from glue
+    assert "No key" not in smoke_book["log"] and "[mystnb.glue]" not in smoke_book["log"]
     page = (smoke_book["html"] / "notebooks" / "00_overview.html").read_text()
-    assert "smoke" in page  # the profile name glued into the prose
+    assert re.search(r"<span class=\"pasted-text\">smoke</span>", page)  # the profile name, glued
 
 
 def test_no_script_from_the_network(smoke_book):

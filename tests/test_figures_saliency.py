@@ -66,8 +66,16 @@ def test_top_regions_bar():
 def test_plot_map_static(tmp_path):
     map_img, bg_img, reg_img = _volumes((20, 24, 20))
     display = plot_map_static(map_img, bg_img, title="mean map", cut_coords=3, regions_img=reg_img)
-    assert display is not None
+    # three axial cuts, each with one contour per region label (3 and 7), a colour bar and the title
+    assert len(display.axes) == 3 and all(np.isfinite(display.cut_coords))
+    assert all(len(ax.ax.collections) == 2 for ax in display.axes.values())
+    assert display._cbar is not None
+    texts = [t.get_text() for ax in display.frame_axes.figure.axes for t in ax.texts]
+    assert "mean map" in texts and sum(t.startswith("z=") for t in texts) == 3
     display.close()
+    plain = plot_map_static(map_img, bg_img, cut_coords=2)
+    assert len(plain.axes) == 2 and all(len(ax.ax.collections) == 0 for ax in plain.axes.values())  # no regions
+    plain.close()
     out = tmp_path / "fig.png"
     plot_map_static(map_img, bg_img, title="mean map", cut_coords=[-10, 0, 10], output_file=out)
     assert out.stat().st_size > 1000
@@ -81,3 +89,15 @@ def test_tbm_coefficients_one_trace_per_version():
     assert [t.name for t in fig.data] == ["perfect", "registered"]
     assert list(fig.data[1].y) == [0.04, -0.01] and list(fig.data[0].x) == ["Right Entorhinal", "Right Pallidum"]
     assert [str(x) for x in fig_tbm_coefficients(coef).data[0].x] == ["36", "27"]
+
+
+def test_precision_at_k_bars_and_chance_ticks():
+    from brainsex.figures import fig_precision_at_k
+
+    t = pd.DataFrame({"label": ["truth map · effect", "saliency · weighted_score"], "observed": [0.9, 0.1],
+                      "chance": [0.12, 0.12], "p_value": [0.001, 0.6]})
+    fig = fig_precision_at_k(t, k=10)
+    bars, ticks = fig.data
+    assert list(bars.y) == list(t["label"]) and list(bars.x) == [0.9, 0.1] and list(ticks.x) == [0.12, 0.12]
+    assert list(bars.marker.color) == ["#1f77b4", "#aec7e8"]  # dark: p < 0.05
+    assert "Precision@10" in fig.layout.title.text and fig.layout.height == 140 + 32 * 2

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,7 @@ from scipy.optimize import brentq
 from scipy.stats import gaussian_kde
 
 from brainsex import BrainsexError, synthetic, templates
+from brainsex.run import PhantomDir
 
 VS = 8.0
 N = 16
@@ -108,9 +110,15 @@ def test_subsamples_keep_every_dataset_and_sex(n):
 # ------------------------------------------------------------------------------ images
 def test_tree_layout_and_tables(cohort):
     out, df = cohort
-    assert list(df.columns) == ["participant_id", "sex", "age", "dataset", "vendor", "field", "tiv_ml"]
+    assert list(df.columns) == ["participant_id", "sex", "age", "dataset", "vendor", "field", "tiv_ml", "image", "mask"]
     on_disk = pd.read_csv(out / "participants.tsv", sep="\t")
-    pd.testing.assert_frame_equal(on_disk, df)
+    pd.testing.assert_frame_equal(on_disk, df.drop(columns=["image", "mask"]))
+    # the paths it returns are the files it wrote, laid out as brainsex.run.PhantomDir says
+    tree = PhantomDir(out)
+    assert df["image"].tolist() == [str(tree.image(p)) for p in df["participant_id"]]
+    assert df["mask"].tolist() == [str(tree.mask(p)) for p in df["participant_id"]]
+    assert all(Path(p).is_file() for p in [*df["image"], *df["mask"]])
+    assert tree.has_truth and tree.regions.is_file() and tree.effect_map.is_file()
     assert set(df["sex"]) == {"F", "M"}
     for pid in df["participant_id"]:
         img = nib.load(out / pid / "anat" / f"{pid}_T1w.nii.gz")
@@ -237,10 +245,11 @@ def _arrays(out, df):
     return [np.asarray(nib.load(out / p / "anat" / f"{p}_T1w.nii.gz").dataobj) for p in df["participant_id"]]
 
 
-def test_same_seed_same_tree_whatever_n_jobs(tmp_path, cohort):
+def test_same_seed_same_tree_whatever_n_workers(tmp_path, cohort):
     out, df = cohort
-    df2 = synthetic.make_cohort(tmp_path, n=N, voxel_size=VS, seed=3, progress=False, n_jobs=2)
-    pd.testing.assert_frame_equal(df, df2)
+    df2 = synthetic.make_cohort(tmp_path, n=N, voxel_size=VS, seed=3, progress=False, n_workers=2)
+    paths = ["image", "mask"]
+    pd.testing.assert_frame_equal(df.drop(columns=paths), df2.drop(columns=paths))
     for a, b in zip(_arrays(out, df), _arrays(tmp_path, df2), strict=True):
         np.testing.assert_array_equal(a, b)
     other = synthetic.paper_demographics(n=N, seed=4)

@@ -404,7 +404,7 @@ def test_main_train_cli(table, tmp_path, capsys):
     split = pd.read_csv(run / "train" / "split.tsv", sep="\t")
     assert set(split["split"]) == {"train", "val", "test"} and "sub-failed" not in set(split["participant_id"])
     assert (run / "train" / "best.pt").is_file() and "best epoch 1" in capsys.readouterr().out
-    # a second call resumes (nothing left to do) and reuses the saved split
+    # a second call splits again (the same split: the seed and the subjects decide it) and resumes
     assert main_train([*argv, "--resume"]) == 0
     assert main_train(["--profile", "smoke", "--run-dir", str(tmp_path / "nowhere")]) == 2
     assert "preprocessed.tsv" in capsys.readouterr().err

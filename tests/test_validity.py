@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from brainsex import BrainsexError
 from brainsex import validity as v
+from brainsex.run import RunDir
 
 torch.set_num_threads(1)
 
@@ -35,19 +36,28 @@ def _labels() -> pd.DataFrame:
     return pd.DataFrame({"label": [1, 2, 3, 4, 5, 6], "name": [f"R{i}" for i in range(1, 7)]})
 
 
-def test_planted_truth_finds_the_table_in_a_run_dir(tmp_path):
-    gt = tmp_path / "run" / "cohort" / "phantom" / "ground_truth"
+def test_planted_truth_reads_the_run_layout(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert run.truth is None and not run.has_truth  # nothing generated yet: a real cohort looks the same
+    with pytest.raises(BrainsexError, match="no ground truth"):
+        v.planted_truth(run)
+    gt = run.phantom.truth_dir
     gt.mkdir(parents=True)
     pd.DataFrame({"label": [3, 1], "name": ["R3", "R1"], "sign": [1, -1], "effect": [0.1, -0.1]}).to_csv(
-        gt / "regions.tsv", sep="\t", index=False)
-    for src in (tmp_path / "run", tmp_path / "run" / "cohort" / "phantom", gt / "regions.tsv"):
+        run.phantom.regions, sep="\t", index=False)
+    run.phantom.generation.write_text("{}")
+    assert run.has_truth
+    for src in (run, run.phantom, run.phantom.root, run.phantom.regions):
         t = v.planted_truth(src)
         assert t["label"].tolist() == [3, 1] and t["contrast"].tolist() == [0.0, 0.0]
+    # a run directory given as a plain path is not searched: only the phantom's root or the file
+    with pytest.raises(BrainsexError, match="no planted-region table"):
+        v.planted_truth(run.root)
     with pytest.raises(BrainsexError, match="no planted-region table"):
         v.planted_truth(tmp_path / "nowhere")
-    (gt / "regions.tsv").write_text("name\tsign\nR1\t1\n")
+    run.phantom.regions.write_text("name\tsign\nR1\t1\n")
     with pytest.raises(BrainsexError, match="label"):
-        v.planted_truth(gt / "regions.tsv")
+        v.planted_truth(run.phantom.regions)
 
 
 def test_truth_map_ranking_hand_computed():
@@ -336,9 +346,18 @@ def load_template_8():
     return load_template(8.0, source="offline")
 
 
-def test_study_cli_parses_defaults():
-    args = v._parser().parse_args(["study", "--voxel-sizes", "8", "--effects", "contrast"])
-    assert args.voxel_sizes == [8.0] and args.effects == ["contrast"] and args.zscores == ["brain", "reference"]
+def test_study_cli_options_are_the_study_profile():
+    from brainsex.profiles import resolve_profile
+
+    defaults = resolve_profile("study", kind="study")
+    args = vars(v._parser().parse_args(["study", "--voxel-sizes", "8", "--effects", "contrast", "--no-tbm"]))
+    assert args["voxel_sizes"] == [8.0] and args["effects"] == ["contrast"] and args["tbm"] is False
+    # every profile parameter is an option; what is not given stays None so that the profile decides
+    assert set(defaults) <= set(args) and args["zscores"] is None and args["select"] is None
+    with pytest.raises(SystemExit):
+        v._parser().parse_args(["study", "--effects", "shape"])
+    with pytest.raises(BrainsexError, match="unknown parameter 'epohcs'"):
+        v.study(epohcs=3)
     with pytest.raises(BrainsexError, match="effect"):
         v._study_config("shape", 0.1, 0.1)
 
@@ -372,8 +391,7 @@ def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
     atlas, labels = load_atlas(8.0, source="offline")
     template = load_template_8()
     truth = v.planted_truth(tmp_path / "ph")
-    images = [str(tmp_path / "ph" / i / "anat" / f"{i}_T1w.nii.gz") for i in part["participant_id"]]
-    table = part.assign(etiv_ml=part["tiv_ml"], image_pp=images, status="ok")
+    table = part.assign(etiv_ml=part["tiv_ml"], image_pp=part["image"], status="ok")
     only_true = v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w",
                                    warps=(), n_perm=20)
     assert list(only_true.tables) == [v.PERFECT_ALL] and np.isnan(only_true.ratio)
@@ -387,9 +405,109 @@ def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
     assert pc.tables[v.PERFECT_SAMPLE].attrs["n_subjects"] == 4 == pc.tables[v.WARP_NAMES["tbm"]].attrs["n_subjects"]
     summary = pc.summary(k=10)
     assert summary["morphometry with"].tolist() == list(pc.tables) and (summary["P@10 chance"] > 0).all()
-    assert np.isfinite(pc.ratio) and -1.0 <= pc.agreement <= 1.0
+    # agreement and ratio, recomputed from the public pieces on the registered sample
+    sample = pc.tables[v.WARP_NAMES["tbm"]].attrs["sample"]
+    rows = table.set_index("participant_id", drop=False).loc[sample].reset_index(drop=True)
+    est = v.tbm_region_means(rows, template, atlas, labels, tmp_path / "w", warps="tbm")
+    true = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=sample)
+    r = [np.corrcoef(est[c], true.loc[est.index, c])[0, 1] for c in est.columns
+         if c in true.columns and est[c].notna().all() and est[c].std() > 0]
+    assert len(r) > 10 and pc.agreement == pytest.approx(np.median(r))
+    assert pc.agreement > 0.1  # registered warps follow each subject's anatomy (0.37 here; chance ~0)
+    ratio = (pc.coef[v.WARP_NAMES["tbm"]] / pc.coef[v.PERFECT_SAMPLE]).median()
+    assert pc.ratio == pytest.approx(ratio)
     with pytest.raises(BrainsexError, match="warps must be"):
         v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w", warps=("bogus",))
     with pytest.raises(BrainsexError, match="no subject"):
         v.positive_control(table.assign(status="failed"), tmp_path / "ph", template, atlas, labels, truth,
                            tmp_path / "w")
+
+
+def _control(n_all: int, n_reg: int | None, n_sample: int | None, ratio: float) -> v.PositiveControl:
+    def rec(n):
+        return pd.DataFrame({"recovered": [True] * n + [False] * (10 - n)})
+
+    tables = {v.PERFECT_ALL: pd.DataFrame()}
+    tables[v.PERFECT_ALL].attrs["n_subjects"] = 100
+    recoveries = {v.PERFECT_ALL: rec(n_all)}
+    if n_reg is not None:
+        reg = pd.DataFrame()
+        reg.attrs["n_subjects"] = 16
+        tables[v.WARP_NAMES["tbm"]] = reg
+        tables[v.PERFECT_SAMPLE] = pd.DataFrame()
+        recoveries[v.WARP_NAMES["tbm"]] = rec(n_reg)
+        recoveries[v.PERFECT_SAMPLE] = rec(n_sample)
+    return v.PositiveControl(tables=tables, reports={}, recoveries=recoveries, coef=pd.DataFrame(),
+                             agreement=0.5, ratio=ratio)
+
+
+def test_control_verdict_thresholds():
+    ok = v.control_verdict(_control(9, 2, 7, ratio=0.3))
+    assert ok.passes and ok.n_recovered == 9 and ok.loses_difference
+    assert (ok.registered, ok.n_registered_subjects, ok.registered_recovered, ok.sample_recovered) == (
+        v.WARP_NAMES["tbm"], 16, 2, 7)
+    at = v.control_verdict(_control(v.CONTROL_MIN_RECOVERED, 6, 7, ratio=v.CONTROL_MAX_RATIO))
+    assert at.passes and not at.loses_difference  # the bounds: >= recovered passes, ratio must be below
+    short = v.control_verdict(_control(7, None, None, ratio=float("nan")))
+    assert not short.passes and short.registered is None and short.n_registered_subjects == 0
+    assert not short.loses_difference and short.registered_recovered is None
+    assert not v.control_verdict(_control(9, 2, 7, ratio=0.3), min_recovered=10).passes
+
+
+def test_format_p_and_comparison_table():
+    assert [v.format_p(p) for p in (0.04321, 0.001, 0.0004, float("nan"))] == ["0.043", "0.001", "< 0.001", "n/a"]
+    rows = []
+    for method, base in (("truth map", 0.9), ("saliency", 0.1)):
+        for metric, val in (("precision_at_10", base), ("average_precision", base / 2),
+                            ("precision_at_10_tolerant", base + 0.05), ("average_precision_tolerant", base)):
+            rows.append({"method": method, "scoring": "s", "metric": metric, "observed": val, "chance": 0.123,
+                         "p_value": 0.0001 if method == "truth map" else 0.5})
+    t = v.comparison_table(pd.DataFrame(rows), k=10)
+    assert t["method"].tolist() == ["truth map", "saliency"]  # the summary's order, not sorted
+    assert t["P@10"].tolist() == [0.9, 0.1] and t["AP"].tolist() == [0.45, 0.05]
+    assert t["P@10 tolerant"].tolist() == [0.95, 0.15] and (t["P@10 chance"] == 0.12).all()
+    assert t["P@10 p"].tolist() == ["< 0.001", "0.500"]
+
+
+def test_study_precision_table_notes_weak_models():
+    study = pd.DataFrame({
+        "effect": ["volume"] * 3 + ["contrast"] * 2, "voxel_size": 8.0,
+        "zscore": ["-", "brain", "brain", "brain", "brain"],
+        "method": ["truth_map", "saliency", "saliency", "saliency", "saliency"], "scoring": "s",
+        "metric": ["precision_at_10", "precision_at_10", "average_precision", "precision_at_10", "average_precision"],
+        "observed": [0.912, 0.1, 0.2, 0.3, 0.3], "chance": 0.1234, "p_value": [0.0001, 0.5, 0.5, 0.2, 0.2],
+        "accuracy": [np.nan, 0.9, 0.9, 0.55, 0.55], "n_scans": 12})
+    t = v.study_precision_table(study, k=10)
+    assert len(t) == 3 and t["observed"].tolist() == [0.91, 0.1, 0.3] and t["p_value"].tolist()[0] == "< 0.001"
+    assert t["note"].tolist() == ["", "", "model near chance: its maps explain little"]
+    assert t.attrs["n_weak"] == 1
+    assert v.study_precision_table(study, min_accuracy=0.5).attrs["n_weak"] == 0
+
+
+@pytest.mark.slow
+def test_study_at_smoke_size(tmp_path):
+    """The whole sweep on a tiny phantom: every configuration and method gives rows, accuracy from evaluate."""
+    res = v.study(out_dir=tmp_path, voxel_sizes=[8.0], effects=["volume"], zscores=["brain"], n_subjects=48,
+                  epochs=1, methods=["saliency"], scorings=["weighted_score"], max_scans=4, warp="none", tbm=False,
+                  n_perm=20, n_workers=1, progress=False)
+    from brainsex.run import ValidityDir
+
+    out = ValidityDir(tmp_path)
+    on_disk = pd.read_csv(out.study_table, sep="\t")
+    assert len(on_disk) == len(res) and set(res["method"]) == {"truth_map", "saliency"}
+    assert set(res["metric"]) == {"precision_at_10", "average_precision", "precision_at_10_tolerant",
+                                  "average_precision_tolerant"}
+    truth_rows = res[res["method"] == "truth_map"]
+    assert (truth_rows.loc[truth_rows["metric"] == "precision_at_10", "observed"] >= 0.5).all()
+    dl = res[res["method"] == "saliency"]
+    assert dl["accuracy"].between(0, 1).all() and dl["accuracy"].nunique() == 1
+    # the accuracy is that of the kept checkpoint on the test subset, recomputed from the run's pieces
+    from brainsex.run import PreprocessDir, TrainDir
+    from brainsex.stages import evaluate_predictions, predict_split, split_subjects
+
+    base = tmp_path / "work" / "volume_8mm"
+    split = split_subjects(pd.read_csv(PreprocessDir(base / "preprocess").table, sep="\t"), seed=0)
+    pred = predict_split(TrainDir(base / "train_brain").best, split, device="cpu")
+    assert dl["accuracy"].iloc[0] == pytest.approx(evaluate_predictions(pred).loc["accuracy", "value"])
+    info = __import__("json").loads(out.study_info.read_text())
+    assert info["args"]["select"] == "val_loss" and info["args"]["epochs"] == 1

@@ -18,6 +18,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from brainsex import BrainsexError
 from brainsex.io import write_json_atomic, write_text_atomic
 from brainsex.manifest import load_manifest
 from brainsex.profiles import resolve_profile
+from brainsex.run import BUNDLE_PATTERNS, RunDir
 
 __all__ = [
     "BuildError",
@@ -49,15 +51,11 @@ __all__ = [
     "paper_vs_run",
     "chapter_timings",
     "results_bundle",
+    "glue_references",
+    "unresolved_glue",
     "BUNDLE_PATTERNS",
 ]
 
-#: Aggregate results of a run that go into the book's downloadable ``results.zip`` (no per-subject rows).
-BUNDLE_PATTERNS = (
-    "evaluate/subgroup_metrics.tsv", "tiv/tertiles.tsv", "tiv/metrics_in_rtiv.tsv", "tiv/rtiv.json",
-    "train/history.tsv", "saliency/*.nii.gz", "saliency/spearman.json", "atlas/region_scores.tsv",
-    "validity/*.tsv", ".build/*.json",
-)
 
 #: Files and folders of the repository that make up the book's sources (book root = repository root).
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book", "benchmarks/results", "benchmarks/validity")
@@ -281,8 +279,9 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    out_dir = plan.run_dir / "notebooks"
-    stamp_dir = plan.run_dir / ".build"
+    run = RunDir(plan.run_dir)
+    out_dir = run.notebooks
+    stamp_dir = run.stamps
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_dir.mkdir(parents=True, exist_ok=True)
     pkg = _package_hash()
@@ -300,8 +299,8 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
             h.update(part)
         digest = h.hexdigest()
         upstream = digest
-        executed = out_dir / f"{stem}.ipynb"
-        stamp = stamp_dir / f"{stem}.json"
+        executed = run.executed(stem)
+        stamp = run.stamp(stem)
         if not force and executed.exists() and stamp.exists():
             try:
                 if json.loads(stamp.read_text()).get("hash") == digest:
@@ -440,7 +439,7 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
                 shutil.copy2(src, stage / name)
         (stage / "notebooks").mkdir()
         for src in plan.notebooks:
-            executed = plan.run_dir / "notebooks" / f"{src.stem}.ipynb"
+            executed = RunDir(plan.run_dir).executed(src.stem)
             if not executed.is_file():
                 raise BuildError(f"{executed}: executed chapter missing; run the notebooks first")
             _publishable_copy(executed, stage / "notebooks" / executed.name)
@@ -459,10 +458,10 @@ def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=stage)
         log = proc.stdout + "\n" + proc.stderr
         plan.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(plan.run_dir / "build.log", log)
+        write_text_atomic(RunDir(plan.run_dir).build_log, log)
         if proc.returncode != 0:
             tail = "\n".join(log.strip().splitlines()[-30:])
-            raise NotebookFailed(f"jupyter-book build failed (log: {plan.run_dir / 'build.log'}):\n{tail}")
+            raise NotebookFailed(f"jupyter-book build failed (log: {RunDir(plan.run_dir).build_log}):\n{tail}")
         new_html = stage / "_out" / "_build" / "html"
         from brainsex.privacy import check_published
 
@@ -526,7 +525,7 @@ def paper_vs_run(run_dir: str | os.PathLike) -> Any:
     rows = []
     for item in items:
         spec = item["run"]
-        path = run_dir / spec["file"]
+        path = RunDir(run_dir).file(spec["file"])
         value = None
         if path.is_file():
             if path.suffix == ".json":
@@ -564,11 +563,11 @@ def chapter_timings(run_dir: str | os.PathLike, chapters: Sequence[str] | None =
     """
     import pandas as pd
 
-    stamps = Path(run_dir) / ".build"
-    names = list(chapters) if chapters is not None else sorted(p.stem for p in stamps.glob("*.json"))
+    run = RunDir(run_dir)
+    names = list(chapters) if chapters is not None else sorted(p.stem for p in run.stamps.glob(run.stamp("*").name))
     rows = []
     for name in names:
-        path = stamps / f"{name}.json"
+        path = run.stamp(name)
         if not path.is_file():
             continue
         try:
@@ -628,12 +627,13 @@ def _restricted_files(run_dir: Path, files: list[Path], k: int) -> tuple[list[Pa
     import pandas as pd
 
     sizes: dict[str, int] = {}
-    maps_tsv = run_dir / "saliency" / "maps.tsv"
+    run = RunDir(run_dir)
+    maps_tsv = run.saliency.maps_table
     if maps_tsv.is_file():
         t = pd.read_csv(maps_tsv, sep="\t")
         sizes = {str(f): int(n) for f, n in zip(t["file"], t["n"], strict=True)}
     # tables read off one average map go (or stay) with it
-    derived = {"atlas/region_scores.tsv": "mean_rtiv_subset.nii.gz"}
+    derived = {run.atlas.region_scores.relative_to(run_dir).as_posix(): run.saliency.mean_rtiv_subset.name}
     kept, withheld = [], []
     for f in files:
         source = derived.get(f.relative_to(run_dir).as_posix())
@@ -648,3 +648,41 @@ def _restricted_files(run_dir: Path, files: list[Path], k: int) -> tuple[list[Pa
                 continue
         kept.append(f)
     return kept, withheld
+
+
+#: A myst-nb glue role or directive in markdown: ``{glue}`key```, ``{glue:text}`key:.2f```, ``{glue:figure} key``.
+_GLUE_REF = re.compile(r"\{glue(?::[a-z]+)?\}(?:`([^`]+)`| +([^\s`]+))")
+
+
+def glue_references(notebook: Any) -> set[str]:
+    """The glue keys that a notebook's markdown cells refer to (roles and directives).
+
+    Parameters
+    ----------
+    notebook
+        A notebook (:class:`nbformat.NotebookNode`) or the path of an ``.ipynb``.
+    """
+    nb = nbformat.read(str(notebook), as_version=4) if isinstance(notebook, str | os.PathLike) else notebook
+    keys: set[str] = set()
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for role, directive in _GLUE_REF.findall(cell.source):
+                keys.add((role or directive).split(":")[0].strip())
+    return keys
+
+
+def unresolved_glue(notebook: Any) -> set[str]:
+    """Glue keys an executed notebook's prose refers to but none of its cells glued.
+
+    myst-nb renders such a reference as nothing (and logs ``No key ... found in glue data``), so a
+    sentence silently loses its number; a built book should have none.
+
+    Parameters
+    ----------
+    notebook
+        An executed notebook (:class:`nbformat.NotebookNode`) or the path of one.
+    """
+    nb = nbformat.read(str(notebook), as_version=4) if isinstance(notebook, str | os.PathLike) else notebook
+    glued = {out.get("metadata", {}).get("scrapbook", {}).get("name")
+             for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])}
+    return glue_references(nb) - glued

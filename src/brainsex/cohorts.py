@@ -44,6 +44,7 @@ import pandas as pd
 from brainsex import BrainsexError
 from brainsex.io import write_table
 from brainsex.manifest import CohortEntry, Manifest, expand_env, load_manifest
+from brainsex.run import RunDir
 
 __all__ = [
     "COLUMNS",
@@ -339,7 +340,7 @@ def _mapped_cols(entry: CohortEntry) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- adapters
-def _load_synthetic(entry: CohortEntry, root: Path, n: int | None, voxel_size: float, seed: int, n_jobs: int,
+def _load_synthetic(entry: CohortEntry, root: Path, n: int | None, voxel_size: float, seed: int, n_workers: int,
                     progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     from brainsex.synthetic import make_cohort
 
@@ -353,15 +354,14 @@ def _load_synthetic(entry: CohortEntry, root: Path, n: int | None, voxel_size: f
     regions = opts.pop("sex_regions", None)  # YAML: [[Pallidum, right], "Left Entorhinal"] or {"Right Pallidum": -1}
     if isinstance(regions, list):
         regions = [tuple(r) if isinstance(r, list) else r for r in regions]
-    participants = make_cohort(root, n=n, voxel_size=voxel_size, seed=seed, n_jobs=n_jobs, progress=progress,
+    participants = make_cohort(root, n=n, voxel_size=voxel_size, seed=seed, n_workers=n_workers, progress=progress,
                                sex_regions=regions, **opts)
     rows = []
     for r in participants.to_dict("records"):
         pid = r["participant_id"]
         rows.append({"participant_id": pid, "sex_raw": r["sex"], "age_raw": r["age"], "dataset": r["dataset"],
                      "vendor_raw": r["vendor"], "field_raw": r["field"], "tiv_raw": r["tiv_ml"],
-                     "image": root / pid / "anat" / f"{pid}_T1w.nii.gz",
-                     "mask": root / "ground_truth" / "masks" / f"{pid}_desc-brain_mask.nii.gz" if provide_masks else ""})
+                     "image": Path(r["image"]), "mask": Path(r["mask"]) if provide_masks else ""})
     exclusions: list[dict[str, str]] = []
     return _validate(rows, entry, exclusions), pd.DataFrame(exclusions, columns=EXCLUSION_COLUMNS)
 
@@ -504,7 +504,7 @@ def load_cohort(
     n: int | None = None,
     voxel_size: float = 1.0,
     seed: int = 0,
-    n_jobs: int = 1,
+    n_workers: int = 1,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Load one cohort of the manifest as a tidy table (see the module docstring).
@@ -524,7 +524,7 @@ def load_cohort(
         Voxel size (mm) at which the phantom is generated (real images are left as they are).
     seed : int, default=0
         Seed for the phantom and for subsampling.
-    n_jobs, progress
+    n_workers, progress
         Passed to :func:`brainsex.synthetic.make_cohort`.
 
     Returns
@@ -536,7 +536,7 @@ def load_cohort(
     """
     if entry.kind == "synthetic":
         root = _root(entry, None if run_dir is not None else manifest, run_dir)
-        table, excl = _load_synthetic(entry, root, n, voxel_size, seed, n_jobs, progress)
+        table, excl = _load_synthetic(entry, root, n, voxel_size, seed, n_workers, progress)
         return table, excl
     root = _root(entry, manifest, None)
     if not root.is_dir():
@@ -557,7 +557,7 @@ def load_cohorts(
     n: int | None = None,
     voxel_size: float = 1.0,
     seed: int = 0,
-    n_jobs: int = 1,
+    n_workers: int = 1,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Load several cohorts and write ``<run_dir>/cohort/participants.tsv`` and ``exclusions.tsv``.
@@ -571,7 +571,7 @@ def load_cohorts(
         that is disabled in the manifest is an error (enable it once its root points at your copy).
     run_dir : path, default="."
         Run directory (the phantom is generated under it).
-    n, voxel_size, seed, n_jobs, progress
+    n, voxel_size, seed, n_workers, progress
         See :func:`load_cohort` (``n`` applies to each cohort).
 
     Returns
@@ -596,7 +596,7 @@ def load_cohorts(
     tables, excls = [], []
     for entry in entries:
         t, e = load_cohort(entry, manifest=manifest, run_dir=run_dir, n=n, voxel_size=voxel_size, seed=seed,
-                           n_jobs=n_jobs, progress=progress)
+                           n_workers=n_workers, progress=progress)
         tables.append(t)
         excls.append(e)
     participants = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
@@ -605,9 +605,9 @@ def load_cohorts(
         participants.loc[clash, "participant_id"] = (participants.loc[clash, "cohort"] + "-"
                                                      + participants.loc[clash, "participant_id"])
     exclusions = pd.concat(excls, ignore_index=True) if excls else pd.DataFrame(columns=EXCLUSION_COLUMNS)
-    out = Path(run_dir) / "cohort"
-    write_table(participants[COLUMNS], out / "participants.tsv")
-    write_table(exclusions[EXCLUSION_COLUMNS], out / "exclusions.tsv")
+    out = RunDir(run_dir).cohort
+    write_table(participants[COLUMNS], out.participants)
+    write_table(exclusions[EXCLUSION_COLUMNS], out.exclusions)
     return participants[COLUMNS], exclusions[EXCLUSION_COLUMNS]
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from brainsex import BrainsexError
 
-__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex", "fig_qc_mosaic", "fig_tiv_agreement", "fig_step_times", "fig_binned_histogram", "fig_binned_scatter", "fig_qc_summary", "fig_box_summary"]
+__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex", "fig_qc_mosaic", "fig_tiv_agreement", "fig_step_times", "fig_binned_histogram", "fig_binned_scatter", "fig_qc_summary", "fig_box_summary", "fig_tbm_coefficients", "fig_precision_at_k"]
 
 #: Colour-blind safe (Okabe-Ito), readable on light and dark themes.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999"]
@@ -968,4 +968,34 @@ def fig_box_summary(stats: pd.DataFrame, x: str, title: str, y_title: str) -> An
         fig.add_trace(go.Box(x=s[x].astype(str), q1=s["q25"], median=s["median"], q3=s["q75"], lowerfence=s["q10"],
                              upperfence=s["q90"], name=name, marker_color=SEX_COLORS[sex], boxpoints=False))
     fig.update_layout(boxmode="group", title=title, yaxis_title=y_title, height=380)
+    return fig
+
+
+def fig_precision_at_k(table: pd.DataFrame, k: int = 10, alpha: float = 0.05,
+                       title: str | None = None) -> Any:
+    """Horizontal bars: precision@k of every ranking, with its chance level as a tick.
+
+    Parameters
+    ----------
+    table
+        One row per ranking with ``label``, ``observed``, ``chance`` and ``p_value`` (the
+        ``precision_at_k`` rows of :func:`brainsex.validity.report_long`, as the validity chapter makes them).
+    k
+        The k of precision@k (for the titles).
+    alpha
+        Rankings with ``p_value < alpha`` are drawn dark, the others light.
+    title
+        Figure title (default: says what is drawn).
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_bar(x=table["observed"], y=table["label"], orientation="h", name="observed",
+                marker_color=np.where(table["p_value"] < alpha, "#1f77b4", "#aec7e8"))
+    fig.add_scatter(x=table["chance"], y=table["label"], mode="markers", name="chance level",
+                    marker={"symbol": "line-ns-open", "size": 18, "color": "black", "line": {"width": 3}})
+    fig.update_layout(
+        title=title or f"Precision@{k}: planted regions among the {k} top-ranked (dark: p < {alpha:g})",
+        xaxis={"title": f"precision@{k}", "range": [0, 1.02]}, yaxis={"autorange": "reversed"},
+        height=140 + 32 * len(table), margin={"l": 10, "r": 10, "t": 50, "b": 40})
     return fig

@@ -52,6 +52,7 @@ from scipy import ndimage
 
 from brainsex import BrainsexError
 from brainsex.io import atomic_path, read_table, sha256_file, write_json_atomic, write_table
+from brainsex.run import PhantomDir, PreprocessDir
 
 __all__ = [
     "PIPELINE_VERSION",
@@ -1149,17 +1150,13 @@ def _pid(row: Mapping[str, Any]) -> str:
 
 def subject_dir(out_dir: str | os.PathLike, participant_id: str) -> Path:
     """``out_dir/sub-<id>/`` (the id keeps its ``sub-`` prefix once)."""
-    return Path(out_dir) / _pid({"participant_id": participant_id})
+    return PreprocessDir(out_dir).subject(_pid({"participant_id": participant_id}))
 
 
 def _output_paths(sdir: Path, pid: str) -> dict[str, Path]:
-    return {
-        "image_pp": sdir / f"{pid}_space-template_desc-preproc_T1w.nii.gz",
-        "mask_pp": sdir / f"{pid}_space-template_desc-brain_mask.nii.gz",
-        "mask_native": sdir / f"{pid}_space-T1w_desc-brain_mask.nii.gz",
-        "rigid_transform": sdir / f"{pid}_from-T1w_to-template_mode-rigid_xfm.mat",
-        "affine_transform": sdir / f"{pid}_from-T1w_to-template_mode-affine_xfm.mat",
-    }
+    paths = PreprocessDir(sdir.parent).subject_outputs(pid)
+    paths.pop("marker")
+    return paths
 
 
 def nonlinear_prefix(out_dir: str | os.PathLike, participant_id: str) -> Path:
@@ -1170,11 +1167,11 @@ def nonlinear_prefix(out_dir: str | os.PathLike, participant_id: str) -> Path:
     ``nonlinear_transform(image_pp, template, nonlinear_prefix(out_dir, pid))`` and reuses it.
     """
     pid = _pid({"participant_id": participant_id})
-    return subject_dir(out_dir, pid) / f"{pid}_from-rigid_to-template_mode-syn_"
+    return PreprocessDir(out_dir).syn_prefix(pid)
 
 
 def _marker_path(sdir: Path, pid: str) -> Path:
-    return sdir / f"{pid}_preprocess.json"
+    return PreprocessDir(sdir.parent).subject_outputs(pid)["marker"]
 
 
 def _present(value: Any) -> bool:
@@ -1509,15 +1506,15 @@ def preprocess_cohort(
     order = {_pid(r): i for i, r in enumerate(rows)}
     qc = qc[QC_COLUMNS].assign(_o=qc["participant_id"].map(order)).sort_values("_o").drop(columns="_o")
     qc = qc.reset_index(drop=True)
-    write_table(qc, out / "qc.tsv")
+    write_table(qc, PreprocessDir(out).qc)
     pp = table.drop(columns=[c for c in PREPROCESSED_COLUMNS if c in table.columns])
     key = pp["participant_id"].map(lambda p: _pid({"participant_id": p}))
     merged = qc.set_index("participant_id")[PREPROCESSED_COLUMNS]
     pp = pd.concat([pp.reset_index(drop=True), merged.loc[key.to_numpy()].reset_index(drop=True)], axis=1)
-    write_table(pp, out / "preprocessed.tsv")
+    write_table(pp, PreprocessDir(out).table)
     n_failed = int((pp["status"] != "ok").sum())
     if n_failed:
-        logger.warning("preprocessing: %d of %d participants failed (see %s)", n_failed, len(pp), out / "qc.tsv")
+        logger.warning("preprocessing: %d of %d participants failed (see %s)", n_failed, len(pp), PreprocessDir(out).qc)
     return pp
 
 
@@ -1569,7 +1566,9 @@ def registration_errors(table: pd.DataFrame, cohort_dir: str | os.PathLike,
     """
     from brainsex.synthetic import pose_matrix
 
-    files = sorted(Path(cohort_dir).glob("*/ground_truth/poses.tsv"))
+    root = Path(cohort_dir)
+    files = sorted(p for p in (PhantomDir(d).poses for d in (root.iterdir() if root.is_dir() else ()) if d.is_dir())
+                   if p.is_file())
     if not files:
         return None
     poses = pd.concat([pd.read_csv(f, sep="\t") for f in files]).drop_duplicates("participant_id")

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
+from brainsex.run import RunDir
 
 __all__ = [
     "PrivacyError",
@@ -203,9 +204,9 @@ def publication_policy(run_dir: str | Path, manifest: Any = None, min_group_size
         raise BrainsexError(f"min_group_size must be at least 1, got {min_group_size}")
     closed = _closed_cohorts(manifest)
     restricted: set[str] = {c for c in (cohorts or []) if c in closed}
-    folder = Path(run_dir) / "cohort"
-    for name in ("participants.tsv", "exclusions.tsv"):
-        table = _read_tsv(folder / name)
+    folder = RunDir(run_dir).cohort
+    for path in (folder.participants, folder.exclusions):
+        table = _read_tsv(path)
         if table is None or table.empty:
             continue
         mask = _closed_mask(table, closed)
@@ -230,8 +231,9 @@ def protected_ids(run_dir: str | Path, manifest: str | Path | None = None) -> se
     """
     closed = _closed_cohorts(manifest)
     ids: set[str] = set()
-    for name in ("participants.tsv", "exclusions.tsv"):
-        table = _read_tsv(Path(run_dir) / "cohort" / name)
+    folder = RunDir(run_dir).cohort
+    for path in (folder.participants, folder.exclusions):
+        table = _read_tsv(path)
         if table is None or "participant_id" not in table.columns:
             continue
         ids |= {i for i in table.loc[_closed_mask(table, closed), "participant_id"] if i}
@@ -256,8 +258,8 @@ def protected_names(run_dir: str | Path, manifest: str | Path | None = None) -> 
     closed = _closed_cohorts(manifest)
     ids = protected_ids(run_dir, manifest)
     needles = set(ids)
-    run = Path(run_dir)
-    tables = [run / "cohort" / "participants.tsv", run / "preprocess" / "preprocessed.tsv"]
+    run = RunDir(run_dir)
+    tables = [run.cohort.participants, run.preprocess.table]
     for path in tables:
         table = _read_tsv(path)
         if table is None or "participant_id" not in table.columns:

@@ -12,10 +12,18 @@ from brainsex import BrainsexError
 __all__ = ["load_profiles", "resolve_profile", "parse_override"]
 
 
-def load_profiles() -> dict[str, dict[str, Any]]:
-    """All profiles shipped with the package, as ``{name: {"description": ..., "params": {...}}}``."""
+def load_profiles(kind: str = "book") -> dict[str, dict[str, Any]]:
+    """The profiles of one kind shipped with the package, as ``{name: {"description": ..., "params": {...}}}``.
+
+    Parameters
+    ----------
+    kind
+        ``"book"`` (the default: the profiles ``brainsex build`` accepts) or ``"study"`` (the validity
+        study's defaults, :func:`brainsex.validity.study`). A profile without ``kind`` is a book profile.
+    """
     text = resources.files("brainsex").joinpath("profiles.yaml").read_text()
-    return yaml.safe_load(text)
+    profiles = yaml.safe_load(text)
+    return {name: p for name, p in profiles.items() if p.get("kind", "book") == kind}
 
 
 def parse_override(value: str) -> Any:
@@ -30,6 +38,7 @@ def resolve_profile(
     name: str,
     overrides: dict[str, Any] | None = None,
     known: set[str] | None = None,
+    kind: str = "book",
 ) -> dict[str, Any]:
     """Parameters of profile ``name`` with ``overrides`` applied.
 
@@ -42,8 +51,10 @@ def resolve_profile(
     known
         Parameter names that at least one notebook declares; an override outside this set and outside
         the profile is an error (a typo would otherwise be silently ignored).
+    kind
+        Which profiles to look in (see :func:`load_profiles`).
     """
-    profiles = load_profiles()
+    profiles = load_profiles(kind)
     if name not in profiles:
         raise BrainsexError(f"unknown profile '{name}'; known profiles: {', '.join(sorted(profiles))}")
     params = dict(profiles[name].get("params") or {})

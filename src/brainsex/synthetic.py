@@ -41,7 +41,7 @@ How one subject is made (all in template space first, then placed in the scanner
    demo profile uses 4 mm, the smoke profile 8 mm, the paper profile 1 mm.
 
 Every subject has its own random stream (``numpy.random.SeedSequence(seed).spawn``), so a tree is the
-same for a given seed whatever ``n_jobs`` is.
+same for a given seed whatever ``n_workers`` is.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from scipy import ndimage, optimize, special, stats
 
 from brainsex import BrainsexError, templates
 from brainsex.io import atomic_path, write_json_atomic, write_table
+from brainsex.run import PhantomDir
 
 __all__ = [
     "PAPER_STRATA",
@@ -805,7 +806,7 @@ def make_cohort(
     region_effect: float = 0.10,
     tiv_effect: bool = True,
     seed: int = 0,
-    n_jobs: int = 1,
+    n_workers: int = 1,
     progress: bool = True,
     contrast_effect: float = 0.0,
     reference_source: str = "offline",
@@ -833,8 +834,8 @@ def make_cohort(
     tiv_effect : bool, default=True
         False draws both sexes' TIV from one distribution (no size difference).
     seed : int, default=0
-        Random seed; the tree is identical for a seed whatever ``n_jobs`` is.
-    n_jobs : int, default=1
+        Random seed; the tree is identical for a seed whatever ``n_workers`` is.
+    n_workers : int, default=1
         Parallel workers (joblib; -1 for all cores).
     progress : bool, default=True
         Show a progress bar.
@@ -848,7 +849,9 @@ def make_cohort(
     Returns
     -------
     pandas.DataFrame
-        The participants table (as in ``participants.tsv``).
+        The participants table (as in ``participants.tsv``) with two more columns: ``image`` and
+        ``mask``, the paths of each subject's image and true brain mask (the tree's layout is
+        :class:`brainsex.run.PhantomDir`).
     """
     from joblib import Parallel, delayed
     from threadpoolctl import threadpool_limits
@@ -864,13 +867,14 @@ def make_cohort(
         raise BrainsexError(f"seed must be a non-negative integer, got {seed!r}")
     regions = _normalise_regions(sex_regions)
     out = Path(out_dir)
+    tree = PhantomDir(out)
     args = {
         "generator": GENERATOR_VERSION, "spec": spec, "n": None if n is None else int(n), "voxel_size": vs,
         "sex_regions": [[list(r) if isinstance(r, tuple | list) else r, s] for r, s in regions],
         "region_effect": float(region_effect), "tiv_effect": bool(tiv_effect), "seed": int(seed),
         "contrast_effect": float(contrast_effect), "reference_source": reference_source,
     }
-    gen_path = out / "generation.json"
+    gen_path = tree.generation
     previous: dict[str, Any] = {}
     if gen_path.is_file():
         try:
@@ -881,22 +885,20 @@ def make_cohort(
 
     participants = paper_demographics(n=n, seed=seed, tiv_effect=tiv_effect)
     sshape, _ = _scanner_grid(vs)
-    img_paths = [out / pid / "anat" / f"{pid}_T1w.nii.gz" for pid in participants["participant_id"]]
-    mask_paths = [out / "ground_truth" / "masks" / f"{pid}_desc-brain_mask.nii.gz"
-                  for pid in participants["participant_id"]]
-    gt_files = [out / "participants.tsv", out / "ground_truth" / "regions.tsv", out / "ground_truth" / "poses.tsv",
-                out / "ground_truth" / "sex_effect_map.nii.gz"]
+    img_paths = [tree.image(pid) for pid in participants["participant_id"]]
+    mask_paths = [tree.mask(pid) for pid in participants["participant_id"]]
+    gt_files = [tree.participants, tree.regions, tree.poses, tree.effect_map]
     if same and previous.get("complete") and all(p.is_file() for p in gt_files):
         todo = [i for i, (a, b) in enumerate(zip(img_paths, mask_paths, strict=True))
                 if not (_valid_image(a, sshape) and _valid_image(b, sshape))]
         if not todo:
-            return pd.read_csv(out / "participants.tsv", sep="\t")
+            return _with_paths(pd.read_csv(tree.participants, sep="\t"), img_paths, mask_paths)
     elif previous and not same:
         # a tree made with other arguments: remove its subjects (only folders this generator wrote)
         for d in out.glob("sub-*"):
             if d.is_dir():
                 shutil.rmtree(d)
-        shutil.rmtree(out / "ground_truth", ignore_errors=True)
+        shutil.rmtree(tree.truth_dir, ignore_errors=True)
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(gen_path, {"args": args, "complete": False})
@@ -908,7 +910,7 @@ def make_cohort(
     records = participants.to_dict("records")
     jobs = [(records[i], seeds[i], (str(img_paths[i]), str(mask_paths[i]))) for i in todo]
     bar = tqdm(total=len(jobs), desc=f"phantom ({vs:g} mm)", unit="subject", disable=not progress)
-    if n_jobs == 1 or len(jobs) <= 1:
+    if n_workers == 1 or len(jobs) <= 1:
         with threadpool_limits(1):  # tiny matrix products: threads only get in each other's way
             for row, ss, paths in jobs:
                 _make_subject(ctx, row, ss, info, paths)
@@ -921,7 +923,7 @@ def make_cohort(
                 if key != "effect_map":
                     np.save(ctx_dir / f"{key}.npy", np.ascontiguousarray(arr))
             tasks = (delayed(_subject_task)(str(ctx_dir), info, row, ss, paths) for row, ss, paths in jobs)
-            for _ in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
+            for _ in Parallel(n_jobs=n_workers, return_as="generator_unordered")(tasks):
                 bar.update()
         finally:
             shutil.rmtree(ctx_dir, ignore_errors=True)
@@ -936,27 +938,32 @@ def make_cohort(
     pose_cols = ["participant_id", "rot_x_deg", "rot_y_deg", "rot_z_deg", "trans_x_mm", "trans_y_mm", "trans_z_mm",
                  "center_x", "center_y", "center_z", "scale", "gm_ratio", "csf_ratio", "wm_level", "noise_frac",
                  "bias_sd", "ventricle_factor", "gm_loss", "skull_mm", "scalp_mm"]
-    write_table(pd.DataFrame(poses)[pose_cols], out / "ground_truth" / "poses.tsv")
-    write_table(region_table, out / "ground_truth" / "regions.tsv")
+    write_table(pd.DataFrame(poses)[pose_cols], tree.poses)
+    write_table(region_table, tree.regions)
     shape, taffine = templates.target_grid(vs)
     effect = nib.Nifti1Image(ctx["effect_map"].astype(np.float32), taffine)
     effect.header.set_sform(taffine, code=4)
     effect.header.set_qform(taffine, code=4)
-    with atomic_path(out / "ground_truth" / "sex_effect_map.nii.gz") as tmp:
+    with atomic_path(tree.effect_map) as tmp:
         nib.save(effect, tmp)
     if "contrast_M" in ctx:
         cmap = nib.Nifti1Image((ctx["contrast_M"][0] / ctx["contrast_F"][0] - 1).astype(np.float32), taffine)
-        with atomic_path(out / "ground_truth" / "sex_contrast_map.nii.gz") as tmp:
+        with atomic_path(tree.contrast_map) as tmp:
             nib.save(cmap, tmp)
-    write_json_atomic(out / "dataset_description.json", {
+    write_json_atomic(tree.description, {
         "Name": "brainsex synthetic phantom (paper-shaped, planted sex differences)",
         "BIDSVersion": "1.9.0", "DatasetType": "raw", "License": "CC0",
         "GeneratedBy": [{"Name": "brainsex.synthetic", "Version": GENERATOR_VERSION}],
     })
-    write_table(participants, out / "participants.tsv")
+    write_table(participants, tree.participants)
     digest = hashlib.sha256(participants.to_csv(index=False).encode()).hexdigest()[:16]
     write_json_atomic(gen_path, {"args": args, "complete": True, "participants_sha256_16": digest,
                                  "icv_template_ml": info["icv_template_ml"],
                                  "tiv_model": tiv_distribution(tiv_effect).to_dict("records"),
                                  "references": templates.reference_info(reference_source).to_dict("records")})
-    return participants
+    return _with_paths(participants, img_paths, mask_paths)
+
+
+def _with_paths(participants: pd.DataFrame, images: Sequence[Path], masks: Sequence[Path]) -> pd.DataFrame:
+    """The participants table with the ``image`` and ``mask`` paths :func:`make_cohort` wrote."""
+    return participants.assign(image=[str(p) for p in images], mask=[str(p) for p in masks])

@@ -61,8 +61,9 @@ import torch
 from torch import nn
 
 from brainsex import BrainsexError
-from brainsex.io import atomic_path, read_table, write_table
+from brainsex.io import atomic_path, write_table
 from brainsex.model import PAPER_CHANNELS, SFCN
+from brainsex.run import TrainDir
 
 __all__ = [
     "TrainConfig",
@@ -821,7 +822,8 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
     signature = _data_signature(ids, table["split"].astype(str).to_numpy()[used], pos_labels, in_shape)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    best_path, last_path, hist_path = out_dir / "best.pt", out_dir / "last.pt", out_dir / "history.tsv"
+    layout = TrainDir(out_dir)
+    best_path, last_path, hist_path = layout.best, layout.last, layout.history
     history: list[dict[str, float]] = []
     start_epoch = 0
     best_val_loss, best_val_acc, best_epoch = math.inf, float("nan"), 0
@@ -1065,13 +1067,13 @@ def predict(
 # ------------------------------------------------------------------------------------------------- CLI
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brainsex train", description=(
-        "Train SFCN on <run_dir>/preprocess/preprocessed.tsv with the split in <run_dir>/train/split.tsv "
-        "(made, stratified by sex/vendor/field, if missing). Works under torchrun for several GPUs."))
+        "Split the run's preprocessed subjects (stratified by sex/vendor/field, the profile's seed) and train "
+        "SFCN on them, as the training chapter does. Works under torchrun for several GPUs."))
     p.add_argument("--profile", default="demo", help="parameter profile: demo (default), smoke, paper")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="override a parameter, e.g. -p epochs 5 or -p amp off (repeatable)")
     p.add_argument("--run-dir", default=None, help="run directory (default: the profile's run_dir or runs/<profile>)")
-    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/train/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -1079,14 +1081,19 @@ def _train_parser() -> argparse.ArgumentParser:
 def main_train(argv: Sequence[str] | None = None) -> int:
     """Command line ``brainsex train --profile NAME [-p KEY VALUE ...] [--run-dir DIR] [--resume]``.
 
-    Reads ``<run_dir>/preprocess/preprocessed.tsv`` (rows with status 'ok'), uses
-    ``<run_dir>/train/split.tsv`` if present or writes it with :func:`brainsex.split.stratified_split`,
-    trains with the profile's ``channels``, ``epochs``, ``batch_size``, ``lr``, ``device``, ``seed`` (and any
-    other :class:`TrainConfig` field given with ``-p``) and writes ``<run_dir>/train/``. Returns the exit
-    status (0 on success, 2 on a :class:`BrainsexError`, whose message is printed).
+    Splits the run's preprocessed subjects and trains on them with :func:`brainsex.stages.train_run`,
+    the functions the training chapter uses: the split of the profile's ``seed`` (written to the run's
+    ``split.tsv``), the profile's ``channels``, ``epochs``, ``batch_size``, ``lr``, ``select``,
+    ``device``, ``seed`` (and any other :class:`TrainConfig` field given with ``-p``). Returns the
+    exit status (0 on success, 2 on a :class:`BrainsexError`, whose message is printed).
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (default: ``sys.argv[1:]``).
     """
     from brainsex.profiles import parse_override, resolve_profile
-    from brainsex.split import check_no_leakage, stratified_split
+    from brainsex.stages import train_run
 
     args = _train_parser().parse_args(argv)
     try:
@@ -1094,27 +1101,9 @@ def main_train(argv: Sequence[str] | None = None) -> int:
         known = {f.name for f in dataclasses.fields(TrainConfig)} | {"dropout"}
         params = resolve_profile(args.profile, overrides, known=known)
         run_dir = Path(args.run_dir or params.get("run_dir") or Path("runs") / args.profile)
-        pre = read_table(run_dir / "preprocess" / "preprocessed.tsv", dtype={"participant_id": str})
-        if "status" in pre.columns:
-            pre = pre[pre["status"].astype(str) == "ok"]
-        split_path = run_dir / "train" / "split.tsv"
-        if split_path.is_file():
-            split = read_table(split_path, dtype={"participant_id": str})
-            check_no_leakage(split)
-            missing = set(pre["participant_id"]) - set(split["participant_id"])
-            if missing:
-                raise BrainsexError(f"{split_path}: {len(missing)} preprocessed subject(s) have no split "
-                                    f"(e.g. {sorted(missing)[0]}); delete it to make a new split")
-            table = pre.drop(columns=[c for c in ("split", "stratum") if c in pre.columns]).merge(
-                split[["participant_id", "split"]], on="participant_id", how="left", validate="many_to_one")
-        else:
-            table = stratified_split(pre, seed=int(params.get("seed", 0)))
-            if int(os.environ.get("RANK", "0")) == 0:
-                write_table(table[["participant_id", "split", "stratum"]], split_path)
-        config = TrainConfig.from_params(params)
-        result = train(table, config, out_dir=run_dir / "train", channels=params.get("channels", PAPER_CHANNELS),
-                       dropout=float(params.get("dropout", 0.5)), resume=args.resume, progress=not args.no_progress)
-        if int(os.environ.get("RANK", "0")) == 0:
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        result = train_run(run_dir, params, resume=args.resume, write_split=rank0, progress=not args.no_progress)
+        if rank0:
             print(f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, "
                   f"val_acc {result.best_val_acc:.3f}; checkpoint {result.best_checkpoint}")
     except BrainsexError as exc:

@@ -53,6 +53,7 @@ from brainsex.atlas import (
     region_scores,
     resample_atlas_to,
 )
+from brainsex.run import PhantomDir, RunDir
 from brainsex.saliency import _as_array, average_maps, occlusion_by_region, template_space_maps
 
 __all__ = [
@@ -77,6 +78,14 @@ __all__ = [
     "method_rankings",
     "compare_methods",
     "reference_zscore",
+    "CONTROL_MIN_RECOVERED",
+    "CONTROL_MAX_RATIO",
+    "MIN_MODEL_ACCURACY",
+    "ControlVerdict",
+    "control_verdict",
+    "format_p",
+    "comparison_table",
+    "study_precision_table",
     "study",
     "main",
 ]
@@ -95,14 +104,14 @@ _METRICS = ("precision_at_k", "average_precision", "precision_at_k_tolerant", "a
 # --------------------------------------------------------------------------------------------------
 # the truth
 # --------------------------------------------------------------------------------------------------
-def planted_truth(source: str | os.PathLike) -> pd.DataFrame:
-    """The planted regions of a phantom: ``ground_truth/regions.tsv``.
+def planted_truth(source: str | os.PathLike | RunDir | PhantomDir) -> pd.DataFrame:
+    """The planted regions of a phantom (:attr:`brainsex.run.PhantomDir.regions`).
 
     Parameters
     ----------
     source
-        The file itself, the phantom's root folder (holding ``ground_truth/``) or a run directory
-        (``<run_dir>/cohort/phantom/ground_truth/regions.tsv``).
+        A run (:class:`brainsex.run.RunDir`: its :attr:`~brainsex.run.RunDir.truth`), a phantom
+        (:class:`brainsex.run.PhantomDir`, or the path of its root folder) or the table file itself.
 
     Returns
     -------
@@ -111,12 +120,17 @@ def planted_truth(source: str | os.PathLike) -> pd.DataFrame:
         (signed volume effect), ``contrast`` (signed intensity effect; 0 when absent) and the other
         columns of the file.
     """
-    p = Path(source)
-    candidates = [p, p / "ground_truth" / "regions.tsv", p / "cohort" / "phantom" / "ground_truth" / "regions.tsv"]
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        raise BrainsexError(f"{source}: no planted-region table (looked for {', '.join(str(c) for c in candidates)}); "
-                            "the validity checks need the synthetic phantom's ground truth")
+    if isinstance(source, RunDir):
+        if source.truth is None:
+            raise BrainsexError(f"{source.root}: this run has no ground truth (no phantom at {source.phantom.root}); "
+                                "the validity checks need the synthetic phantom's planted regions")
+        source = source.truth
+    if not isinstance(source, PhantomDir) and Path(source).is_dir():
+        source = PhantomDir(source)
+    path = source.regions if isinstance(source, PhantomDir) else Path(source)
+    if not path.is_file():
+        raise BrainsexError(f"{path}: no planted-region table; the validity checks need the synthetic phantom's "
+                            "ground truth")
     table = pd.read_csv(path, sep="\t")
     missing = {"label", "sign"} - set(table.columns)
     if missing:
@@ -558,8 +572,7 @@ def phantom_log_jacobians(
     from brainsex import synthetic as syn
     from brainsex import templates
 
-    root = Path(phantom_dir)
-    gen = root / "generation.json"
+    gen = PhantomDir(phantom_dir).generation
     if not gen.is_file():
         raise BrainsexError(f"{gen}: not found; the true Jacobians exist only for a synthetic phantom")
     info = json.loads(gen.read_text())
@@ -596,7 +609,7 @@ def phantom_log_jacobians(
         index.append(str(row["participant_id"]))
     if wanted is not None and len(index) != len(wanted):
         missing = sorted(wanted - set(index))[:5]
-        raise BrainsexError(f"participants {missing} are not in the phantom at {root}")
+        raise BrainsexError(f"participants {missing} are not in the phantom at {gen.parent}")
     return pd.DataFrame(np.vstack(rows), columns=ids, index=pd.Index(index, name="participant_id"))
 
 
@@ -1247,6 +1260,159 @@ def _reference_mask(voxel_size: float, planted: Sequence[int], atlas: Any, margi
 # --------------------------------------------------------------------------------------------------
 # the study: effect types x grids x z-score variants (too heavy for the demo book)
 # --------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# the validity chapter's verdicts and tables
+# --------------------------------------------------------------------------------------------------
+#: The positive control passes when perfect warps on everyone recover at least this many planted regions
+#: (FDR q < 0.05 with the planted sign; the phantom plants ten, a few of which a coarse grid may lose).
+CONTROL_MIN_RECOVERED = 8
+#: Registered warps that carry less than this share of the planted difference (median over the planted
+#: regions, :attr:`PositiveControl.ratio`) are said to lose it.
+CONTROL_MAX_RATIO = 0.7
+#: A study model with a test accuracy below this is near chance: its maps explain little.
+MIN_MODEL_ACCURACY = 0.7
+
+
+@dataclass
+class ControlVerdict:
+    """What the positive control (:func:`positive_control`) says, as the validity chapter reads it.
+
+    Attributes
+    ----------
+    n_recovered
+        Planted regions recovered with perfect warps on every subject.
+    passes
+        ``n_recovered >= min_recovered``: the phantom and the test are sound.
+    registered
+        Name of the first registered version (None when none ran).
+    n_registered_subjects
+        Its sample size (0 when none ran).
+    registered_recovered, sample_recovered
+        Planted regions it recovers, and perfect warps on the same sample (None when none ran).
+    loses_difference
+        The registered warps carry less than ``max_ratio`` of the planted difference.
+    """
+
+    n_recovered: int
+    passes: bool
+    registered: str | None
+    n_registered_subjects: int
+    registered_recovered: int | None
+    sample_recovered: int | None
+    loses_difference: bool
+
+
+def control_verdict(
+    control: PositiveControl,
+    min_recovered: int = CONTROL_MIN_RECOVERED,
+    max_ratio: float = CONTROL_MAX_RATIO,
+) -> ControlVerdict:
+    """Read a positive control: does it pass, and do the registered warps keep the planted difference?
+
+    Parameters
+    ----------
+    control
+        The result of :func:`positive_control`.
+    min_recovered
+        Planted regions perfect warps must recover for the control to pass (:data:`CONTROL_MIN_RECOVERED`).
+    max_ratio
+        Below this share of the planted difference the registered warps lose it (:data:`CONTROL_MAX_RATIO`).
+
+    Returns
+    -------
+    ControlVerdict
+    """
+    recovered = {name: int(r["recovered"].sum()) for name, r in control.recoveries.items()}
+    n_recovered = recovered[PERFECT_ALL]
+    registered = [n for n in control.tables if n not in (PERFECT_ALL, PERFECT_SAMPLE)]
+    first = registered[0] if registered else None
+    return ControlVerdict(
+        n_recovered=n_recovered,
+        passes=n_recovered >= int(min_recovered),
+        registered=first,
+        n_registered_subjects=int(control.tables[first].attrs["n_subjects"]) if first else 0,
+        registered_recovered=recovered[first] if first else None,
+        sample_recovered=recovered.get(PERFECT_SAMPLE) if first else None,
+        loses_difference=bool(first) and bool(control.ratio < float(max_ratio)),
+    )
+
+
+def format_p(p: float) -> str:
+    """A p-value for a table: three decimals, ``< 0.001`` below that, ``n/a`` when missing.
+
+    Parameters
+    ----------
+    p
+        The p-value.
+    """
+    if p is None or not np.isfinite(p):
+        return "n/a"
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
+def comparison_table(summary: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """One row per method and scoring: precision@k, average precision and tolerant precision@k with chance.
+
+    Parameters
+    ----------
+    summary
+        Long rows (:func:`report_long` with ``method`` and ``scoring`` columns), e.g. the chapter's
+        ``validity_summary.tsv``.
+    k
+        The k of precision@k.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``method``, ``scoring`` and the observed values, chance levels (rounded to two decimals) and
+        p-values (:func:`format_p`) of each metric, in the order of ``summary``.
+    """
+    wide = summary.pivot_table(index=["method", "scoring"], columns="metric",
+                               values=["observed", "chance", "p_value"], sort=False)
+    return pd.DataFrame({
+        f"P@{k}": wide[("observed", f"precision_at_{k}")].round(2),
+        f"P@{k} chance": wide[("chance", f"precision_at_{k}")].round(2),
+        f"P@{k} p": wide[("p_value", f"precision_at_{k}")].map(format_p),
+        "AP": wide[("observed", "average_precision")].round(2),
+        "AP chance": wide[("chance", "average_precision")].round(2),
+        "AP p": wide[("p_value", "average_precision")].map(format_p),
+        f"P@{k} tolerant": wide[("observed", f"precision_at_{k}_tolerant")].round(2),
+        "chance ": wide[("chance", f"precision_at_{k}_tolerant")].round(2),
+    }).reset_index()
+
+
+def study_precision_table(study: pd.DataFrame, k: int = 10, min_accuracy: float = MIN_MODEL_ACCURACY) -> pd.DataFrame:
+    """The validity study's precision@k rows for display, with a note on models near chance.
+
+    Parameters
+    ----------
+    study
+        The study table (:func:`study`).
+    k
+        The k of precision@k.
+    min_accuracy
+        Models below this test accuracy are noted as near chance (:data:`MIN_MODEL_ACCURACY`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``effect``, ``voxel_size``, ``zscore``, ``method``, ``scoring``, ``accuracy``, ``n_scans``,
+        ``observed``, ``chance``, ``p_value`` (formatted) and ``note``; ``attrs["n_weak"]`` is the
+        number of configurations whose model is near chance.
+    """
+    s10 = study[study["metric"] == f"precision_at_{k}"].copy()
+    s10["observed"] = s10["observed"].round(2)
+    s10["chance"] = s10["chance"].round(2)
+    s10["p_value"] = s10["p_value"].map(format_p)
+    s10["note"] = np.where(s10["accuracy"] < min_accuracy, "model near chance: its maps explain little", "")
+    s10["accuracy"] = s10["accuracy"].round(2)
+    out = s10[["effect", "voxel_size", "zscore", "method", "scoring", "accuracy", "n_scans", "observed", "chance",
+               "p_value", "note"]]
+    configs = study.drop_duplicates(["effect", "voxel_size", "zscore"])
+    out.attrs["n_weak"] = int((configs["accuracy"] < min_accuracy).sum())
+    return out
+
+
 def _study_config(effect: str, region_effect: float, contrast_effect: float) -> dict[str, float]:
     if effect == "volume":
         return {"region_effect": float(region_effect), "contrast_effect": 0.0}
@@ -1258,27 +1424,11 @@ def _study_config(effect: str, region_effect: float, contrast_effect: float) -> 
 def study(
     out_dir: str | os.PathLike = "benchmarks/validity",
     work_dir: str | os.PathLike | None = None,
-    voxel_sizes: Sequence[float] = (8.0, 6.0),
-    effects: Sequence[str] = ("volume", "contrast"),
-    zscores: Sequence[str] = ("brain", "reference"),
-    n_subjects: int = 160,
-    region_effect: float = 0.10,
-    contrast_effect: float = 0.10,
-    epochs: int = 8,
-    channels: Sequence[int] = (4, 8, 8, 8, 8, 4),
-    batch_size: int = 8,
-    lr: float = 0.01,
-    methods: Sequence[str] = ("saliency", "saliency_signed", "integrated_gradients", "occlusion"),
-    scorings: Sequence[str] = SCORINGS,
-    max_scans: int = 16,
-    warp: str = "syn",
-    tbm: bool = True,
-    n_perm: int = 500,
-    n_workers: int = 2,
-    seed: int = 0,
+    profile: str = "study",
     progress: bool = True,
+    **params: Any,
 ) -> pd.DataFrame:
-    """Sweep phantoms (effect type x grid) and z-score variants; write ``validity_study.tsv``.
+    """Sweep phantoms (effect type x grid) and z-score variants; write the study table.
 
     For each voxel size and effect type a phantom is made (:func:`brainsex.synthetic.make_cohort`:
     ``volume`` plants ``region_effect`` volume changes, ``contrast`` plants ``contrast_effect``
@@ -1286,35 +1436,59 @@ def study(
     true brain masks (skull stripping is not what is studied here, and it is the slowest step), split,
     and for each z-score variant (``brain``: the paper's per-scan z-score; ``reference``: the same
     scans re-standardised on deep white matter far from the planted regions, :func:`reference_zscore`)
-    an SFCN is trained and :func:`compare_methods` run on its correctly classified test scans. With
-    ``tbm`` the positive control (:func:`tbm_region_test`) runs once per phantom (it does not depend
-    on the z-score), with registered warps and with the phantom's true deformations
+    an SFCN is trained and :func:`compare_methods` run on its correctly classified test scans. Split,
+    training, prediction and accuracy are the book's stages (:mod:`brainsex.stages`: the same split,
+    leakage check, checkpoint rule ``select`` and :func:`brainsex.evaluate.metrics`). With ``tbm`` the
+    positive control (:func:`tbm_region_test`) runs once per phantom (it does not depend on the
+    z-score), with registered warps and with the phantom's true deformations
     (:func:`phantom_log_jacobians`); the truth-map ceiling (:func:`truth_map_ranking`) is reported too.
 
     Everything intermediate goes to ``work_dir`` (default ``<out_dir>/work``, not meant to be kept);
-    the result is ``<out_dir>/validity_study.tsv`` (one row per configuration x method x scoring x
-    metric, with accuracy, scan counts and the chance level) and ``<out_dir>/validity_study.json``
-    (the arguments and the time taken). Re-running reuses phantoms, preprocessing, warps and
-    trainings that match.
+    the result is :attr:`brainsex.run.ValidityDir.study_table` in ``out_dir`` (one row per
+    configuration x method x scoring x metric, with accuracy, scan counts and the chance level) and
+    :attr:`~brainsex.run.ValidityDir.study_info` (the arguments and the time taken). Re-running reuses
+    phantoms, preprocessing, warps and trainings that match.
+
+    Parameters
+    ----------
+    out_dir
+        Folder of the result.
+    work_dir
+        Folder of the intermediate files (default ``<out_dir>/work``).
+    profile
+        The study profile in ``profiles.yaml`` (``kind: study``) whose parameters are the defaults:
+        ``voxel_sizes``, ``effects`` (``volume``/``contrast``), ``zscores`` (``brain``/``reference``),
+        ``n_subjects``, ``region_effect``, ``contrast_effect``, the training settings (``epochs``,
+        ``channels``, ``batch_size``, ``lr``, ``select``, ``device``, ``seed``), ``methods``,
+        ``scorings``, ``max_scans``, ``warp``, ``tbm``, ``n_perm`` and ``n_workers``.
+    progress
+        Show progress bars.
+    **params
+        Values that replace the profile's (an unknown name is an error).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The study table.
     """
     import nibabel as nib
 
     from brainsex.preprocess import preprocess_cohort
-    from brainsex.split import stratified_split
+    from brainsex.profiles import resolve_profile
+    from brainsex.run import PreprocessDir, TrainDir, ValidityDir
+    from brainsex.stages import evaluate_predictions, predict_split, split_subjects, train_model
     from brainsex.synthetic import make_cohort
     from brainsex.templates import load_atlas, load_template
-    from brainsex.train import TrainConfig, predict, train
 
     t_start = time.time()
-    out = Path(out_dir)
+    p = resolve_profile(profile, params, kind="study")
+    out = ValidityDir(out_dir)
     work = Path(work_dir) if work_dir is not None else out / "work"
-    args = {k: v for k, v in locals().items() if k in (
-        "voxel_sizes", "effects", "zscores", "n_subjects", "region_effect", "contrast_effect", "epochs", "channels",
-        "batch_size", "lr", "methods", "scorings", "max_scans", "warp", "tbm", "n_perm", "seed")}
-    args = json.loads(json.dumps(args, default=list))
-    for z in zscores:
+    args = json.loads(json.dumps({k: v for k, v in p.items() if k != "n_workers"}, default=list))
+    for z in p["zscores"]:
         if z not in ("brain", "reference"):
             raise BrainsexError(f"zscores: {z!r} is not 'brain' or 'reference'")
+    n_perm, seed, n_workers = int(p["n_perm"]), int(p["seed"]), int(p["n_workers"])
     rows: list[pd.DataFrame] = []
 
     def add(df: pd.DataFrame, **ids: Any) -> None:
@@ -1322,35 +1496,30 @@ def study(
             df.insert(0, key, val)
         rows.append(df)
 
-    for vs in voxel_sizes:
+    for vs in p["voxel_sizes"]:
         template = load_template(vs, source="offline")
         atlas, labels = load_atlas(vs, source="offline")
         lab = np.rint(np.asarray(atlas.dataobj)).astype(int)
         neighbours = region_neighbours(lab)
-        for effect in effects:
-            cfg = _study_config(effect, region_effect, contrast_effect)
+        for effect in p["effects"]:
+            cfg = _study_config(effect, p["region_effect"], p["contrast_effect"])
             tag = f"{effect}_{vs:g}mm"
             base = work / tag
-            phantom = base / "phantom"
-            participants = make_cohort(phantom, n=n_subjects, voxel_size=vs, seed=seed, n_jobs=n_workers,
+            phantom = PhantomDir(base / "phantom")
+            participants = make_cohort(phantom.root, n=p["n_subjects"], voxel_size=vs, seed=seed, n_workers=n_workers,
                                        progress=progress, **cfg)
             truth = planted_truth(phantom)
-            participants = participants.assign(
-                image=[str(phantom / p / "anat" / f"{p}_T1w.nii.gz") for p in participants["participant_id"]],
-                mask=[str(phantom / "ground_truth" / "masks" / f"{p}_desc-brain_mask.nii.gz")
-                      for p in participants["participant_id"]])
-            pre = preprocess_cohort(participants, base / "preprocess", voxel_size=vs, n_workers=n_workers,
+            prep = PreprocessDir(base / "preprocess")
+            pre = preprocess_cohort(participants, prep.root, voxel_size=vs, n_workers=n_workers,
                                     method="mask", progress=progress)
+            split = split_subjects(pre, seed=seed)
             pre = pre[pre["status"] == "ok"].reset_index(drop=True)
-            split = stratified_split(pre, seed=seed)
-            cache = base / "preprocess" / "warps"
-            effect_file = phantom / "ground_truth" / ("sex_effect_map.nii.gz" if effect == "volume"
-                                                       else "sex_contrast_map.nii.gz")
-            ceiling = truth_map_ranking(nib.load(effect_file), atlas, labels)
+            cache = prep.warps
+            ceiling = truth_map_ranking(nib.load(phantom.truth_map(effect)), atlas, labels)
             rep = ranking_report(ceiling, truth, neighbours=neighbours, n_perm=n_perm, seed=seed)
             add(report_long(rep), effect=effect, voxel_size=vs, zscore="-", method="truth_map", scoring="abs_effect",
                 accuracy=np.nan, n_scans=np.nan)
-            if tbm:
+            if p["tbm"]:
                 tb = tbm_region_test(pre, template, atlas, labels, cache, tiv_col="etiv_ml", n_jobs=n_workers,
                                      progress=progress)
                 rec = planted_recovery(tb, truth)
@@ -1361,42 +1530,36 @@ def study(
                     n_scans=tb.attrs["n_subjects"])
                 # the same test with the phantom's true deformations (perfect warps)
                 ok = pre[pre["etiv_ml"].notna()]
-                true_vals = phantom_log_jacobians(phantom, atlas, labels,
+                true_vals = phantom_log_jacobians(phantom.root, atlas, labels,
                                                   participants=ok["participant_id"].astype(str).tolist())
                 tp = region_test_table(true_vals, ok, atlas, labels, template)
                 long = report_long(ranking_report(tp, truth, neighbours=neighbours, n_perm=n_perm, seed=seed))
                 long["n_recovered"] = int(planted_recovery(tp, truth)["recovered"].sum())
                 add(long, effect=effect, voxel_size=vs, zscore="-", method="tbm_perfect_warps", scoring="abs_t",
                     accuracy=np.nan, n_scans=len(ok))
-            for z in zscores:
+            for z in p["zscores"]:
                 table = split.copy()
                 if z == "reference":
                     ref = _reference_mask(vs, truth["label"].tolist(), atlas)
                     zdir = base / "zscore_reference"
                     zdir.mkdir(parents=True, exist_ok=True)
                     paths = []
-                    for pid, p in zip(table["participant_id"], table["image_pp"], strict=True):
+                    for pid, path in zip(table["participant_id"], table["image_pp"], strict=True):
                         dst = zdir / f"{pid}_zref.nii.gz"
                         if not dst.is_file():
-                            nib.save(reference_zscore(nib.load(p), ref), dst)
+                            nib.save(reference_zscore(nib.load(path), ref), dst)
                         paths.append(str(dst))
                     table["image_pp"] = paths
-                config = TrainConfig(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seed=int(seed),
-                                     device="cpu")
-                res = train(table, config, out_dir=base / f"train_{z}", channels=list(channels), resume="auto",
-                            progress=progress)
-                test = table[table["split"] == "test"].reset_index(drop=True)
-                probs = predict(res.model, test, device="cpu", progress=False)
-                test = test.assign(prob_male=probs["prob_male"].to_numpy())
-                test["y_true"] = (test["sex"] == "M").astype(int)
-                test["y_pred"] = (test["prob_male"] >= 0.5).astype(int)
-                acc = float((test["y_true"] == test["y_pred"]).mean())
+                res = train_model(table, p, TrainDir(base / f"train_{z}"), resume="auto", progress=progress)
+                pred = predict_split(res.model, table, split="test", device=p["device"])
+                acc = float(evaluate_predictions(pred).loc["accuracy", "value"])
+                test = pred.merge(table[["participant_id", "image_pp"]], on="participant_id", how="left")
                 # the rigidly registered image is the moving image of the warps whatever the z-score:
                 # warps are cached per subject, so both variants share them
-                cmp_ = compare_methods(res.model, test, template, atlas, labels, truth, methods=methods,
-                                       scorings=scorings, max_scans=max_scans, warp=warp, cache_dir=cache,
-                                       neighbours=neighbours, n_perm=n_perm, seed=seed, device="cpu",
-                                       n_jobs=n_workers, progress=progress)
+                cmp_ = compare_methods(res.model, test, template, atlas, labels, truth, methods=p["methods"],
+                                       scorings=p["scorings"], max_scans=p["max_scans"], warp=p["warp"],
+                                       cache_dir=cache, neighbours=neighbours, n_perm=n_perm, seed=seed,
+                                       device=p["device"], n_jobs=n_workers, progress=progress)
                 add(cmp_.drop(columns=["top_k"]), effect=effect, voxel_size=vs, zscore=z, accuracy=acc)
     result = pd.concat(rows, ignore_index=True)
     cols = ["effect", "voxel_size", "zscore", "method", "scoring", "metric", "observed", "chance", "p_value",
@@ -1407,14 +1570,17 @@ def study(
     result = result[cols]
     from brainsex.io import write_json_atomic, write_table
 
-    write_table(result, out / "validity_study.tsv")
-    write_json_atomic(out / "validity_study.json", {"args": args, "seconds": round(time.time() - t_start, 1),
-                                                    "command": "python -m brainsex.validity study " +
-                                                    " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else ""})
+    write_table(result, out.study_table)
+    write_json_atomic(out.study_info, {"args": args, "seconds": round(time.time() - t_start, 1),
+                                       "command": "python -m brainsex.validity study " +
+                                       " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else ""})
     return result
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The ``study`` command line; its options and their defaults are the study profile's parameters."""
+    from brainsex.profiles import resolve_profile
+
     p = argparse.ArgumentParser(prog="python -m brainsex.validity", description=(
         "Validity study: do saliency rankings recover the phantom's planted regions? Sweeps effect type, grid "
         "and z-score variant and writes <out>/validity_study.tsv."))
@@ -1422,38 +1588,45 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("study", help="run the sweep (minutes to hours, depending on the sizes)")
     s.add_argument("--out", default="benchmarks/validity", help="output folder (default: benchmarks/validity)")
     s.add_argument("--work", default=None, help="folder for phantoms, preprocessing and models (default: <out>/work)")
-    s.add_argument("--voxel-sizes", type=float, nargs="+", default=[8.0, 6.0])
-    s.add_argument("--effects", nargs="+", default=["volume", "contrast"], choices=["volume", "contrast"])
-    s.add_argument("--zscores", nargs="+", default=["brain", "reference"], choices=["brain", "reference"])
-    s.add_argument("--n-subjects", type=int, default=160)
-    s.add_argument("--region-effect", type=float, default=0.10)
-    s.add_argument("--contrast-effect", type=float, default=0.10)
-    s.add_argument("--epochs", type=int, default=8)
-    s.add_argument("--channels", type=int, nargs=6, default=[4, 8, 8, 8, 8, 4])
-    s.add_argument("--methods", nargs="+", default=["saliency", "saliency_signed", "integrated_gradients", "occlusion"],
-                   choices=list(DL_METHODS))
-    s.add_argument("--max-scans", type=int, default=16)
-    s.add_argument("--warp", default="syn", choices=["syn", "none"])
-    s.add_argument("--no-tbm", action="store_true", help="skip the tensor-based morphometry control")
-    s.add_argument("--n-perm", type=int, default=500)
-    s.add_argument("--n-workers", type=int, default=2)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--profile", default="study", help="study profile in profiles.yaml (default: study)")
     s.add_argument("--no-progress", action="store_true")
+    choices = {"effects": ["volume", "contrast"], "zscores": ["brain", "reference"], "methods": list(DL_METHODS),
+               "scorings": list(SCORINGS), "warp": ["syn", "none"]}
+    for key, default in resolve_profile("study", kind="study").items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(default, bool):
+            s.add_argument(f"--no-{key.replace('_', '-')}" if default else flag, dest=key, default=None,
+                           action="store_const", const=not default, help=f"(profile: {key} = {default})")
+        elif isinstance(default, list):
+            kind = type(default[0]) if default else str
+            s.add_argument(flag, dest=key, nargs="+", type=kind, default=None, choices=choices.get(key),
+                           help=f"(profile: {' '.join(map(str, default))})")
+        else:
+            s.add_argument(flag, dest=key, type=type(default), default=None, choices=choices.get(key),
+                           help=f"(profile: {default})")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m brainsex.validity study [options]`` (see ``--help``)."""
-    args = _parser().parse_args(argv)
+    """Command line: ``python -m brainsex.validity study [options]`` (see ``--help``).
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (default: ``sys.argv[1:]``).
+    """
+    args = vars(_parser().parse_args(argv))
+    fixed = {k: args.pop(k) for k in ("cmd", "out", "work", "profile", "no_progress")}
+    overrides = {k: v for k, v in args.items() if v is not None}
     try:
         import torch
 
-        torch.set_num_threads(max(1, int(args.n_workers)))
-        res = study(out_dir=args.out, work_dir=args.work, voxel_sizes=args.voxel_sizes, effects=args.effects,
-                    zscores=args.zscores, n_subjects=args.n_subjects, region_effect=args.region_effect,
-                    contrast_effect=args.contrast_effect, epochs=args.epochs, channels=args.channels,
-                    methods=args.methods, max_scans=args.max_scans, warp=args.warp, tbm=not args.no_tbm,
-                    n_perm=args.n_perm, n_workers=args.n_workers, seed=args.seed, progress=not args.no_progress)
+        from brainsex.profiles import resolve_profile
+
+        n_workers = overrides.get("n_workers", resolve_profile(fixed["profile"], kind="study")["n_workers"])
+        torch.set_num_threads(max(1, int(n_workers)))
+        res = study(out_dir=fixed["out"], work_dir=fixed["work"], profile=fixed["profile"],
+                    progress=not fixed["no_progress"], **overrides)
     except BrainsexError as exc:
         print(f"brainsex: error: {exc}", file=sys.stderr)
         return 2
