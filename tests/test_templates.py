@@ -118,7 +118,7 @@ def test_sources_fall_back_and_say_so():
 def test_references_are_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAINSEX_CACHE", str(tmp_path))
     assert templates.cache_dir() == tmp_path
-    arr = templates._cached_array("probe", lambda: np.arange(5))
+    arr = templates.cached_array("probe", lambda: np.arange(5))
     files = list((tmp_path / "references").rglob("probe.npy"))
     assert len(files) == 1
-    np.testing.assert_array_equal(templates._cached_array("probe", lambda: np.zeros(1)), arr)
+    np.testing.assert_array_equal(templates.cached_array("probe", lambda: np.zeros(1)), arr)

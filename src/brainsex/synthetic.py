@@ -391,20 +391,20 @@ def _context(voxel_size: float, regions: list[tuple[Any, int]], region_effect: f
     """Everything the subjects share: template maps, planted fields, region table."""
     vs = voxel_size
     shape, affine = templates.target_grid(vs)
-    tissue = templates._tissue_arrays(vs)  # offline, nilearn (see templates.load_tissue_maps)
-    mask1 = templates._mask_array(1.0, "offline")
+    tissue = templates.tissue_arrays(vs)  # offline, nilearn (see templates.load_tissue_maps)
+    mask1 = templates.mask_array(1.0, "offline")
     key = f"{vs:g}mm".replace(".", "p")
-    mask = templates._cached_array(
-        f"offline_softmask_{key}", lambda: templates._smooth_sample(mask1.astype(np.float32), vs).astype(np.float32))
+    mask = templates.cached_array(
+        f"offline_softmask_{key}", lambda: templates.smooth_sample(mask1.astype(np.float32), vs).astype(np.float32))
     icv_template_ml = float(mask1.sum()) / 1000.0
 
     def signed_distance() -> np.ndarray:
         inside = mask1.astype(bool)
         return (ndimage.distance_transform_edt(~inside) - ndimage.distance_transform_edt(inside)).astype(np.float32)
 
-    dist1 = templates._cached_array("offline_signed_distance_1mm", signed_distance)
-    dist = dist1 if vs == 1.0 else templates._cached_array(
-        f"offline_signed_distance_{key}", lambda: templates._smooth_sample(dist1, vs).astype(np.float32))
+    dist1 = templates.cached_array("offline_signed_distance_1mm", signed_distance)
+    dist = dist1 if vs == 1.0 else templates.cached_array(
+        f"offline_signed_distance_{key}", lambda: templates.smooth_sample(dist1, vs).astype(np.float32))
 
     atlas_img, labels = templates.load_atlas(1.0, source)
     atlas1 = np.asarray(atlas_img.dataobj)
@@ -856,7 +856,7 @@ def make_cohort(
 
     if spec != "paper":
         raise BrainsexError(f"spec must be 'paper' (the paper's Table 1 design), got {spec!r}")
-    vs = templates._check_voxel_size(voxel_size)
+    vs = templates.check_voxel_size(voxel_size)
     for name, val, lo, hi in (("region_effect", region_effect, 0.0, 1.0), ("contrast_effect", contrast_effect, 0.0, 1.0)):
         if not (isinstance(val, int | float) and lo <= float(val) < hi):
             raise BrainsexError(f"{name} must be a fraction in [{lo}, {hi}), got {val!r}")
