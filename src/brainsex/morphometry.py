@@ -16,7 +16,6 @@ with planted volume effects it must find them; if it does not, the phantom or th
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -243,8 +242,8 @@ def phantom_log_jacobians(
     """The phantom's *true* regional log-Jacobians: what a perfect registration would measure.
 
     Each subject's non-linear deformation (its individual random warp, the planted sex effect and the
-    age-dependent ventricle enlargement; :mod:`brainsex.synthetic`) is rebuilt from the generation
-    arguments in ``generation.json`` and the subject's random stream, and its log-Jacobian (log of the
+    age-dependent ventricle enlargement; :mod:`brainsex.synthetic`) is read from the phantom
+    (:meth:`brainsex.synthetic.PhantomTruth.draws`), and its log-Jacobian (log of the
     subject's local volume relative to the template, before head-size scaling) averaged per region on
     the template grid. :func:`brainsex.atlas.region_group_test` on these values is tensor-based
     morphometry with perfect warps: it separates "the phantom or the test is wrong" from "the warps
@@ -267,48 +266,27 @@ def phantom_log_jacobians(
     from scipy import ndimage
     from tqdm.auto import tqdm
 
-    from brainsex import synthetic as syn
     from brainsex import templates
+    from brainsex.synthetic import phantom_truth
 
-    root = Path(phantom_dir)
-    gen = root / "generation.json"
-    if not gen.is_file():
-        raise BrainsexError(f"{gen}: not found; the true Jacobians exist only for a synthetic phantom")
-    info = json.loads(gen.read_text())
-    args = info.get("args", {})
-    if args.get("generator") != syn.GENERATOR_VERSION:
-        raise BrainsexError(f"{gen}: made by generator {args.get('generator')!r}, this code is "
-                            f"{syn.GENERATOR_VERSION!r}; the deformations cannot be rebuilt")
-    vs = float(args["voxel_size"])
+    truth = phantom_truth(phantom_dir)
+    vs = truth.voxel_size
     shape, affine = templates.target_grid(vs)
     ref = __import__("nibabel").Nifti1Image(np.zeros(shape, np.float32), affine)
     lab = labels_on(atlas, ref)
     ids = label_ids(labels, lab)
-    regions = [(tuple(r) if isinstance(r, list) else r, int(sg)) for r, sg in args["sex_regions"]]
-    ctx, _, _ = syn._context(vs, regions, float(args["region_effect"]), float(args["contrast_effect"]),
-                             args.get("reference_source", "offline"))
-    part = syn.paper_demographics(n=args["n"], seed=int(args["seed"]), tiv_effect=bool(args["tiv_effect"]))
-    seeds = np.random.SeedSequence(int(args["seed"])).spawn(len(part) + 1)[1:]
-    wanted = None if participants is None else {str(p) for p in participants}
+    every = truth.participants["participant_id"].astype(str).tolist()
+    wanted = every if participants is None else [str(p) for p in participants]
+    missing = sorted(set(wanted) - set(every))[:5]
+    if missing:
+        raise BrainsexError(f"participants {missing} are not in the phantom at {phantom_dir}")
     n_vox = np.asarray(ndimage.sum_labels(np.ones(shape), lab, index=ids))
     rows, index = [], []
-    records = part.to_dict("records")
-    for row, ss in tqdm(list(zip(records, seeds, strict=True)), desc="true Jacobians", disable=not progress,
-                        leave=False):
-        if wanted is not None and str(row["participant_id"]) not in wanted:
-            continue
-        # the generator's own deformation (same draws, same code as synthetic._make_subject)
-        p, rng = syn._subject_params(row, ss)
-        disp, _ = syn.subject_displacement(ctx, row, p, rng, vs)
-        # a backward field: subject point y shows the template at y + D(y), so the subject's local
-        # volume relative to the template is 1 / det(I + grad D)
-        logjac = -np.log(np.abs(syn._jacobian_det(disp, vs)).astype(np.float64))
+    for pid in tqdm([p for p in every if p in set(wanted)], desc="true Jacobians", disable=not progress, leave=False):
+        logjac = truth.draws(pid).log_jacobian()  # the generator's own deformation, read by name
         s = np.asarray(ndimage.sum_labels(logjac, lab, index=ids))
         rows.append(np.where(n_vox > 0, s / np.maximum(n_vox, 1), np.nan))
-        index.append(str(row["participant_id"]))
-    if wanted is not None and len(index) != len(wanted):
-        missing = sorted(wanted - set(index))[:5]
-        raise BrainsexError(f"participants {missing} are not in the phantom at {root}")
+        index.append(pid)
     return pd.DataFrame(np.vstack(rows), columns=ids, index=pd.Index(index, name="participant_id"))
 
 
