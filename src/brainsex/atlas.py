@@ -35,6 +35,7 @@ __all__ = [
     "region_group_test",
     "labels_on",
     "label_ids",
+    "region_means",
 ]
 
 
@@ -437,7 +438,6 @@ def log_jacobian_region_means(
     pandas.DataFrame
         N rows x one column per label id (NaN for a label with no voxel).
     """
-    from scipy import ndimage
 
     lab = np.rint(as_array(atlas, "atlas")).astype(np.int64)
     if labels is None:
@@ -450,7 +450,6 @@ def log_jacobian_region_means(
         ids = [int(v) for v in labels if int(v) != background]
     if not ids:
         raise BrainsexError("labels: no region to summarise")
-    n_vox = np.asarray(ndimage.sum_labels(np.ones(lab.shape), lab, index=ids))
     rows = []
     n = len(logjac_maps)
     for i in range(n):
@@ -459,8 +458,7 @@ def log_jacobian_region_means(
             raise BrainsexError(f"logjac_maps[{i}]: shape {m.shape} differs from the atlas {lab.shape}")
         if not np.isfinite(m).all():
             raise BrainsexError(f"logjac_maps[{i}]: contains NaN or infinite values")
-        s = np.asarray(ndimage.sum_labels(m.astype(np.float64), lab, index=ids))
-        rows.append(np.where(n_vox > 0, s / np.where(n_vox > 0, n_vox, 1), np.nan))
+        rows.append(region_means(m, lab, ids))
     if index is not None and len(index) != n:
         raise BrainsexError(f"index: {len(index)} entries for {n} maps")
     return pd.DataFrame(np.array(rows).reshape(n, len(ids)), columns=ids,
@@ -626,3 +624,26 @@ def label_ids(labels: pd.DataFrame | Sequence[int] | None, lab: np.ndarray) -> l
     if unknown:
         raise BrainsexError(f"atlas: label id(s) {unknown[:20]} are not in the label table")
     return ids
+
+
+def region_means(values: np.ndarray, lab: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+    """Mean of ``values`` in each region ``ids`` of the label array ``lab`` (``scipy.ndimage.mean``).
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        A map on the label grid (averaged in float64).
+    lab : numpy.ndarray
+        Integer labels, same shape.
+    ids : sequence of int
+        The regions, in the order of the result.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, NaN for a region with no voxel.
+    """
+    from scipy import ndimage
+
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty region: 0 / 0 = NaN
+        return np.asarray(ndimage.mean(np.asarray(values, dtype=np.float64), lab, index=list(ids)), dtype=np.float64)

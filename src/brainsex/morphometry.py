@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
-from brainsex.atlas import label_ids, labels_on, region_group_test
+from brainsex.atlas import label_ids, labels_on, region_group_test, region_means
 from brainsex.io import is_image
 from brainsex.ranking import planted_recovery, ranking_report, select_scans
 from brainsex.registration import TBM_SYN, log_jacobian, nonlinear_transform, set_threads, tbm_transform
@@ -96,13 +96,9 @@ def log_jacobian_map(image: Any, template: Any, cache_prefix: str | os.PathLike,
 
 def _tbm_one(image: str, template: Any, prefix: str, lab: np.ndarray, ids: list[int], warps: str) -> np.ndarray:
     """Region means of one subject's log-Jacobian (a joblib task)."""
-    from scipy import ndimage
 
     set_threads(1)
-    m = log_jacobian_map(image, template, prefix, warps=warps).astype(np.float64)
-    n = np.asarray(ndimage.sum_labels(np.ones_like(m), lab, index=ids))
-    s = np.asarray(ndimage.sum_labels(m, lab, index=ids))
-    return np.where(n > 0, s / np.maximum(n, 1), np.nan)
+    return region_means(log_jacobian_map(image, template, prefix, warps=warps), lab, ids)
 
 
 def tbm_region_means(
@@ -263,7 +259,6 @@ def phantom_log_jacobians(
     pandas.DataFrame
         Subjects (index ``participant_id``) x label ids (NaN for labels with no voxel).
     """
-    from scipy import ndimage
     from tqdm.auto import tqdm
 
     from brainsex import templates
@@ -280,12 +275,9 @@ def phantom_log_jacobians(
     missing = sorted(set(wanted) - set(every))[:5]
     if missing:
         raise BrainsexError(f"participants {missing} are not in the phantom at {phantom_dir}")
-    n_vox = np.asarray(ndimage.sum_labels(np.ones(shape), lab, index=ids))
     rows, index = [], []
     for pid in tqdm([p for p in every if p in set(wanted)], desc="true Jacobians", disable=not progress, leave=False):
-        logjac = truth.draws(pid).log_jacobian()  # the generator's own deformation, read by name
-        s = np.asarray(ndimage.sum_labels(logjac, lab, index=ids))
-        rows.append(np.where(n_vox > 0, s / np.maximum(n_vox, 1), np.nan))
+        rows.append(region_means(truth.draws(pid).log_jacobian(), lab, ids))  # the generator's deformation
         index.append(pid)
     return pd.DataFrame(np.vstack(rows), columns=ids, index=pd.Index(index, name="participant_id"))
 

@@ -121,7 +121,7 @@ def _grid_image(shape: Sequence[int], affine: np.ndarray) -> nib.Nifti1Image:
 
 
 def _voxel_sizes(img: nib.spatialimages.SpatialImage) -> np.ndarray:
-    return np.linalg.norm(img.affine[:3, :3], axis=0)
+    return nib.affines.voxel_sizes(img.affine)
 
 
 def _smooth_to(img: nib.Nifti1Image, voxel_mm: float) -> np.ndarray:
