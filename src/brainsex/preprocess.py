@@ -14,8 +14,9 @@ offline:
    paper's public code does).
 4. TIV -- :func:`etiv_affine` (FreeSurfer's eTIV idea: template TIV divided by the determinant of a
    12-parameter affine subject -> template) and :func:`mask_volume_ml` (volume of the brain mask).
-5. :func:`nonlinear_transform` / :func:`apply_to_map` -- ANTsPy SyN, computed on request and cached,
-   for warping saliency maps to the template (the paper used FSL FNIRT, section 2.4).
+5. :func:`nonlinear_transform` / :func:`apply_to_map` -- ANTsPy SyN, computed on request and cached
+   by content (:mod:`brainsex.registration`, which holds every ANTs wrapper), for warping saliency
+   maps to the template (the paper used FSL FNIRT, section 2.4).
 
 :func:`preprocess_subject` runs the steps for one participant and writes its outputs atomically into
 ``out_dir/sub-<id>/`` with a JSON marker written last; :func:`preprocess_cohort` runs them in parallel,
