@@ -60,7 +60,7 @@ min_group_size = 5
 import numpy as np
 from myst_nb import glue
 
-from brainsex.cohorts import load_cohorts, public_exclusions, table1
+from brainsex.cohorts import load_cohorts, public_exclusions, table1, table1_public
 from brainsex.figures import (
     SEX_COLORS,
     fig_age_by_dataset,
@@ -77,7 +77,6 @@ from brainsex.privacy import (
     pool_small_groups,
     publication_policy,
     quantile_summary,
-    table1_public,
 )
 
 m = load_manifest(manifest)

@@ -123,3 +123,52 @@ def test_unresolved_glue_finds_prose_keys_that_no_cell_glued():
     assert unresolved_glue(nb) == {"missing", "fig_key"}
     nb.cells[0].outputs += [glued("missing"), glued("fig_key")]
     assert unresolved_glue(nbformat.from_dict(nb)) == set()
+
+
+def test_chapter_hash_covers_data_files_roots_and_library_versions(mini_book, tmp_path, monkeypatch):
+    """Editing a data file a chapter names, moving a cohort's data or upgrading a library changes its hash."""
+    from brainsex import book
+
+    (mini_book / "data").mkdir()
+    table = mini_book / "data" / "study.tsv"
+    table.write_text("a\tb\n1\t2\n")
+    write_notebook(mini_book / "notebooks" / "b.py", "print(open('data/study.tsv').read(), seed)",
+                   params='run_dir = "."\nseed = 0\n')
+    plan = plan_build(mini_book, "smoke", run_dir=tmp_path / "run")
+    src = mini_book / "notebooks" / "b.py"
+    params = book._chapter_params(plan, "b")
+    assert book.chapter_data_files(plan, src, params) == [table.resolve()]
+    before = book.inputs_digest(plan, src, params)
+    assert book.inputs_digest(plan, src, params) == before  # deterministic
+    table.write_text("a\tb\n1\t3\n")
+    edited = book.inputs_digest(plan, src, params)
+    assert edited != before
+    # the resolved root of an enabled cohort (here: a manifest root read from the environment)
+    manifest = (mini_book / "data_manifest.yaml").read_text()
+    assert "${BRAINSEX_DATA:-~/brainsex-data}/IXI\n    enabled: false" in manifest
+    (mini_book / "data_manifest.yaml").write_text(
+        manifest.replace("${BRAINSEX_DATA:-~/brainsex-data}/IXI\n    enabled: false", "${BRAINSEX_DATA:-~/brainsex-data}/IXI\n    enabled: true"))
+    monkeypatch.setenv("BRAINSEX_DATA", str(tmp_path / "one"))
+    one = book.inputs_digest(plan, src, params)
+    assert book.data_roots(plan)["IXI"] == str((tmp_path / "one" / "IXI").resolve())
+    monkeypatch.setenv("BRAINSEX_DATA", str(tmp_path / "two"))
+    assert book.inputs_digest(plan, src, params) != one
+    # the libraries that compute results
+    assert set(book.library_versions()) == set(book.RESULT_LIBRARIES)
+    now = book.inputs_digest(plan, src, params)
+    real = book.library_versions()
+    monkeypatch.setattr(book, "library_versions", lambda: {**real, "torch": "0.0.1"})
+    assert book.inputs_digest(plan, src, params) != now
+
+
+def test_edited_data_file_reruns_its_chapter(mini_book, tmp_path):
+    (mini_book / "data").mkdir()
+    table = mini_book / "data" / "study.tsv"
+    table.write_text("x\n1\n")
+    write_notebook(mini_book / "notebooks" / "b.py", "print(open('data/study.tsv').read(), seed)",
+                   params='run_dir = "."\nseed = 0\n')
+    run_dir = tmp_path / "run"
+    assert [r.status for r in run_notebooks(plan_build(mini_book, "smoke", run_dir=run_dir))] == ["ran", "ran"]
+    assert [r.status for r in run_notebooks(plan_build(mini_book, "smoke", run_dir=run_dir))] == ["skipped", "skipped"]
+    table.write_text("x\n2\n")
+    assert [r.status for r in run_notebooks(plan_build(mini_book, "smoke", run_dir=run_dir))] == ["skipped", "ran"]

@@ -285,7 +285,8 @@ def test_nonlinear_transform_is_cached_and_warps_maps(head_2mm, ref8, tmp_path):
     reg = pp.rigid_register(brain, ref8.template, mask=mask, template_mask=ref8.mask)
     prefix = tmp_path / "sub-x_syn_"
     files = pp.nonlinear_transform(reg.image, ref8.template, prefix, reg_iterations=(20, 10, 0))
-    assert [f.name for f in files] == ["sub-x_syn_warp.nii.gz", "sub-x_syn_affine.mat"]
+    assert [f.name for f in files] == ["warp.nii.gz", "affine.mat"]
+    assert files[0].parent.name.startswith("sub-x_syn_syn-")  # the cache entry <prefix>syn-<key>
     stamps = [f.stat().st_mtime_ns for f in files]
     again = pp.nonlinear_transform(reg.image, ref8.template, prefix, reg_iterations=(20, 10, 0))
     assert again == files and [f.stat().st_mtime_ns for f in again] == stamps
@@ -371,15 +372,20 @@ def test_subject_nonlinear_on_request_and_invalidated_with_its_outputs(small_coh
     qc = pp.preprocess_subject(row, tmp_path, 8.0, reference=ref8, nonlinear=True)
     assert qc["status"] == "ok" and qc["t_nonlinear_s"] is not None
     prefix = pp.nonlinear_prefix(tmp_path, row["participant_id"])
-    warp = Path(str(prefix) + "warp.nii.gz")
-    assert warp.is_file()
+    warps = list(prefix.parent.glob(prefix.name + "syn-*/warp.nii.gz"))
+    assert len(warps) == 1
+    warp = warps[0]
+    stamp = warp.stat().st_mtime_ns
     files = pp.nonlinear_transform(nib.load(qc["image_pp"]), ref8.template, prefix)  # from the cache
-    assert files[0] == warp
+    assert files[0] == warp and warp.stat().st_mtime_ns == stamp
     assert pp.apply_to_map(nib.load(qc["image_pp"]), files, ref8.template).shape == ref8.shape
     assert pp.preprocess_subject(row, tmp_path, 8.0, reference=ref8, nonlinear=True)["t_total_s"] == qc["t_total_s"]
-    # other parameters: the subject is redone and the old warp is not left behind
-    pp.preprocess_subject(row, tmp_path, 8.0, reference=ref8, nonlinear=False, zscore_mode="volume")
-    assert not warp.exists()
+    # other parameters: the subject is redone, and its new image gets a new warp (the cache key is the
+    # image's content), which replaces the old one
+    qc2 = pp.preprocess_subject(row, tmp_path, 8.0, reference=ref8, nonlinear=True, zscore_mode="volume")
+    assert qc2["status"] == "ok"
+    new = pp.nonlinear_transform(nib.load(qc2["image_pp"]), ref8.template, prefix)
+    assert new[0] != warp and not warp.exists()
 
 
 def test_bad_subjects_fail_alone_with_their_reason(small_cohort, bad_files, head_2mm, ref8, tmp_path):

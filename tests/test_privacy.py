@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from brainsex.book import build, results_bundle
-from brainsex.cohorts import public_exclusions
+from brainsex.cohorts import public_exclusions, table1_public
 from brainsex.privacy import (
     LOCAL_ONLY_KEY,
     PrivacyError,
@@ -33,7 +33,6 @@ from brainsex.privacy import (
     strip_local_outputs,
     suppress_small_groups,
     suppress_table,
-    table1_public,
 )
 from tests.conftest import write_notebook
 

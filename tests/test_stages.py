@@ -11,8 +11,14 @@ from brainsex import BrainsexError
 from brainsex.evaluate import metrics
 from brainsex.run import RunDir
 from brainsex.split import stratified_split
-from brainsex.stages import evaluate_predictions, predict_split, split_subjects, train_model, train_run
-from brainsex.train import main_train
+from brainsex.stages import (
+    evaluate_predictions,
+    main_train,
+    predict_split,
+    split_subjects,
+    train_model,
+    train_run,
+)
 from tests.test_train import make_table
 
 torch.set_num_threads(1)

@@ -211,10 +211,9 @@ def test_individual_warp_is_purely_non_linear():
     ctx, _, _ = synthetic._context(VS, synthetic._normalise_regions(None), 0.10, 0.0, "offline")
     weight = ctx["tmaps"][4]
     part = synthetic.paper_demographics(n=4, seed=3)
-    seeds = np.random.SeedSequence(3).spawn(len(part) + 1)[1:]
-    for row, ss in zip(part.to_dict("records"), seeds, strict=True):
-        p, rng = synthetic._subject_params(row, ss)
-        total, warp = synthetic.subject_displacement(ctx, row, p, rng, VS)
+    for i, row in enumerate(part.to_dict("records")):
+        p = synthetic.subject_params(row, 3, i)
+        total, warp = synthetic.subject_displacement(ctx, row, p, synthetic.subject_rng(3, i, "warp"), VS)
         coef, axes = synthetic._affine_part(warp, weight)
         assert np.abs(coef).max() < 1e-4  # mm, and mm per voxel
         assert float(np.sqrt(np.average(warp[0] ** 2, weights=weight))) > 0.5  # still a real deformation
@@ -226,9 +225,10 @@ def test_individual_warp_is_purely_non_linear():
         # the rest of the deformation is the planted sex effect and the ventricles, unchanged
         vent_a = 1.0 - float(p["ventricle_factor"]) ** (-1.0 / 3.0)
         np.testing.assert_allclose(total - warp, ctx["disp_" + row["sex"]] + vent_a * ctx["disp_vent"], atol=1e-5)
-        # same stream, same field
-        p2, rng2 = synthetic._subject_params(row, ss)
-        np.testing.assert_array_equal(synthetic.subject_displacement(ctx, row, p2, rng2, VS)[0], total)
+        # same named stream, same field
+        p2 = synthetic.subject_params(row, 3, i)
+        again = synthetic.subject_displacement(ctx, row, p2, synthetic.subject_rng(3, i, "warp"), VS)[0]
+        np.testing.assert_array_equal(again, total)
 
 
 def test_contrast_effect_writes_its_map(tmp_path):
@@ -287,3 +287,37 @@ def test_rerun_reuses_a_complete_tree_and_repairs_a_missing_subject(tmp_path):
 def test_bad_arguments_are_clear_errors(tmp_path, kwargs, match):
     with pytest.raises(BrainsexError, match=match):
         synthetic.make_cohort(tmp_path, n=2, progress=False, **{"voxel_size": VS, **kwargs})
+
+
+def test_named_streams_are_independent_and_keyed():
+    draws = {(i, k): synthetic.subject_rng(5, i, k).standard_normal(4) for i in (0, 1) for k in synthetic.STREAMS}
+    flat = [tuple(np.round(v, 12)) for v in draws.values()]
+    assert len(set(flat)) == len(flat)  # every subject x purpose has its own stream
+    np.testing.assert_array_equal(synthetic.subject_rng(5, 1, "warp").standard_normal(4), draws[(1, "warp")])
+    assert not np.array_equal(synthetic.subject_rng(6, 1, "warp").standard_normal(4), draws[(1, "warp")])
+    with pytest.raises(BrainsexError, match="random stream"):
+        synthetic.subject_rng(5, 0, "posture")
+    # a purpose's draws do not depend on how many numbers another purpose took
+    row = {"participant_id": "sub-x", "vendor": "Siemens", "field": 3.0, "age": 40.0}
+    p = synthetic.subject_params(row, 5, 0)
+    rot = synthetic.subject_rng(5, 0, "pose").uniform(-10, 10, 3)
+    assert p["rot_x_deg"] == round(float(rot[0]), 4)
+
+
+def test_ground_truth_is_read_by_name(tmp_path):
+    """poses.tsv holds subject_params; PhantomTruth.draws gives the generator's deformation by part."""
+    part = synthetic.make_cohort(tmp_path, n=3, voxel_size=VS, seed=2, progress=False)
+    poses = pd.read_csv(tmp_path / "ground_truth" / "poses.tsv", sep="\t")
+    for i, row in enumerate(part.to_dict("records")):
+        p = synthetic.subject_params(row, 2, i)
+        assert poses.loc[i, "rot_y_deg"] == p["rot_y_deg"] and poses.loc[i, "ventricle_factor"] == p["ventricle_factor"]
+    truth = synthetic.phantom_truth(tmp_path)
+    pid = str(part["participant_id"].iloc[1])
+    d = truth.draws(pid)
+    assert d.index == 1 and d.params["skull_mm"] == poses.loc[1, "skull_mm"]
+    np.testing.assert_allclose(d.warp + d.planted + d.ventricles, d.displacement, atol=1e-5)
+    vent_a = 1.0 - float(d.params["ventricle_factor"]) ** (-1.0 / 3.0)
+    np.testing.assert_allclose(d.ventricles, vent_a * truth.context["disp_vent"], atol=1e-5)
+    assert d.log_jacobian().shape == d.displacement.shape[1:]
+    with pytest.raises(BrainsexError, match="not in the phantom"):
+        truth.draws("sub-nobody")

@@ -118,7 +118,24 @@ def test_sources_fall_back_and_say_so():
 def test_references_are_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAINSEX_CACHE", str(tmp_path))
     assert templates.cache_dir() == tmp_path
-    arr = templates._cached_array("probe", lambda: np.arange(5))
+    arr = templates.cached_array("probe", lambda: np.arange(5))
     files = list((tmp_path / "references").rglob("probe.npy"))
     assert len(files) == 1
-    np.testing.assert_array_equal(templates._cached_array("probe", lambda: np.zeros(1)), arr)
+    np.testing.assert_array_equal(templates.cached_array("probe", lambda: np.zeros(1)), arr)
+
+
+def test_reference_cache_follows_library_versions(tmp_path, monkeypatch):
+    """An upgrade of a library that ships or resamples the references never reads an older cached one."""
+    import importlib.metadata
+
+    monkeypatch.setenv("BRAINSEX_CACHE", str(tmp_path))
+    first = templates.cached_array("probe", lambda: np.arange(3))
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "nilearn" else real(name))
+    templates._libraries_key.cache_clear()
+    try:
+        rebuilt = templates.cached_array("probe", lambda: np.zeros(2))
+        assert rebuilt.tolist() == [0.0, 0.0] and first.tolist() == [0, 1, 2]
+        assert len(list((tmp_path / "references").rglob("probe.npy"))) == 2
+    finally:
+        templates._libraries_key.cache_clear()

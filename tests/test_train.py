@@ -22,11 +22,11 @@ import torch
 
 from brainsex import BrainsexError
 from brainsex.model import SFCN
+from brainsex.stages import main_train
 from brainsex.train import (
     HISTORY_COLUMNS,
     TrainConfig,
     load_model,
-    main_train,
     predict,
     random_rotation_angles,
     rotate_batch,

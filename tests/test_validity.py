@@ -287,8 +287,8 @@ def test_log_jacobian_is_larger_where_the_subject_is_larger(tbm_cohort):
     lab = np.asarray(atlas.dataobj)
     maps = [v.log_jacobian_map(p, template, root / "warps" / f"{pid}_")
             for pid, p in zip(table["participant_id"][:4], table["image_pp"][:4], strict=True)]
-    assert maps[0].shape == lab.shape and (root / "warps" / "sub-0_tbm_warp.nii.gz").is_file()
-    assert not (root / "warps" / "sub-0_warp.nii.gz").exists()  # the saliency chapter's warp is another file
+    assert maps[0].shape == lab.shape and len(list((root / "warps").glob("sub-0_tbm-*/warp.nii.gz"))) == 1
+    assert not list((root / "warps").glob("sub-0_syn-*"))  # the saliency chapter's warp is another entry
     region = [m[lab == target].mean() for m in maps]
     assert region[0] > 0.05 and region[2] > 0.05  # the larger ventricles
     assert min(region[0], region[2]) > max(region[1], region[3]) + 0.05
@@ -366,18 +366,18 @@ def test_tbm_transform_recovers_a_shift_in_its_affine_stage(tmp_path):
     """The separate affine stage of tbm_transform finds a known 8 mm shift; the files apply in order."""
     import ants
 
-    from brainsex.preprocess import _to_ants, transform_matrix
+    from brainsex.registration import to_ants, transform_matrix
     from brainsex.templates import load_template
 
     template = load_template(8.0, source="offline")
     t = template.get_fdata().astype(np.float32)
     moved = nib.Nifti1Image(np.roll(t, 1, axis=0), template.affine)  # the subject sits one voxel (8 mm) along i
     files = v.tbm_transform(moved, template, tmp_path / "s_")
-    assert [f.name for f in files] == ["s_tbm_warp.nii.gz", "s_tbm_affine.mat"]
+    assert [f.name for f in files] == ["warp.nii.gz", "affine.mat"] and files[0].parent.name.startswith("s_tbm-")
     m = transform_matrix(files[1])
     shift = np.linalg.norm(m[:3, 3])
     assert 5.0 < shift < 11.0 and np.allclose(m[:3, :3], np.eye(3), atol=0.1)
-    back = ants.apply_transforms(_to_ants(template), _to_ants(moved), [str(f) for f in files]).numpy()
+    back = ants.apply_transforms(to_ants(template), to_ants(moved), [str(f) for f in files]).numpy()
     brain = t > 0
     assert np.corrcoef(back[brain], t[brain])[0, 1] > 0.95
     assert v.tbm_transform(moved, template, tmp_path / "s_") == files  # cached

@@ -1,8 +1,12 @@
 """brainsex: an executable re-implementation of Dibaji et al. (2024).
 
-Stages, in the order data flows through them (no module imports a later stage):
-``manifest``/``templates``/``synthetic``/``cohorts`` (data) -> ``preprocess`` -> ``split`` ->
-``model`` -> ``train`` -> ``evaluate`` -> ``tiv`` -> ``saliency`` -> ``atlas`` -> ``figures`` -> ``book``.
+Modules, in the order data flows through them; a module imports only modules listed before it, and
+never another module's private (``_underscore``) names (``tests/test_architecture.py`` checks both):
+
+``io`` -> ``run`` -> ``cache`` -> ``profiles`` -> ``manifest`` -> ``privacy`` (infrastructure) -> ``templates``
+-> ``synthetic`` -> ``cohorts`` (data) -> ``registration`` -> ``preprocess`` -> ``split`` -> ``model``
+-> ``train`` -> ``evaluate`` -> ``stages`` -> ``tiv`` -> ``saliency`` -> ``atlas`` -> ``ranking`` -> ``morphometry``
+-> ``validity`` -> ``figures`` -> ``book`` -> ``cli``.
 """
 
 __version__ = "0.1.0"

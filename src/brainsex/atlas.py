@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
-from brainsex.saliency import _as_array
+from brainsex.io import as_array, is_image
 
 __all__ = [
     "resample_atlas_to",
@@ -33,16 +33,15 @@ __all__ = [
     "permutation_null",
     "log_jacobian_region_means",
     "region_group_test",
+    "labels_on",
+    "label_ids",
+    "region_means",
 ]
 
 
 # --------------------------------------------------------------------------------------------------
 # grids
 # --------------------------------------------------------------------------------------------------
-def _is_image(obj: Any) -> bool:
-    return hasattr(obj, "affine") and hasattr(obj, "get_fdata")
-
-
 def _world_bbox(shape: Sequence[int], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World-space bounding box (min, max corners) of a grid's field of view (voxel edges)."""
     lo = np.array([-0.5, -0.5, -0.5])
@@ -80,7 +79,7 @@ def resample_atlas_to(atlas_img: Any, target_img: Any) -> Any:
     from nilearn.image import resample_to_img
 
     for obj, name in ((atlas_img, "atlas_img"), (target_img, "target_img")):
-        if not _is_image(obj):
+        if not is_image(obj):
             raise BrainsexError(f"{name}: expected a nibabel image with an affine (got {type(obj).__name__}); "
                                 "arrays without an affine cannot be resampled")
     a_aff, t_aff = _check_affine(atlas_img, "atlas_img"), _check_affine(target_img, "target_img")
@@ -106,10 +105,10 @@ def resample_atlas_to(atlas_img: Any, target_img: Any) -> Any:
 
 def _map_and_atlas(saliency: Any, atlas: Any) -> tuple[np.ndarray, np.ndarray]:
     """Bring a map and an atlas to arrays on the same grid (resampling the atlas if both are images)."""
-    if _is_image(saliency) and _is_image(atlas):
+    if is_image(saliency) and is_image(atlas):
         atlas = resample_atlas_to(atlas, saliency)
-    sal = _as_array(saliency, "saliency")
-    lab = _as_array(atlas, "atlas")
+    sal = as_array(saliency, "saliency")
+    lab = as_array(atlas, "atlas")
     if sal.ndim == 4 and sal.shape[-1] == 1:
         sal = sal[..., 0]
     if sal.shape != lab.shape:
@@ -253,7 +252,7 @@ def region_neighbours(atlas_data: Any, background: int = 0, connectivity: int = 
     """
     from scipy import ndimage
 
-    lab = np.rint(_as_array(atlas_data, "atlas_data")).astype(np.int64)
+    lab = np.rint(as_array(atlas_data, "atlas_data")).astype(np.int64)
     if lab.ndim != 3:
         raise BrainsexError(f"atlas_data: expected a 3D label array, got shape {lab.shape}")
     if connectivity not in (1, 2, 3):
@@ -439,9 +438,8 @@ def log_jacobian_region_means(
     pandas.DataFrame
         N rows x one column per label id (NaN for a label with no voxel).
     """
-    from scipy import ndimage
 
-    lab = np.rint(_as_array(atlas, "atlas")).astype(np.int64)
+    lab = np.rint(as_array(atlas, "atlas")).astype(np.int64)
     if labels is None:
         ids = [int(v) for v in np.unique(lab) if v != background]
     elif isinstance(labels, pd.DataFrame):
@@ -452,17 +450,15 @@ def log_jacobian_region_means(
         ids = [int(v) for v in labels if int(v) != background]
     if not ids:
         raise BrainsexError("labels: no region to summarise")
-    n_vox = np.asarray(ndimage.sum_labels(np.ones(lab.shape), lab, index=ids))
     rows = []
     n = len(logjac_maps)
     for i in range(n):
-        m = _as_array(logjac_maps[i], f"logjac_maps[{i}]")
+        m = as_array(logjac_maps[i], f"logjac_maps[{i}]")
         if m.shape != lab.shape:
             raise BrainsexError(f"logjac_maps[{i}]: shape {m.shape} differs from the atlas {lab.shape}")
         if not np.isfinite(m).all():
             raise BrainsexError(f"logjac_maps[{i}]: contains NaN or infinite values")
-        s = np.asarray(ndimage.sum_labels(m.astype(np.float64), lab, index=ids))
-        rows.append(np.where(n_vox > 0, s / np.where(n_vox > 0, n_vox, 1), np.nan))
+        rows.append(region_means(m, lab, ids))
     if index is not None and len(index) != n:
         raise BrainsexError(f"index: {len(index)} entries for {n} maps")
     return pd.DataFrame(np.array(rows).reshape(n, len(ids)), columns=ids,
@@ -573,3 +569,81 @@ def region_group_test(
     out["_abs_t"] = out["t"].abs().fillna(-1.0)
     out = out.sort_values(["_abs_t", "label"], ascending=[False, True], kind="mergesort").drop(columns="_abs_t")
     return out.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# labels on a grid
+# --------------------------------------------------------------------------------------------------
+def labels_on(atlas: Any, reference: Any) -> np.ndarray:
+    """Integer label array on ``reference``'s grid.
+
+    Parameters
+    ----------
+    atlas : nibabel image or array
+        Label image (resampled nearest-neighbour with :func:`resample_atlas_to` when both are images)
+        or an array already on the reference grid.
+    reference : nibabel image or array
+        Defines the grid (its shape is checked).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 labels.
+    """
+    if is_image(atlas) and is_image(reference):
+        atlas = resample_atlas_to(atlas, reference)
+    lab = as_array(atlas, "atlas")
+    shape = tuple(reference.shape[:3]) if hasattr(reference, "shape") else None
+    if shape is not None and lab.shape != shape:
+        raise BrainsexError(f"atlas: shape {lab.shape} differs from the template grid {shape}; pass nibabel images "
+                            "so that the atlas can be resampled")
+    if not np.allclose(lab, np.rint(lab)):
+        raise BrainsexError("atlas: labels must be integers")
+    return np.rint(lab).astype(np.int64)
+
+
+def label_ids(labels: pd.DataFrame | Sequence[int] | None, lab: np.ndarray) -> list[int]:
+    """The non-zero label ids to analyse: the label table's (checked against ``lab``) or ``lab``'s own.
+
+    Parameters
+    ----------
+    labels : pandas.DataFrame, sequence of int or None
+        Label table (``label`` column) or ids; None: every non-zero id present in ``lab``.
+    lab : numpy.ndarray
+        Label array (:func:`labels_on`).
+    """
+    if labels is None:
+        return [int(v) for v in np.unique(lab) if v != 0]
+    if isinstance(labels, pd.DataFrame):
+        if "label" not in labels.columns:
+            raise BrainsexError("labels: the label table needs a 'label' column")
+        ids = [int(v) for v in labels["label"] if int(v) != 0]
+    else:
+        ids = [int(v) for v in labels if int(v) != 0]
+    unknown = sorted(set(np.unique(lab).tolist()) - {0} - set(ids))
+    if unknown:
+        raise BrainsexError(f"atlas: label id(s) {unknown[:20]} are not in the label table")
+    return ids
+
+
+def region_means(values: np.ndarray, lab: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+    """Mean of ``values`` in each region ``ids`` of the label array ``lab`` (``scipy.ndimage.mean``).
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        A map on the label grid (averaged in float64).
+    lab : numpy.ndarray
+        Integer labels, same shape.
+    ids : sequence of int
+        The regions, in the order of the result.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, NaN for a region with no voxel.
+    """
+    from scipy import ndimage
+
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty region: 0 / 0 = NaN
+        return np.asarray(ndimage.mean(np.asarray(values, dtype=np.float64), lab, index=list(ids)), dtype=np.float64)

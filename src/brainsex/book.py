@@ -193,6 +193,131 @@ def sync_pair(src: Path) -> Path:
     return ipynb
 
 
+#: Distributions whose versions enter every chapter's hash: they compute the results.
+RESULT_LIBRARIES = ("torch", "monai", "captum", "antspyx", "nilearn", "numpy", "scipy", "scikit-learn")
+#: Suffixes of the data files a chapter may name in its source or parameters (hashed by content).
+_DATA_SUFFIXES = (".tsv", ".csv", ".json", ".yaml", ".yml", ".txt", ".npy", ".npz", ".nii", ".gz", ".xls", ".xlsx",
+                  ".parquet", ".pt")
+
+
+def library_versions(names: Sequence[str] = RESULT_LIBRARIES) -> dict[str, str]:
+    """Installed versions of the libraries that compute results (``"absent"`` when not installed).
+
+    Parameters
+    ----------
+    names : sequence of str, default=RESULT_LIBRARIES
+        Distribution names.
+    """
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def data_roots(plan: BuildPlan) -> dict[str, str]:
+    """The resolved root folder of every cohort the build can read (enabled, or named by the profile).
+
+    Synthetic cohorts live in the run directory; the others are resolved against the manifest's folder
+    with the environment as it is now. A root that cannot be resolved is recorded with the reason.
+
+    Parameters
+    ----------
+    plan : BuildPlan
+        The build (:func:`plan_build`).
+    """
+    manifest = load_manifest(plan.root / "data_manifest.yaml")
+    named = plan.params.get("cohorts") or []
+    named = {str(c) for c in ([named] if isinstance(named, str) else named)}
+    out = {}
+    for c in manifest.cohorts:
+        if not (c.enabled or c.name in named):
+            continue
+        try:
+            base = plan.run_dir if c.kind == "synthetic" else None
+            out[c.name] = str(manifest.resolve_root(c, base=base).resolve())
+        except BrainsexError as exc:
+            out[c.name] = f"unresolved: {exc}"
+    return out
+
+
+def chapter_data_files(plan: BuildPlan, src: Path, params: dict[str, Any]) -> list[Path]:
+    """Data files of the repository a chapter names (string literals in its source, parameter values).
+
+    A name counts when it is a relative path to an existing file under the book root, with a data
+    suffix, or to an existing folder other than the root (its files are hashed); paths inside the run
+    directory are left out (the chapters before produce them, and their hashes chain).
+
+    Parameters
+    ----------
+    plan : BuildPlan
+        The build.
+    src : pathlib.Path
+        The chapter's source (``notebooks/NAME.py``).
+    params : dict
+        The chapter's parameters.
+    """
+    import re
+
+    names = set(re.findall(r"[\"']([^\"'\n]{1,300})[\"']", src.read_text(errors="replace")))
+    names |= {v for v in params.values() if isinstance(v, str)}
+    for v in params.values():
+        if isinstance(v, list | tuple):
+            names |= {x for x in v if isinstance(x, str)}
+    root, run_dir = plan.root.resolve(), plan.run_dir.resolve()
+    found = set()
+    for name in names:
+        if "{" in name or name.strip() in ("", ".", "..") or Path(name).is_absolute():
+            continue
+        try:
+            p = (root / name).resolve()
+        except (OSError, ValueError):
+            continue
+        if p == root or run_dir in (p, *p.parents) or root not in p.parents or ".git" in p.parts:
+            continue
+        if (p.is_file() and p.name.endswith(_DATA_SUFFIXES)) or p.is_dir():
+            found.add(p)
+    return sorted(found)
+
+
+def _hash_path(h: Any, path: Path, root: Path) -> None:
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()
+                                                 and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+
+
+def inputs_digest(plan: BuildPlan, src: Path, params: dict[str, Any]) -> str:
+    """Hash of what a chapter reads besides its source, parameters, package and manifest.
+
+    The content of the data files it names (:func:`chapter_data_files`), the resolved data roots
+    (:func:`data_roots`) and the versions of the libraries that compute results
+    (:func:`library_versions`): editing ``benchmarks/validity/validity_study.tsv``, pointing a cohort at
+    another folder or upgrading torch re-runs the chapter.
+
+    Parameters
+    ----------
+    plan : BuildPlan
+        The build.
+    src : pathlib.Path
+        The chapter's source.
+    params : dict
+        The chapter's parameters.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({"roots": data_roots(plan), "libraries": library_versions()}, sort_keys=True).encode())
+    for f in chapter_data_files(plan, src, params):
+        _hash_path(h, f, plan.root.resolve())
+    return h.hexdigest()
+
+
 def _package_hash() -> str:
     h = hashlib.sha256()
     pkg = Path(__file__).parent
@@ -295,7 +420,7 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
         ipynb = sync_pair(src)
         h = hashlib.sha256()
         for part in (src.read_bytes(), json.dumps(params, sort_keys=True).encode(), pkg.encode(), manifest_bytes,
-                     upstream.encode()):
+                     upstream.encode(), inputs_digest(plan, src, params).encode()):
             h.update(part)
         digest = h.hexdigest()
         upstream = digest

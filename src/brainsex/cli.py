@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "train":
         # training has its own parser (also reachable as `python -m brainsex.train`)
-        from brainsex.train import main_train
+        from brainsex.stages import main_train
 
         return main_train(args_list[1:])
     if args_list and args_list[0] == "bench":

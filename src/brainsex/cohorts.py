@@ -53,6 +53,7 @@ __all__ = [
     "IXI_DOWNLOADS",
     "load_cohort",
     "load_cohorts",
+    "table1_public",
     "fetch_ixi",
     "check_image",
     "normalise_vendor",
@@ -671,6 +672,46 @@ def table1(participants: pd.DataFrame) -> pd.DataFrame:
     rows["All"] = summarise(participants)
     out = pd.DataFrame.from_dict(rows, orient="index")
     out.index.name = "dataset"
+    return out
+
+
+def table1_public(participants: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """The paper's Table 1 (:func:`table1`) as a restricted cohort may publish it.
+
+    Age ranges (the youngest and oldest subject) are dropped and an age summary over fewer than ``k``
+    subjects of one sex is suppressed. Datasets of fewer than ``k`` subjects are pooled into one row
+    ("other datasets (pooled)"); when the pool itself is under ``k``, the next smallest dataset joins
+    it, so that the ``All`` row minus the shown rows cannot give a small group away. A pool that stays
+    under ``k`` (too few subjects in all) keeps only its label and a note.
+
+    Parameters
+    ----------
+    participants
+        The participants table.
+    k
+        Minimum group size.
+    """
+    from brainsex.privacy import pool_small_groups, suppress_small_groups
+
+    p = pool_small_groups(participants, "dataset", k)
+    other = p.attrs.get("pooled_label")
+    t = table1(p).reset_index()
+    if other:  # the pooled row goes last, before All
+        t = pd.concat([t[(t["dataset"] != other) & (t["dataset"] != "All")], t[t["dataset"] == other],
+                       t[t["dataset"] == "All"]], ignore_index=True)
+    small_age = pd.Series(False, index=t.index)
+    for col, count in (("Age (F)", "Female"), ("Age (M)", "Male")):
+        t[col] = t[col].astype(str).str.replace(r"\s*\([^)]*\)\s*$", "", regex=True)
+        small = pd.to_numeric(t[count], errors="coerce") < int(k)
+        t.loc[small, col] = None
+        small_age |= small
+    out = suppress_small_groups(t.rename(columns={"N": "n"}), k, keep=["dataset"]).rename(columns={"n": "N"})
+    if "note" not in out.columns:
+        out["note"] = ""
+    age_note = f"age of a sex with fewer than {int(k)} subjects suppressed"
+    out.loc[small_age & (out["note"] == ""), "note"] = age_note
+    if not (out["note"] != "").any():
+        out = out.drop(columns="note")
     return out
 
 

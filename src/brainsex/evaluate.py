@@ -132,7 +132,18 @@ def _check_threshold(threshold: float) -> float:
     return t
 
 
-def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str = "predictions") -> None:
+def check_columns(table: pd.DataFrame, columns: Sequence[str], what: str = "predictions") -> None:
+    """Raise a :class:`brainsex.BrainsexError` naming the missing columns of ``table``.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The table to check.
+    columns : sequence of str
+        Required columns.
+    what : str, default="predictions"
+        The table's name in the message.
+    """
     if not isinstance(table, pd.DataFrame):
         raise BrainsexError(f"{what} must be a pandas DataFrame, got {type(table).__name__}")
     missing = [c for c in columns if c not in table.columns]
@@ -140,7 +151,7 @@ def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str = "pre
         raise BrainsexError(f"{what} lacks column(s) {missing}; it has {list(table.columns)}")
 
 
-def _labels_from_table(
+def labels_from_table(
     predictions: pd.DataFrame, prob_col: str = "prob_male", threshold: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(y_true as bool, probabilities, y_pred as bool) from a predictions table.
@@ -149,7 +160,7 @@ def _labels_from_table(
     recomputed as ``prob >= threshold`` so that one threshold rules every table.
     """
     truth_col = "y_true" if "y_true" in predictions.columns else "sex"
-    _check_columns(predictions, [truth_col, prob_col])
+    check_columns(predictions, [truth_col, prob_col])
     y = _as_labels(predictions[truth_col].to_numpy(), name=truth_col)
     p = _as_probs(predictions[prob_col].to_numpy(), len(y), name=prob_col)
     return y, p, p >= _check_threshold(threshold)
@@ -378,7 +389,7 @@ def _group_label(variable: str, value: Any) -> str:
     return str(value)
 
 
-def _metrics_by_groups(
+def metrics_by_groups(
     predictions: pd.DataFrame,
     groups: Sequence[tuple[str, str, np.ndarray]],
     prob_col: str,
@@ -388,7 +399,7 @@ def _metrics_by_groups(
     ci: float,
 ) -> pd.DataFrame:
     """Long table of :func:`metrics` for each (variable, group, boolean mask)."""
-    y, p, _ = _labels_from_table(predictions, prob_col=prob_col, threshold=threshold)
+    y, p, _ = labels_from_table(predictions, prob_col=prob_col, threshold=threshold)
     parts = []
     for variable, group, mask in groups:
         if not mask.any():
@@ -441,12 +452,12 @@ def subgroup_metrics(
         :func:`metrics`. A group with one sex gets the metrics that are defined and ``<NA>`` with a reason
         for the others. Use :func:`format_metrics_table` for a one-row-per-group display.
     """
-    _check_columns(predictions, [])
+    check_columns(predictions, [])
     table = predictions
     if "age_group" in by and "age_group" not in table.columns:
-        _check_columns(table, ["age"])
+        check_columns(table, ["age"])
         table = table.assign(age_group=age_group(table["age"]).to_numpy())
-    _check_columns(table, list(by))
+    check_columns(table, list(by))
     groups: list[tuple[str, str, np.ndarray]] = []
     if include_overall:
         groups.append(("all", "all", np.ones(len(table), dtype=bool)))
@@ -461,7 +472,7 @@ def subgroup_metrics(
         for value in values:
             mask = col.isna().to_numpy() if _group_label(variable, value) == "missing" else (col == value).to_numpy()
             groups.append((variable, _group_label(variable, value), mask))
-    return _metrics_by_groups(table, groups, prob_col, threshold, n_bootstrap, seed, ci)
+    return metrics_by_groups(table, groups, prob_col, threshold, n_bootstrap, seed, ci)
 
 
 def format_metrics_table(
@@ -483,7 +494,7 @@ def format_metrics_table(
     with_ci
         Append the confidence interval when it is defined.
     """
-    _check_columns(long, ["metric", "value", "ci_low", "ci_high"], what="metrics table")
+    check_columns(long, ["metric", "value", "ci_low", "ci_high"], what="metrics table")
     keys = [c for c in ("variable", "group", "n", "n_female", "n_male") if c in long.columns]
 
     def cell(r: pd.Series) -> str:
@@ -566,7 +577,7 @@ def confusion(y_true: Any, y_pred: Any) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 def _probs_series(probs: Any) -> pd.Series:
     if isinstance(probs, pd.DataFrame):
-        _check_columns(probs, ["participant_id", "prob_male"], what="probs")
+        check_columns(probs, ["participant_id", "prob_male"], what="probs")
         s = pd.Series(probs["prob_male"].to_numpy(), index=probs["participant_id"].astype(str))
     elif isinstance(probs, pd.Series):
         s = probs.copy()
@@ -611,7 +622,7 @@ def make_predictions_table(
         Columns :data:`PREDICTION_COLUMNS`: ``y_true`` is 1 for male, ``y_pred`` 1 for predicted male.
     """
     required = ["participant_id", "sex", "age", "dataset", "vendor", "field"]
-    _check_columns(participants, required, what="participants")
+    check_columns(participants, required, what="participants")
     t = _check_threshold(threshold)
     s = _probs_series(probs)
     part = participants.assign(participant_id=participants["participant_id"].astype(str))
@@ -639,7 +650,7 @@ def make_predictions_table(
     if isinstance(split, str):
         out["split"] = split
     else:
-        _check_columns(split, ["participant_id", "split"], what="split")
+        check_columns(split, ["participant_id", "split"], what="split")
         sp = split.assign(participant_id=split["participant_id"].astype(str)).drop_duplicates("participant_id")
         sp = sp.set_index("participant_id")["split"]
         missing = out.loc[~out["participant_id"].isin(sp.index), "participant_id"]
@@ -667,7 +678,7 @@ def exclude_missing_tiv(predictions: pd.DataFrame, tiv_col: str = "etiv_ml") -> 
     BrainsexError
         When ``tiv_col`` is absent or no subject has a TIV.
     """
-    _check_columns(predictions, [tiv_col])
+    check_columns(predictions, [tiv_col])
     tiv = pd.to_numeric(predictions[tiv_col], errors="coerce")
     ok = (np.isfinite(tiv) & (tiv > 0)).to_numpy()
     if not ok.any():
@@ -719,8 +730,8 @@ def tiv_baseline(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    _check_columns(train_table, [tiv_col, sex_col], what="train_table")
-    _check_columns(test_table, [tiv_col], what="test_table")
+    check_columns(train_table, [tiv_col, sex_col], what="train_table")
+    check_columns(test_table, [tiv_col], what="test_table")
     x_train = pd.to_numeric(train_table[tiv_col], errors="coerce").to_numpy(dtype=float)
     keep = np.isfinite(x_train)
     if not keep.any():

@@ -13,9 +13,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "atomic_path",
@@ -24,6 +27,8 @@ __all__ = [
     "write_table",
     "read_table",
     "sha256_file",
+    "is_image",
+    "as_array",
 ]
 
 
@@ -90,3 +95,50 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def is_image(obj: Any) -> bool:
+    """Whether ``obj`` is a spatial image (a nibabel image or anything with ``affine`` and ``get_fdata``).
+
+    Parameters
+    ----------
+    obj : object
+        Anything.
+    """
+    return hasattr(obj, "affine") and hasattr(obj, "get_fdata")
+
+
+def as_array(obj: Any, name: str) -> np.ndarray:
+    """The one door from an image-or-array argument to a numpy array.
+
+    Parameters
+    ----------
+    obj : nibabel image, path, torch tensor or array-like
+        A spatial image (its data as float32), a path to a NIfTI file (loaded with nibabel), a torch
+        tensor (detached, on the CPU) or anything ``numpy.asarray`` accepts.
+    name : str
+        The argument's name, for the error message.
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    import numpy as np
+
+    from brainsex import BrainsexError
+
+    if isinstance(obj, str | os.PathLike):
+        import nibabel as nib
+
+        try:
+            obj = nib.load(str(obj))
+        except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+            raise BrainsexError(f"{name}: {obj} cannot be read as an image ({exc})") from exc
+    if is_image(obj):
+        return np.asarray(obj.get_fdata(dtype=np.float32))
+    if hasattr(obj, "detach"):
+        return obj.detach().cpu().numpy()
+    try:
+        return np.asarray(obj)
+    except Exception as exc:  # pragma: no cover - exotic input
+        raise BrainsexError(f"{name}: cannot be read as an array ({exc})") from exc

@@ -14,8 +14,9 @@ offline:
    paper's public code does).
 4. TIV -- :func:`etiv_affine` (FreeSurfer's eTIV idea: template TIV divided by the determinant of a
    12-parameter affine subject -> template) and :func:`mask_volume_ml` (volume of the brain mask).
-5. :func:`nonlinear_transform` / :func:`apply_to_map` -- ANTsPy SyN, computed on request and cached,
-   for warping saliency maps to the template (the paper used FSL FNIRT, section 2.4).
+5. :func:`nonlinear_transform` / :func:`apply_to_map` -- ANTsPy SyN, computed on request and cached
+   by content (:mod:`brainsex.registration`, which holds every ANTs wrapper), for warping saliency
+   maps to the template (the paper used FSL FNIRT, section 2.4).
 
 :func:`preprocess_subject` runs the steps for one participant and writes its outputs atomically into
 ``out_dir/sub-<id>/`` with a JSON marker written last; :func:`preprocess_cohort` runs them in parallel,
@@ -52,6 +53,16 @@ from scipy import ndimage
 
 from brainsex import BrainsexError
 from brainsex.io import atomic_path, read_table, sha256_file, write_json_atomic, write_table
+from brainsex.registration import (
+    apply_to_map,
+    load_ants,
+    new_image,
+    nonlinear_transform,
+    register_linear,
+    set_threads,
+    to_ants,
+    transform_matrix,
+)
 from brainsex.run import PhantomDir, PreprocessDir
 
 __all__ = [
@@ -96,7 +107,6 @@ QC_COLUMNS = [
 #: Columns added to the participants table in ``preprocess/preprocessed.tsv`` (run-directory contract).
 PREPROCESSED_COLUMNS = ["image_pp", "mask_pp", "etiv_ml", "mask_ml", "similarity", "status", "reason"]
 
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS (nibabel) <-> LPS (ITK) world coordinates
 _VOXEL_MM_RANGE = (0.2, 12.0)
 _FOV_MM_RANGE = (60.0, 640.0)
 _FINE_MM = 4.0  # registration grid: transforms are estimated at this voxel size (or the input's, if coarser)
@@ -107,64 +117,13 @@ class PreprocessError(BrainsexError):
     """A participant cannot be preprocessed; the message is the reason recorded in the QC table."""
 
 
-# ------------------------------------------------------------------------------------------ threads
-def set_threads(n: int = 1, seed: int | None = 1) -> None:
-    """Set the threads used by ITK/ANTs, torch and BLAS in this process, and ANTs' random seed.
-
-    ITK takes its thread count from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` the first time it is used
-    in a process, so call this before the first registration. ANTs registrations repeat bit for bit
-    only with one thread and a fixed seed (``ANTS_RANDOM_SEED``).
-
-    Parameters
-    ----------
-    n : int, default=1
-        Threads per process.
-    seed : int or None, default=1
-        ANTs random seed (sampling of the registration metric); None leaves it unset.
-    """
-    n = max(int(n), 1)
-    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(n)
-    if seed is not None:
-        os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
-    import torch
-
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------ conversions
-def _ants():
-    import ants  # imported lazily: ITK must see the thread settings of set_threads first
-
-    return ants
-
-
-def _to_ants(img: nib.spatialimages.SpatialImage, dtype: type = np.float32):
-    """nibabel image (any orientation) -> ANTsImage with the same world coordinates."""
-    ants = _ants()
-    data = np.asarray(img.dataobj, dtype=dtype).reshape(img.shape[:3])
-    aff = _LPS @ img.affine
-    spacing = np.linalg.norm(aff[:3, :3], axis=0)
-    direction = aff[:3, :3] / spacing
-    return ants.from_numpy(np.ascontiguousarray(data), origin=[float(v) for v in aff[:3, 3]],
-                           spacing=[float(v) for v in spacing], direction=direction)
-
-
-def _new_image(data: np.ndarray, affine: np.ndarray, dtype: type = np.float32) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    return img
-
-
 def _grid_image(shape: Sequence[int], affine: np.ndarray) -> nib.Nifti1Image:
-    return _new_image(np.zeros(tuple(shape), np.float32), affine)
+    return new_image(np.zeros(tuple(shape), np.float32), affine)
 
 
 def _voxel_sizes(img: nib.spatialimages.SpatialImage) -> np.ndarray:
-    return np.linalg.norm(img.affine[:3, :3], axis=0)
+    return nib.affines.voxel_sizes(img.affine)
 
 
 def _smooth_to(img: nib.Nifti1Image, voxel_mm: float) -> np.ndarray:
@@ -204,7 +163,7 @@ def _downsample(img: nib.Nifti1Image, voxel_mm: float) -> nib.Nifti1Image:
     if np.max(_voxel_sizes(img)) >= voxel_mm - 1e-6:
         return img
     shape, aff = _coarse_grid(img, voxel_mm)
-    return _new_image(_resample(img, shape, aff, order=1), aff)
+    return new_image(_resample(img, shape, aff, order=1), aff)
 
 
 _COARSE_CACHE: dict[tuple[int, float], tuple[nib.Nifti1Image, nib.Nifti1Image]] = {}
@@ -229,12 +188,12 @@ def _metric_mask(mask: nib.Nifti1Image, voxel_mm: float, margin_mm: float) -> ni
     hit = _COARSE_CACHE.get(key)  # type: ignore[arg-type]
     if hit is not None and hit[0] is mask:
         return hit[1]
-    lo = _downsample(_new_image(np.asarray(mask.dataobj) > 0, mask.affine, np.float32), voxel_mm)
+    lo = _downsample(new_image(np.asarray(mask.dataobj) > 0, mask.affine, np.float32), voxel_mm)
     inside = np.asarray(lo.dataobj) >= 0.5
     if margin_mm > 0:
         dist = ndimage.distance_transform_edt(~inside, sampling=_voxel_sizes(lo))
         inside = dist <= margin_mm
-    out = _new_image(inside, lo.affine, np.float32)
+    out = new_image(inside, lo.affine, np.float32)
     _COARSE_CACHE[key] = (mask, out)  # type: ignore[index]
     return out
 
@@ -254,7 +213,7 @@ def _crop_nonzero(img: nib.Nifti1Image, margin_mm: float = 8.0) -> nib.Nifti1Ima
     origin = img.affine @ np.array([slices[0].start, slices[1].start, slices[2].start, 1.0])
     aff = img.affine.copy()
     aff[:, 3] = origin
-    return _new_image(data[tuple(slices)], aff, data.dtype.type)
+    return new_image(data[tuple(slices)], aff, data.dtype.type)
 
 
 # ------------------------------------------------------------------------------------ references
@@ -412,8 +371,8 @@ def load_t1(image: str | os.PathLike | nib.spatialimages.SpatialImage, name: str
         raise PreprocessError(f"{label}: {int((~finite).sum())} voxels are NaN or infinite")
     if float(data.max()) - float(data.min()) <= 0:
         raise PreprocessError(f"{label}: constant intensity ({float(data.flat[0])}); not an image of a head")
-    out = nib.as_closest_canonical(_new_image(data, affine))
-    return _new_image(np.asarray(out.dataobj, dtype=np.float32), out.affine)
+    out = nib.as_closest_canonical(new_image(data, affine))
+    return new_image(np.asarray(out.dataobj, dtype=np.float32), out.affine)
 
 
 def _load_mask(mask: str | os.PathLike | nib.spatialimages.SpatialImage, like: nib.Nifti1Image,
@@ -431,9 +390,9 @@ def _load_mask(mask: str | os.PathLike | nib.spatialimages.SpatialImage, like: n
     data = data.reshape(data.shape[:3]) if data.ndim == 4 and data.shape[3] == 1 else data
     if data.ndim != 3:
         raise PreprocessError(f"{name}: expected a 3-D mask, got shape {data.shape}")
-    m = _new_image(np.nan_to_num(data) > 0, mask.affine, np.float32)
+    m = new_image(np.nan_to_num(data) > 0, mask.affine, np.float32)
     out = _resample(m, like.shape[:3], like.affine, order=0, antialias=False)
-    return _new_image(out > 0.5, like.affine, np.uint8)
+    return new_image(out > 0.5, like.affine, np.uint8)
 
 
 # ------------------------------------------------------------------------------- brain extraction
@@ -521,7 +480,7 @@ def skull_strip(
                 up = ndimage.affine_transform(data, np.linalg.inv(img.affine) @ aff, output_shape=shape, order=1,
                                               mode="nearest")
                 m_up = _deepbet_mask(up, threshold, network_size)
-                back = _resample(_new_image(m_up, aff), img.shape, img.affine, order=1)
+                back = _resample(new_image(m_up, aff), img.shape, img.affine, order=1)
                 m = back >= 0.5
             else:
                 m = _deepbet_mask(data, threshold, network_size)
@@ -535,8 +494,8 @@ def skull_strip(
         raise BrainsexError(f"method must be 'deepbet', 'mask' or 'template', got {method!r}")
     if not m.any():
         raise PreprocessError(f"{name}: the brain mask is empty after extraction ({method})")
-    mask_img = _new_image(m, img.affine, np.uint8)
-    brain = _new_image(np.where(m, data, 0.0), img.affine)
+    mask_img = new_image(m, img.affine, np.uint8)
+    brain = new_image(np.where(m, data, 0.0), img.affine)
     return brain, mask_img
 
 
@@ -556,7 +515,7 @@ def _pseudo_head(template: nib.Nifti1Image, mask: nib.Nifti1Image) -> nib.Nifti1
 
     wm = float(np.percentile(data[inside], 99)) if inside.any() else 1.0
     head = np.where(inside, data, 0.0) + wm * (0.15 * band(0.0, 2.0) + 0.05 * band(2.0, 7.0) + 0.8 * band(7.0, 13.0))
-    return _new_image(head, template.affine)
+    return new_image(head, template.affine)
 
 
 def _pseudo_head_cached(ref: Reference, voxel_mm: float = 2.0) -> nib.Nifti1Image:
@@ -566,7 +525,7 @@ def _pseudo_head_cached(ref: Reference, voxel_mm: float = 2.0) -> nib.Nifti1Imag
     if hit is not None and hit[0] is ref.template:
         return hit[1]
     out = _pseudo_head(_downsample_cached(ref.template, voxel_mm),
-                       _new_image(np.asarray(_downsample_cached(ref.mask, voxel_mm).dataobj) >= 0.5,
+                       new_image(np.asarray(_downsample_cached(ref.mask, voxel_mm).dataobj) >= 0.5,
                                   _downsample_cached(ref.mask, voxel_mm).affine, np.uint8))
     _COARSE_CACHE[key] = (ref.template, out)  # type: ignore[index]
     return out
@@ -582,7 +541,7 @@ def _template_mask(img: nib.Nifti1Image, reference: Reference | None, name: str,
     stage plus ``margin_mm`` (without that restriction the affine stretches the brain onto the scalp
     and neck of real scans). The template's brain mask is carried over with the result.
     """
-    ants = _ants()
+    ants = load_ants()
     ref = reference if reference is not None else Reference.load(2.0)
     coarse = max(reg_voxel_mm, float(np.max(_voxel_sizes(img))))
     mask_lo = _downsample_cached(ref.mask, coarse)
@@ -591,17 +550,17 @@ def _template_mask(img: nib.Nifti1Image, reference: Reference | None, name: str,
     schedule = ((100, 50, 20), (4, 2, 1), (2, 1, 0), 0.25)
     with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
         try:
-            sim = _register(fixed, head, "Similarity", str(Path(tmp) / "s_"), *schedule)
-            first = ants.apply_transforms(fixed=_to_ants(fixed), moving=_to_ants(mask_lo), transformlist=sim,
+            sim = register_linear(fixed, head, "Similarity", str(Path(tmp) / "s_"), *schedule)
+            first = ants.apply_transforms(fixed=to_ants(fixed), moving=to_ants(mask_lo), transformlist=sim,
                                           interpolator="linear").numpy() >= 0.5
             if not first.any():
                 raise PreprocessError(f"{name}: the template does not overlap the image after registration")
             near = ndimage.distance_transform_edt(~first, sampling=_voxel_sizes(fixed)) <= margin_mm
-            fwd = _register(fixed, head, "Affine", str(Path(tmp) / "a_"), *schedule, initial_transform=sim[0],
-                            fixed_mask=_new_image(near, fixed.affine, np.float32))
+            fwd = register_linear(fixed, head, "Affine", str(Path(tmp) / "a_"), *schedule, initial_transform=sim[0],
+                            fixed_mask=new_image(near, fixed.affine, np.float32))
         except RuntimeError as exc:
             raise PreprocessError(f"{name}: template registration for brain extraction failed ({exc})") from exc
-        warped = ants.apply_transforms(fixed=_to_ants(img), moving=_to_ants(ref.mask), transformlist=fwd,
+        warped = ants.apply_transforms(fixed=to_ants(img), moving=to_ants(ref.mask), transformlist=fwd,
                                        interpolator="linear")
     return warped.numpy() >= 0.5
 
@@ -642,24 +601,6 @@ class RigidResult:
     matrix: np.ndarray
     similarity: float
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def transform_matrix(transform: str | os.PathLike) -> np.ndarray:
-    """The 4 x 4 RAS world matrix of an ANTs/ITK linear transform file.
-
-    ANTs transforms map points of the fixed image's space to the moving image's space (the direction
-    used for resampling), so for a registration of a subject (moving) to the template (fixed) the
-    matrix maps template coordinates to subject coordinates.
-    """
-    ants = _ants()
-    tx = ants.read_transform(str(transform))
-    p = np.asarray(tx.parameters, dtype=np.float64)
-    c = np.asarray(tx.fixed_parameters, dtype=np.float64)[:3]
-    lin, t = p[:9].reshape(3, 3), p[9:12]
-    lps = np.eye(4)
-    lps[:3, :3] = lin
-    lps[:3, 3] = t + c - lin @ c
-    return _LPS @ lps @ _LPS
 
 
 def _centroid(mask: nib.Nifti1Image) -> np.ndarray:
@@ -703,27 +644,6 @@ def similarity(img: nib.Nifti1Image, template: nib.Nifti1Image, mask: nib.Nifti1
     if a.size < 2 or a.std() == 0 or b.std() == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
-
-
-def _register(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, type_of_transform: str, outprefix: str,
-              iterations: Sequence[int], shrink_factors: Sequence[int], smoothing_sigmas: Sequence[float],
-              sampling: float, metric: str = "mattes", initial_transform: str | None = None,
-              fixed_mask: nib.Nifti1Image | None = None) -> list[str]:
-    """ANTs linear registration of ``moving`` to ``fixed`` (both already on coarse grids).
-
-    ``fixed_mask`` restricts the metric's samples to a region of the fixed image (all levels).
-    """
-    ants = _ants()
-    extra: dict[str, Any] = {}
-    if fixed_mask is not None:
-        extra = {"mask": _to_ants(fixed_mask), "mask_all_stages": True}
-    reg = ants.registration(
-        fixed=_to_ants(fixed), moving=_to_ants(moving), type_of_transform=type_of_transform, outprefix=outprefix,
-        initial_transform=initial_transform, aff_metric=metric, aff_iterations=tuple(iterations),
-        aff_shrink_factors=tuple(shrink_factors), aff_smoothing_sigmas=tuple(smoothing_sigmas),
-        aff_random_sampling_rate=sampling, **extra,
-    )
-    return list(reg["fwdtransforms"])
 
 
 def _reach(src: nib.Nifti1Image, matrix: np.ndarray, shape: Sequence[int], affine: np.ndarray,
@@ -806,11 +726,11 @@ def rigid_register(
     -------
     RigidResult
     """
-    ants = _ants()
+    ants = load_ants()
     if type_of_transform not in ("Rigid", "QuickRigid", "DenseRigid"):
         raise BrainsexError(f"type_of_transform must be a rigid type, got {type_of_transform!r}")
     tmpl = template_brain
-    tmask = template_mask if template_mask is not None else _new_image(
+    tmask = template_mask if template_mask is not None else new_image(
         np.asarray(tmpl.dataobj) > 0, tmpl.affine, np.uint8)
     if voxel_size is not None:
         from brainsex import templates
@@ -833,7 +753,7 @@ def rigid_register(
         kw = {"iterations": (20, 20, 0, 0), "shrink_factors": (8, 4, 2, 1), "smoothing_sigmas": (3, 2, 1, 0)}
     with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
         try:
-            fwd = _register(fixed_lo, moving_lo, "DenseRigid" if type_of_transform == "DenseRigid" else "Rigid",
+            fwd = register_linear(fixed_lo, moving_lo, "DenseRigid" if type_of_transform == "DenseRigid" else "Rigid",
                             str(Path(tmp) / "rigid_"), sampling=sampling, metric=metric,
                             fixed_mask=None if metric_margin_mm is None else _metric_mask(tmask, coarse, metric_margin_mm),
                             **kw)
@@ -851,36 +771,36 @@ def rigid_register(
                 shutil.copyfile(src, t)
     matrix = transform_matrix(out_tx)
     # QC score on the coarse grid (independent of the target voxel size)
-    warped_lo = ants.apply_transforms(fixed=_to_ants(fixed_lo), moving=_to_ants(moving_lo),
+    warped_lo = ants.apply_transforms(fixed=to_ants(fixed_lo), moving=to_ants(moving_lo),
                                       transformlist=[str(out_tx)], interpolator="linear")
     tmask_lo = _downsample_cached(tmask, coarse)
-    sim = similarity(_new_image(warped_lo.numpy(), fixed_lo.affine), fixed_lo,
-                     _new_image(np.asarray(tmask_lo.dataobj) >= 0.5, fixed_lo.affine, np.uint8))
+    sim = similarity(new_image(warped_lo.numpy(), fixed_lo.affine), fixed_lo,
+                     new_image(np.asarray(tmask_lo.dataobj) >= 0.5, fixed_lo.affine, np.uint8))
     # resample once: full resolution subject -> target grid (anti-aliased when the grid is coarser),
     # only over the part of the grid the subject's brain can reach
     src_img = brain_c
     if grid_vs > 1.5 * float(np.max(_voxel_sizes(brain_c))):
-        src_img = _new_image(_smooth_to(brain_c, grid_vs), brain_c.affine)
+        src_img = new_image(_smooth_to(brain_c, grid_vs), brain_c.affine)
     box = _reach(brain_c, matrix, shape, affine)
     sub_aff = affine.copy()
     sub_aff[:3, 3] = (affine @ np.array([box[0].start, box[1].start, box[2].start, 1.0]))[:3]
     sub_shape = tuple(b.stop - b.start for b in box)
-    target = _to_ants(_grid_image(sub_shape, sub_aff))
-    moved = ants.apply_transforms(fixed=target, moving=_to_ants(src_img), transformlist=[str(out_tx)],
+    target = to_ants(_grid_image(sub_shape, sub_aff))
+    moved = ants.apply_transforms(fixed=target, moving=to_ants(src_img), transformlist=[str(out_tx)],
                                   interpolator="linear")
     data = np.zeros(shape, np.float32)
     data[box] = moved.numpy()
     mask_out = None
     if mask is not None:
-        mask_c = _new_image(np.asarray(mask.dataobj, np.float32), mask.affine)
+        mask_c = new_image(np.asarray(mask.dataobj, np.float32), mask.affine)
         mask_c = mask_c.slicer[_box_in(brain_c, mask_c)] if mask_c.shape[:3] != brain_c.shape[:3] else mask_c
-        mm = ants.apply_transforms(fixed=target, moving=_to_ants(mask_c), transformlist=[str(out_tx)],
+        mm = ants.apply_transforms(fixed=target, moving=to_ants(mask_c), transformlist=[str(out_tx)],
                                    interpolator="linear")
         m = np.zeros(shape, bool)
         m[box] = mm.numpy() >= 0.5
         data = np.where(m, data, 0.0).astype(np.float32)
-        mask_out = _new_image(m, affine, np.uint8)
-    image = _new_image(data, affine)
+        mask_out = new_image(m, affine, np.uint8)
+    image = new_image(data, affine)
     return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
                        info={"reg_voxel_mm": coarse})
 
@@ -925,7 +845,7 @@ def zscore(img: nib.Nifti1Image, mask: nib.Nifti1Image | np.ndarray | None = Non
     z = (data - mean) / sd
     if mode == "brain":
         z = np.where(m, z, 0.0)
-    return _new_image(z, img.affine)
+    return new_image(z, img.affine)
 
 
 # --------------------------------------------------------------------------------------------- TIV
@@ -970,7 +890,7 @@ def affine_to_template(
     moving_lo = _downsample(_crop_nonzero(img, 2 * coarse), coarse)
     with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
         try:
-            fwd = _register(fixed_lo, moving_lo, "Affine", str(Path(tmp) / "affine_"), iterations, shrink_factors,
+            fwd = register_linear(fixed_lo, moving_lo, "Affine", str(Path(tmp) / "affine_"), iterations, shrink_factors,
                             smoothing_sigmas, sampling, metric,
                             initial_transform=None if initial_transform is None else str(initial_transform),
                             fixed_mask=None if template_mask is None else _metric_mask(template_mask, coarse,
@@ -1034,100 +954,6 @@ def etiv_affine(
     if not np.isfinite(det) or det <= 0:
         raise PreprocessError(f"affine registration (eTIV) gave a degenerate transform (det {det})")
     return float(template_tiv_ml) * det
-
-
-# ------------------------------------------------------------------------------------- non-linear
-def nonlinear_transform(
-    moving: nib.Nifti1Image,
-    fixed: nib.Nifti1Image,
-    cache_prefix: str | os.PathLike,
-    type_of_transform: str = "SyN",
-    reg_iterations: Sequence[int] | None = None,
-    initial_transform: str | os.PathLike | None = "Identity",
-    recompute: bool = False,
-) -> list[Path]:
-    """Non-linear (ANTsPy SyN) transform of ``moving`` to ``fixed``, computed once and cached on disk.
-
-    The paper warps its saliency maps to MNI152 with FSL FNIRT before averaging them (section 2.4).
-    Here SyN (affine + symmetric diffeomorphic; Avants et al. 2008) is used; its files are stored as
-    ``<cache_prefix>warp.nii.gz`` and ``<cache_prefix>affine.mat`` and reused on later calls.
-
-    Parameters
-    ----------
-    moving : nibabel.Nifti1Image
-        Typically the subject's preprocessed (rigidly registered) image.
-    fixed : nibabel.Nifti1Image
-        The template.
-    cache_prefix : path
-        Prefix of the cached files (its folder is created).
-    type_of_transform : str, default="SyN"
-        ANTs transform type (e.g. "SyN", "SyNCC", "SyNOnly").
-    reg_iterations : sequence of int, optional
-        SyN iterations per level (levels halve the resolution). Default: ANTs' (40, 20, 0) on grids
-        large enough, fewer levels on coarse grids (each level keeps at least 12 voxels a side), and
-        the affine stage's pyramid likewise.
-    initial_transform : path, "Identity" or None, default="Identity"
-        Passed to ANTs. The default suits images already rigidly registered (``image_pp``); None
-        aligns the centres of mass first (not for z-scored images: their negative values make the
-        intensity-weighted centre meaningless).
-    recompute : bool, default=False
-        Ignore the cache.
-
-    Returns
-    -------
-    list of pathlib.Path
-        Transform files in the order ``ants.apply_transforms`` takes them (moving -> fixed).
-    """
-    ants = _ants()
-    prefix = str(cache_prefix)
-    warp, aff = Path(prefix + "warp.nii.gz"), Path(prefix + "affine.mat")
-    if not recompute and aff.is_file() and (warp.is_file() or type_of_transform in ("Affine", "Rigid")):
-        return [warp, aff] if warp.is_file() else [aff]
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    smallest = min(min(fixed.shape[:3]), min(moving.shape[:3]))
-    pyramid = [(f, i, g) for f, i, g in zip((6, 4, 2, 1), (200, 100, 50, 10), (3, 2, 1, 0), strict=True)
-               if f == 1 or smallest / f >= 12]
-    if reg_iterations is None:
-        levels = int(np.clip(np.floor(np.log2(smallest / 12.0)) + 1, 1, 3))
-        reg_iterations = {1: (40,), 2: (40, 20), 3: (40, 20, 0)}[levels]
-    with tempfile.TemporaryDirectory(prefix="brainsex-syn-") as tmp:
-        try:
-            reg = ants.registration(fixed=_to_ants(fixed), moving=_to_ants(moving), type_of_transform=type_of_transform,
-                                    outprefix=str(Path(tmp) / "syn_"), reg_iterations=tuple(reg_iterations),
-                                    aff_shrink_factors=tuple(p[0] for p in pyramid),
-                                    aff_iterations=tuple(p[1] for p in pyramid),
-                                    aff_smoothing_sigmas=tuple(p[2] for p in pyramid),
-                                    initial_transform=None if initial_transform is None else str(initial_transform))
-        except RuntimeError as exc:
-            raise PreprocessError(f"non-linear registration failed ({exc})") from exc
-        out: list[Path] = []
-        for f in reg["fwdtransforms"]:
-            dst = warp if f.endswith("Warp.nii.gz") else aff
-            with atomic_path(dst) as t:
-                shutil.copyfile(f, t)
-            out.append(dst)
-    return out
-
-
-def apply_to_map(map_img: nib.Nifti1Image, transforms: Sequence[str | os.PathLike], reference: nib.Nifti1Image,
-                 interpolator: str = "linear") -> nib.Nifti1Image:
-    """Warp an image (e.g. a saliency map in a subject's preprocessed space) onto ``reference``'s grid.
-
-    Parameters
-    ----------
-    map_img : nibabel.Nifti1Image
-        Image in the space of the ``moving`` image of :func:`nonlinear_transform`.
-    transforms : sequence of paths
-        As returned by :func:`nonlinear_transform`.
-    reference : nibabel.Nifti1Image
-        The fixed image (template); defines the output grid.
-    interpolator : str, default="linear"
-        ANTs interpolator ("linear", "nearestNeighbor", "bSpline", ...).
-    """
-    ants = _ants()
-    out = ants.apply_transforms(fixed=_to_ants(reference), moving=_to_ants(map_img),
-                                transformlist=[str(t) for t in transforms], interpolator=interpolator)
-    return _new_image(out.numpy(), reference.affine)
 
 
 def dice(a: nib.spatialimages.SpatialImage | np.ndarray, b: nib.spatialimages.SpatialImage | np.ndarray) -> float:
@@ -1323,11 +1149,7 @@ def preprocess_subject(
     sdir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         marker.unlink()
-    syn = nonlinear_prefix(out_dir, pid)
-    # a warp cached for older outputs must not sit next to the new ones
-    for stale in (Path(str(syn) + "warp.nii.gz"), Path(str(syn) + "affine.mat")):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    syn = nonlinear_prefix(out_dir, pid)  # warps are keyed by the image's content: an older one is never reused
 
     qc: dict[str, Any] = {c: None for c in QC_COLUMNS}
     qc.update({"participant_id": pid, "method": use, "status": "failed", "reason": ""})
@@ -1398,7 +1220,7 @@ def preprocess_subject(
         written = {}
     qc.update(times)
     qc["t_total_s"] = round(time.perf_counter() - t_start, 3)
-    outputs = {k: {"file": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for k, p in written.items()}
+    outputs = {k: {"file": str(p.relative_to(sdir)), "size": p.stat().st_size, "sha256": sha256_file(p)} for k, p in written.items()}
     for k in paths:
         qc[k] = str(written[k]) if k in written else None
     stored = {k: _clean(v) for k, v in qc.items() if k not in paths}

@@ -61,7 +61,6 @@ __all__ = [
     "EXTREME_COLUMNS",
     "reason_counts",
     "quantile_summary",
-    "table1_public",
     "pool_small_groups",
     "binned_counts",
     "binned_counts_2d",
@@ -498,46 +497,6 @@ def pool_small_groups(table: pd.DataFrame, column: str, k: int = DEFAULT_MIN_GRO
     if pooled:
         out[column] = out[column].where(~out[column].isin(pooled), label)
     out.attrs["pooled_label"] = label
-    return out
-
-
-def table1_public(participants: pd.DataFrame, k: int = DEFAULT_MIN_GROUP_SIZE) -> pd.DataFrame:
-    """The paper's Table 1 (:func:`brainsex.cohorts.table1`) as a restricted cohort may publish it.
-
-    Age ranges (the youngest and oldest subject) are dropped and an age summary over fewer than ``k``
-    subjects of one sex is suppressed. Datasets of fewer than ``k`` subjects are pooled into one row
-    ("other datasets (pooled)"); when the pool itself is under ``k``, the next smallest dataset joins
-    it, so that the ``All`` row minus the shown rows cannot give a small group away. A pool that stays
-    under ``k`` (too few subjects in all) keeps only its label and a note.
-
-    Parameters
-    ----------
-    participants
-        The participants table.
-    k
-        Minimum group size.
-    """
-    from brainsex.cohorts import table1
-
-    p = pool_small_groups(participants, "dataset", k)
-    other = p.attrs.get("pooled_label")
-    t = table1(p).reset_index()
-    if other:  # the pooled row goes last, before All
-        t = pd.concat([t[(t["dataset"] != other) & (t["dataset"] != "All")], t[t["dataset"] == other],
-                       t[t["dataset"] == "All"]], ignore_index=True)
-    small_age = pd.Series(False, index=t.index)
-    for col, count in (("Age (F)", "Female"), ("Age (M)", "Male")):
-        t[col] = t[col].astype(str).str.replace(r"\s*\([^)]*\)\s*$", "", regex=True)
-        small = pd.to_numeric(t[count], errors="coerce") < int(k)
-        t.loc[small, col] = None
-        small_age |= small
-    out = suppress_small_groups(t.rename(columns={"N": "n"}), k, keep=["dataset"]).rename(columns={"n": "N"})
-    if "note" not in out.columns:
-        out["note"] = ""
-    age_note = f"age of a sex with fewer than {int(k)} subjects suppressed"
-    out.loc[small_age & (out["note"] == ""), "note"] = age_note
-    if not (out["note"] != "").any():
-        out = out.drop(columns="note")
     return out
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
+from brainsex.io import as_array
 
 __all__ = [
     "METHODS",
@@ -47,18 +48,6 @@ METHODS = ("saliency", "smoothgrad", "integrated_gradients")
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def _as_array(obj: Any, name: str) -> np.ndarray:
-    """A numpy array from an array, a torch tensor or a nibabel image (its data)."""
-    if hasattr(obj, "get_fdata"):
-        return np.asarray(obj.get_fdata(dtype=np.float32))
-    if hasattr(obj, "detach"):
-        return obj.detach().cpu().numpy()
-    try:
-        return np.asarray(obj)
-    except Exception as exc:  # pragma: no cover - exotic input
-        raise BrainsexError(f"{name}: cannot be read as an array ({exc})") from exc
-
-
 def _model_device(model: Any, device: Any) -> Any:
     import torch
 
@@ -108,7 +97,7 @@ class _Batches:
         self.n = len(volumes)
         if self.n == 0:
             raise BrainsexError("volumes: empty, there is nothing to explain")
-        first = _as_array(volumes[0], "volumes[0]")
+        first = as_array(volumes[0], "volumes[0]")
         if first.ndim not in (3, 4):
             raise BrainsexError(f"volumes: each volume must be (X, Y, Z) or (C, X, Y, Z), got shape {first.shape}")
         self.shape = first.shape
@@ -117,7 +106,7 @@ class _Batches:
     def get(self, start: int, stop: int) -> np.ndarray:
         arrays = []
         for i in range(start, stop):
-            a = _as_array(self.volumes[i], f"volumes[{i}]")
+            a = as_array(self.volumes[i], f"volumes[{i}]")
             if a.shape != self.shape:
                 raise BrainsexError(f"volumes[{i}]: shape {a.shape} differs from volumes[0] {self.shape}")
             arrays.append(a)
@@ -290,14 +279,14 @@ def occlusion_by_region(
     import torch
     from captum.attr import FeatureAblation
 
-    vol = _as_array(volume, "volume").astype(np.float32)
+    vol = as_array(volume, "volume").astype(np.float32)
     if vol.ndim == 3:
         vol = vol[None]
     if vol.ndim != 4:
         raise BrainsexError(f"volume: expected (X, Y, Z) or (C, X, Y, Z), got shape {vol.shape}")
     if not np.isfinite(vol).all():
         raise BrainsexError("volume: contains NaN or infinite values")
-    atlas = _as_array(atlas_data, "atlas_data")
+    atlas = as_array(atlas_data, "atlas_data")
     if atlas.shape != vol.shape[1:]:
         raise BrainsexError(f"atlas_data: shape {atlas.shape} differs from the volume's grid {vol.shape[1:]}; "
                             "resample the atlas first (brainsex.atlas.resample_atlas_to)")
@@ -374,7 +363,7 @@ def minmax_normalise(map_data: Any, mask: Any = None, constant: str = "raise") -
     numpy.ndarray
         float32 map with values in [0, 1].
     """
-    m = _as_array(map_data, "map").astype(np.float64)
+    m = as_array(map_data, "map").astype(np.float64)
     if constant not in ("raise", "zeros"):
         raise BrainsexError(f"constant={constant!r}: expected 'raise' or 'zeros'")
     if m.size == 0:
@@ -382,7 +371,7 @@ def minmax_normalise(map_data: Any, mask: Any = None, constant: str = "raise") -
     if not np.isfinite(m).all():
         raise BrainsexError("map: contains NaN or infinite values; min-max normalisation is undefined")
     if mask is not None:
-        mk = _as_array(mask, "mask").astype(bool)
+        mk = as_array(mask, "mask").astype(bool)
         if mk.shape != m.shape:
             raise BrainsexError(f"mask: shape {mk.shape} differs from the map's {m.shape}")
         if not mk.any():
@@ -404,9 +393,9 @@ def minmax_normalise(map_data: Any, mask: Any = None, constant: str = "raise") -
 
 def _stack(maps: Any, name: str = "maps") -> np.ndarray:
     if isinstance(maps, np.ndarray) or hasattr(maps, "detach"):
-        arr = _as_array(maps, name)
+        arr = as_array(maps, name)
     else:
-        items = [_as_array(m, f"{name}[{i}]") for i, m in enumerate(maps)]
+        items = [as_array(m, f"{name}[{i}]") for i, m in enumerate(maps)]
         if not items:
             raise BrainsexError(f"{name}: empty, nothing to average")
         shapes = {a.shape for a in items}
@@ -438,7 +427,7 @@ def average_maps(maps: Any, mask: Any = None) -> np.ndarray:
         raise BrainsexError("maps: contain NaN or infinite values")
     mean = arr.mean(axis=0, dtype=np.float64)
     if mask is not None:
-        mk = _as_array(mask, "mask").astype(bool)
+        mk = as_array(mask, "mask").astype(bool)
         if mk.shape != mean.shape:
             raise BrainsexError(f"mask: shape {mk.shape} differs from the maps' {mean.shape}")
         mean = np.where(mk, mean, 0.0)
@@ -503,8 +492,8 @@ def spearman_maps(a: Any, b: Any, mask: Any) -> tuple[float, float]:
     """
     from scipy.stats import spearmanr
 
-    x, y = _as_array(a, "a"), _as_array(b, "b")
-    mk = _as_array(mask, "mask").astype(bool)
+    x, y = as_array(a, "a"), as_array(b, "b")
+    mk = as_array(mask, "mask").astype(bool)
     if x.shape != y.shape or x.shape != mk.shape:
         raise BrainsexError(f"spearman_maps: shapes differ (a {x.shape}, b {y.shape}, mask {mk.shape})")
     xv, yv = x[mk].astype(np.float64), y[mk].astype(np.float64)
@@ -524,7 +513,7 @@ def save_map(array: Any, affine: Any, path: str | os.PathLike) -> Path:
 
     from brainsex.io import atomic_path
 
-    data = _as_array(array, "array")
+    data = as_array(array, "array")
     aff = np.asarray(affine, dtype=np.float64)
     if aff.shape != (4, 4) or not np.isfinite(aff).all():
         raise BrainsexError(f"affine: expected a finite 4x4 matrix, got shape {aff.shape}")
@@ -545,7 +534,7 @@ def save_map(array: Any, affine: Any, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------------
 def _warp_one(map_img: Any, moving_path: str, template: Any, cache_prefix: str, warp: str) -> np.ndarray:
     """Warp one subject's map to the template with its cached SyN transform (a joblib task)."""
-    from brainsex.preprocess import apply_to_map, nonlinear_transform, set_threads
+    from brainsex.registration import apply_to_map, nonlinear_transform, set_threads
 
     set_threads(1)
     import nibabel as nib

@@ -1,7 +1,7 @@
 """The modelling stages, split -> train -> predict -> evaluate, as one set of functions.
 
 The training chapter (``notebooks/02_training.py``), the evaluation chapter, the command line
-(``brainsex train``, :func:`brainsex.train.main_train`) and the validity study
+(``brainsex train``, :func:`brainsex.stages.main_train`) and the validity study
 (:func:`brainsex.validity.study`) all call these, so they split with the same rule (paper section
 2.5: stratified by sex, vendor and field strength, 80/10/10), run the same leakage check, keep the
 checkpoint chosen by the profile's ``select`` rule and compute accuracy with
@@ -17,8 +17,12 @@ checkpoint chosen by the profile's ``select`` rule and compute accuracy with
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -31,6 +35,7 @@ from brainsex.split import check_no_leakage, stratified_split
 from brainsex.train import PAPER_CHANNELS, TrainConfig, TrainResult, predict, train
 
 __all__ = [
+    "main_train",
     "SPLIT_BY",
     "SPLIT_FRACTIONS",
     "usable",
@@ -220,3 +225,54 @@ def train_run(
     pre = read_table(run.preprocess.table, dtype={"participant_id": str})
     split = split_subjects(pre, seed=int(params.get("seed", 0)), out=run.train if write_split else None)
     return train_model(split, params, run.train, resume=resume, progress=progress)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brainsex train", description=(
+        "Split the run's preprocessed subjects (stratified by sex/vendor/field, the profile's seed) and train "
+        "SFCN on them, as the training chapter does. Works under torchrun for several GPUs."))
+    p.add_argument("--profile", default="demo", help="parameter profile: demo (default), smoke, paper")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="override a parameter, e.g. -p epochs 5 or -p amp off (repeatable)")
+    p.add_argument("--run-dir", default=None, help="run directory (default: the profile's run_dir or runs/<profile>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """Command line ``brainsex train --profile NAME [-p KEY VALUE ...] [--run-dir DIR] [--resume]``.
+
+    Splits the run's preprocessed subjects and trains on them with :func:`brainsex.stages.train_run`,
+    the functions the training chapter uses: the split of the profile's ``seed`` (written to the run's
+    ``split.tsv``), the profile's ``channels``, ``epochs``, ``batch_size``, ``lr``, ``select``,
+    ``device``, ``seed`` (and any other :class:`brainsex.train.TrainConfig` field given with ``-p``). Returns the
+    exit status (0 on success, 2 on a :class:`BrainsexError`, whose message is printed).
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (default: ``sys.argv[1:]``).
+    """
+    from brainsex.profiles import parse_override, resolve_profile
+
+    args = _train_parser().parse_args(argv)
+    try:
+        overrides = {k: parse_override(v) for k, v in (args.param or [])}
+        known = {f.name for f in dataclasses.fields(TrainConfig)} | {"dropout"}
+        params = resolve_profile(args.profile, overrides, known=known)
+        run_dir = Path(args.run_dir or params.get("run_dir") or Path("runs") / args.profile)
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        result = train_run(run_dir, params, resume=args.resume, write_split=rank0, progress=not args.no_progress)
+        if rank0:
+            print(f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, "
+                  f"val_acc {result.best_val_acc:.3f}; checkpoint {result.best_checkpoint}")
+    except BrainsexError as exc:
+        print(f"brainsex: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_train())

@@ -40,8 +40,13 @@ How one subject is made (all in template space first, then placed in the scanner
    noisier). Images are written on a 224 x 256 x 224 mm scanner grid at ``voxel_size`` directly: the
    demo profile uses 4 mm, the smoke profile 8 mm, the paper profile 1 mm.
 
-Every subject has its own random stream (``numpy.random.SeedSequence(seed).spawn``), so a tree is the
-same for a given seed whatever ``n_workers`` is.
+Every subject draws from named random streams, one per purpose (:data:`STREAMS`: pose, scanner,
+age effect, head, warp, bias, thickness, noise), each a ``numpy.random.SeedSequence`` keyed by the seed,
+the subject's index and the purpose (:func:`subject_rng`), so a tree is the same for a given seed
+whatever ``n_workers`` is, and a draw never depends on how many numbers another purpose took. The
+ground truth is *read*: :func:`subject_params` gives a subject's scalar draws (written to
+``ground_truth/poses.tsv``) and :func:`phantom_truth` / :meth:`PhantomTruth.draws` a subject's
+deformation (individual warp, planted sex field, age effect) from the phantom's folder.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +83,20 @@ __all__ = [
     "pose_matrix",
     "strata_counts",
     "subject_displacement",
+    "GENERATOR_VERSION",
+    "STREAMS",
+    "subject_rng",
+    "subject_params",
+    "jacobian_determinant",
+    "SubjectDraws",
+    "PhantomTruth",
+    "phantom_truth",
 ]
 
-GENERATOR_VERSION = "phantom-2"
+GENERATOR_VERSION = "phantom-3"  # phantom-3: named random streams per purpose
+
+#: Purposes of a subject's random streams (:func:`subject_rng`); append new ones at the end.
+STREAMS = ("pose", "scanner", "age", "head", "warp", "bias", "thickness", "noise")
 
 # ------------------------------------------------------------------------------------ demographics
 _STRATA_ROWS = [
@@ -377,8 +394,16 @@ def _scaling_field(weights: np.ndarray, centroids: np.ndarray, scales: Sequence[
     return disp
 
 
-def _jacobian_det(disp: np.ndarray, voxel_size: float) -> np.ndarray:
-    """det(I + grad D) of a backward displacement field (3, *grid) on a regular grid (float32)."""
+def jacobian_determinant(disp: np.ndarray, voxel_size: float) -> np.ndarray:
+    """det(I + grad D) of a backward displacement field (3, *grid) on a regular grid (float32).
+
+    Parameters
+    ----------
+    disp : numpy.ndarray of shape (3, X, Y, Z)
+        Displacement in mm.
+    voxel_size : float
+        Grid spacing in mm.
+    """
     g = [[np.gradient(disp[i], voxel_size, axis=k).astype(np.float32) for k in range(3)] for i in range(3)]
     for i in range(3):
         g[i][i] += 1.0
@@ -392,20 +417,20 @@ def _context(voxel_size: float, regions: list[tuple[Any, int]], region_effect: f
     """Everything the subjects share: template maps, planted fields, region table."""
     vs = voxel_size
     shape, affine = templates.target_grid(vs)
-    tissue = templates._tissue_arrays(vs)  # offline, nilearn (see templates.load_tissue_maps)
-    mask1 = templates._mask_array(1.0, "offline")
+    tissue = templates.tissue_arrays(vs)  # offline, nilearn (see templates.load_tissue_maps)
+    mask1 = templates.mask_array(1.0, "offline")
     key = f"{vs:g}mm".replace(".", "p")
-    mask = templates._cached_array(
-        f"offline_softmask_{key}", lambda: templates._smooth_sample(mask1.astype(np.float32), vs).astype(np.float32))
+    mask = templates.cached_array(
+        f"offline_softmask_{key}", lambda: templates.smooth_sample(mask1.astype(np.float32), vs).astype(np.float32))
     icv_template_ml = float(mask1.sum()) / 1000.0
 
     def signed_distance() -> np.ndarray:
         inside = mask1.astype(bool)
         return (ndimage.distance_transform_edt(~inside) - ndimage.distance_transform_edt(inside)).astype(np.float32)
 
-    dist1 = templates._cached_array("offline_signed_distance_1mm", signed_distance)
-    dist = dist1 if vs == 1.0 else templates._cached_array(
-        f"offline_signed_distance_{key}", lambda: templates._smooth_sample(dist1, vs).astype(np.float32))
+    dist1 = templates.cached_array("offline_signed_distance_1mm", signed_distance)
+    dist = dist1 if vs == 1.0 else templates.cached_array(
+        f"offline_signed_distance_{key}", lambda: templates.smooth_sample(dist1, vs).astype(np.float32))
 
     atlas_img, labels = templates.load_atlas(1.0, source)
     atlas1 = np.asarray(atlas_img.dataobj)
@@ -438,7 +463,7 @@ def _context(voxel_size: float, regions: list[tuple[Any, int]], region_effect: f
     if e != 0.0 and ids:
         disp_m = _scaling_field(weights, centroids, [(1 + s * e / 2) ** (1 / 3) for s in signs], vs)
         disp_f = _scaling_field(weights, centroids, [(1 - s * e / 2) ** (1 / 3) for s in signs], vs)
-        effect_map = _jacobian_det(disp_f, vs) / _jacobian_det(disp_m, vs) - 1.0
+        effect_map = jacobian_determinant(disp_f, vs) / jacobian_determinant(disp_m, vs) - 1.0
         ctx["disp_M"], ctx["disp_F"] = disp_m, disp_f
     else:
         ctx["disp_M"] = ctx["disp_F"] = np.zeros((3, *shape), np.float32)
@@ -484,30 +509,67 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return f / max(float(f.std()), 1e-12)
 
 
-def _subject_params(row: Mapping[str, Any], ss: np.random.SeedSequence) -> tuple[dict[str, Any], np.random.Generator]:
-    """The subject's scalar draws (pose, scanner settings); the generator continues with the fields."""
-    rng = np.random.default_rng(ss)
+def subject_rng(seed: int, index: int, purpose: str) -> np.random.Generator:
+    """Subject ``index``'s random stream for one ``purpose`` (:data:`STREAMS`).
+
+    ``numpy.random.SeedSequence(seed, spawn_key=(index + 1, STREAMS.index(purpose)))``: independent of
+    every other subject's and purpose's stream, and of the demographics' (spawn key ``(0,)``).
+
+    Parameters
+    ----------
+    seed : int
+        The cohort's seed.
+    index : int
+        The subject's row in ``participants.tsv`` (0-based).
+    purpose : str
+        One of :data:`STREAMS`.
+    """
+    if purpose not in STREAMS:
+        raise BrainsexError(f"random stream {purpose!r}: expected one of {', '.join(STREAMS)}")
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(int(index) + 1, STREAMS.index(purpose))))
+
+
+def subject_params(row: Mapping[str, Any], seed: int, index: int) -> dict[str, Any]:
+    """A subject's scalar draws: pose, scanner settings, age effect, head (the rows of ``poses.tsv``).
+
+    Parameters
+    ----------
+    row : mapping
+        The subject's participants row (``participant_id``, ``vendor``, ``field``, ``age``).
+    seed : int
+        The cohort's seed.
+    index : int
+        The subject's row in the participants table.
+
+    Returns
+    -------
+    dict
+        ``rot_*_deg``, ``trans_*_mm``, ``center_*`` (pose, :func:`pose_matrix`), ``gm_ratio``,
+        ``csf_ratio``, ``wm_level``, ``noise_frac``, ``bias_sd`` (scanner), ``ventricle_factor``,
+        ``gm_loss`` (age effect), ``skull_mm``, ``scalp_mm`` (head).
+    """
     gm_ratio, csf_ratio, wm_level, noise, bias = _SCANNER[(str(row["vendor"]), float(row["field"]))]
-    rot = rng.uniform(-_MAX_ROT_DEG, _MAX_ROT_DEG, 3)
-    shift = rng.uniform(-_MAX_SHIFT_MM, _MAX_SHIFT_MM, 3)
+    pose, scanner = subject_rng(seed, index, "pose"), subject_rng(seed, index, "scanner")
+    age_rng, head = subject_rng(seed, index, "age"), subject_rng(seed, index, "head")
+    rot = pose.uniform(-_MAX_ROT_DEG, _MAX_ROT_DEG, 3)
+    shift = pose.uniform(-_MAX_SHIFT_MM, _MAX_SHIFT_MM, 3)
     age = float(row["age"])
-    p = {
+    return {
         "participant_id": row["participant_id"],
         "rot_x_deg": round(float(rot[0]), 4), "rot_y_deg": round(float(rot[1]), 4), "rot_z_deg": round(float(rot[2]), 4),
         "trans_x_mm": round(float(shift[0]), 4), "trans_y_mm": round(float(shift[1]), 4),
         "trans_z_mm": round(float(shift[2]), 4),
         "center_x": _POSE_CENTRE[0], "center_y": _POSE_CENTRE[1], "center_z": _POSE_CENTRE[2],
-        "gm_ratio": round(gm_ratio + rng.normal(0, 0.015), 4),
-        "csf_ratio": round(max(csf_ratio + rng.normal(0, 0.02), 0.05), 4),
-        "wm_level": round(wm_level * float(np.exp(rng.normal(0, 0.15))), 2),
-        "noise_frac": round(noise * float(np.exp(rng.normal(0, 0.2))), 5),
+        "gm_ratio": round(gm_ratio + scanner.normal(0, 0.015), 4),
+        "csf_ratio": round(max(csf_ratio + scanner.normal(0, 0.02), 0.05), 4),
+        "wm_level": round(wm_level * float(np.exp(scanner.normal(0, 0.15))), 2),
+        "noise_frac": round(noise * float(np.exp(scanner.normal(0, 0.2))), 5),
         "bias_sd": bias,
-        "ventricle_factor": round(float(np.exp(0.018 * (age - 25) + rng.normal(0, 0.2))), 4),
-        "gm_loss": round(float(np.clip(0.0025 * max(age - 20, 0) * np.exp(rng.normal(0, 0.2)), 0, 0.4)), 4),
-        "skull_mm": round(float(rng.uniform(4.0, 7.0)), 3),
-        "scalp_mm": round(float(rng.uniform(4.0, 8.0)), 3),
+        "ventricle_factor": round(float(np.exp(0.018 * (age - 25) + age_rng.normal(0, 0.2))), 4),
+        "gm_loss": round(float(np.clip(0.0025 * max(age - 20, 0) * np.exp(age_rng.normal(0, 0.2)), 0, 0.4)), 4),
+        "skull_mm": round(float(head.uniform(4.0, 7.0)), 3),
+        "scalp_mm": round(float(head.uniform(4.0, 8.0)), 3),
     }
-    return p, rng
 
 
 def _edge(v: np.ndarray) -> np.ndarray:
@@ -650,7 +712,8 @@ def subject_displacement(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], 
 
     The three are small and smooth, so they are added rather than composed (the difference is second
     order: about 0.1 mm for the planted effect). Used by the generator and by
-    :func:`brainsex.validity.phantom_log_jacobians`, so that both see the same deformation.
+    :meth:`PhantomTruth.draws` (read by :func:`brainsex.morphometry.phantom_log_jacobians`), so that
+    both see the same deformation.
 
     Parameters
     ----------
@@ -659,9 +722,9 @@ def subject_displacement(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], 
     row : mapping
         The subject's participants row (``sex``).
     params : mapping
-        The subject's scalar draws (``ventricle_factor``), from ``_subject_params``.
+        The subject's scalar draws (``ventricle_factor``), from :func:`subject_params`.
     rng : numpy.random.Generator
-        The subject's random stream, right after its scalar draws; the warp's draws are taken from it.
+        The subject's ``"warp"`` stream (:func:`subject_rng`).
     voxel_size : float
         Template grid voxel size (mm).
 
@@ -685,10 +748,11 @@ def subject_displacement(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], 
     return total.astype(np.float32, copy=False), warp
 
 
-def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], ss: np.random.SeedSequence,
+def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], draw: tuple[int, int],
                   info: Mapping[str, Any], paths: tuple[str, str], chunk: int = 1 << 20) -> None:
     vs = float(info["voxel_size"])
-    p, rng = _subject_params(row, ss)
+    seed, index = draw
+    p = subject_params(row, seed, index)
     tshape, taffine = templates.target_grid(vs)
     t_origin = taffine[:3, 3:4]
     sshape, saffine = _scanner_grid(vs)
@@ -697,14 +761,15 @@ def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], ss: np.
     to_template = np.linalg.inv(pose_matrix({**p, "scale": scale}, include_scale=True)) @ saffine
 
     # non-linear part (template grid, mm): individual warp + planted sex effect + ventricles
-    disp, warp = subject_displacement(ctx, row, p, rng, vs)
+    disp, warp = subject_displacement(ctx, row, p, subject_rng(seed, index, "warp"), vs)
     # bias field in scanner space (fixed to the coil, not to the head)
     bshape = tuple(max(int(math.ceil(n * vs / 40.0)), 2) + 2 for n in sshape)
-    bias_coarse = _smooth_noise(rng, bshape, 1.0)
+    bias_coarse = _smooth_noise(subject_rng(seed, index, "bias"), bshape, 1.0)
     step = [(b_ - 1) / max(s_ - 1, 1) for s_, b_ in zip(sshape, bshape, strict=True)]
     bias = np.exp(np.float32(p["bias_sd"]) * _upsample(bias_coarse, sshape, step, [0.0] * 3))
     # skull/scalp thickness varies smoothly with the direction from the head's centre
-    thick_dir = rng.standard_normal(3).astype(np.float32) / np.float32(math.sqrt(3.0))
+    thick_dir = subject_rng(seed, index, "thickness").standard_normal(3).astype(np.float32)
+    thick_dir /= np.float32(math.sqrt(3.0))
 
     field = np.empty((4, *tshape), np.float32)  # U (3 channels, voxels) and the signed distance (mm)
     field[:3] = disp / np.float32(vs)
@@ -766,6 +831,7 @@ def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], ss: np.
 
     t1 = t1.reshape(sshape) * bias.astype(np.float32)
     sigma = np.float32(float(p["noise_frac"]) * wm_level)
+    rng = subject_rng(seed, index, "noise")
     real = t1 + sigma * rng.standard_normal(sshape, dtype=np.float32)
     imag = sigma * rng.standard_normal(sshape, dtype=np.float32)
     img = np.sqrt(real * real + imag * imag)
@@ -783,9 +849,9 @@ def _save(data: np.ndarray, affine: np.ndarray, path: str) -> None:
         nib.save(img, tmp)
 
 
-def _subject_task(ctx_folder: str, info: dict[str, Any], row: dict[str, Any], ss: np.random.SeedSequence,
+def _subject_task(ctx_folder: str, info: dict[str, Any], row: dict[str, Any], draw: tuple[int, int],
                   paths: tuple[str, str]) -> str:
-    _make_subject(_load_context(ctx_folder), row, ss, info, paths)
+    _make_subject(_load_context(ctx_folder), row, draw, info, paths)
     return str(row["participant_id"])
 
 
@@ -859,7 +925,7 @@ def make_cohort(
 
     if spec != "paper":
         raise BrainsexError(f"spec must be 'paper' (the paper's Table 1 design), got {spec!r}")
-    vs = templates._check_voxel_size(voxel_size)
+    vs = templates.check_voxel_size(voxel_size)
     for name, val, lo, hi in (("region_effect", region_effect, 0.0, 1.0), ("contrast_effect", contrast_effect, 0.0, 1.0)):
         if not (isinstance(val, int | float) and lo <= float(val) < hi):
             raise BrainsexError(f"{name} must be a fraction in [{lo}, {hi}), got {val!r}")
@@ -906,9 +972,8 @@ def make_cohort(
     todo = [i for i, (a, b) in enumerate(zip(img_paths, mask_paths, strict=True))
             if not (same and _valid_image(a, sshape) and _valid_image(b, sshape))]
 
-    seeds = np.random.SeedSequence(int(seed)).spawn(len(participants) + 1)[1:]
     records = participants.to_dict("records")
-    jobs = [(records[i], seeds[i], (str(img_paths[i]), str(mask_paths[i]))) for i in todo]
+    jobs = [(records[i], (int(seed), i), (str(img_paths[i]), str(mask_paths[i]))) for i in todo]
     bar = tqdm(total=len(jobs), desc=f"phantom ({vs:g} mm)", unit="subject", disable=not progress)
     if n_workers == 1 or len(jobs) <= 1:
         with threadpool_limits(1):  # tiny matrix products: threads only get in each other's way
@@ -931,8 +996,8 @@ def make_cohort(
 
     # ground truth and tables (cheap; rewritten every time)
     poses = []
-    for row, ss in zip(records, seeds, strict=True):
-        p, _ = _subject_params(row, ss)
+    for i, row in enumerate(records):
+        p = subject_params(row, int(seed), i)
         p["scale"] = round((float(row["tiv_ml"]) / info["icv_template_ml"]) ** (1 / 3), 6)
         poses.append(p)
     pose_cols = ["participant_id", "rot_x_deg", "rot_y_deg", "rot_z_deg", "trans_x_mm", "trans_y_mm", "trans_z_mm",
@@ -967,3 +1032,117 @@ def make_cohort(
 def _with_paths(participants: pd.DataFrame, images: Sequence[Path], masks: Sequence[Path]) -> pd.DataFrame:
     """The participants table with the ``image`` and ``mask`` paths :func:`make_cohort` wrote."""
     return participants.assign(image=[str(p) for p in images], mask=[str(p) for p in masks])
+
+
+# ------------------------------------------------------------------------------------ ground truth
+@dataclass(frozen=True)
+class SubjectDraws:
+    """One subject's ground truth, as the generator drew it (:meth:`PhantomTruth.draws`).
+
+    Attributes
+    ----------
+    participant_id : str
+        The subject.
+    index : int
+        Its row in ``participants.tsv``.
+    params : dict
+        Scalar draws (:func:`subject_params`): pose, scanner settings, age effect, head.
+    displacement : numpy.ndarray, float32, shape (3, *grid)
+        The whole non-linear deformation ``D`` of the template (mm): ``warp + planted + ventricles``.
+    warp : numpy.ndarray
+        Its individual, affine-free random part.
+    planted : numpy.ndarray
+        The planted sex effect of the subject's sex.
+    ventricles : numpy.ndarray
+        The age-dependent ventricle enlargement.
+    voxel_size : float
+        Template grid spacing (mm).
+    """
+
+    participant_id: str
+    index: int
+    params: dict[str, Any]
+    displacement: np.ndarray
+    warp: np.ndarray
+    planted: np.ndarray
+    ventricles: np.ndarray
+    voxel_size: float
+
+    def log_jacobian(self) -> np.ndarray:
+        """The subject's log local volume relative to the template, before head-size scaling (float64).
+
+        ``D`` is a backward field (subject point ``y`` shows the template at ``y + D(y)``), so the local
+        volume is ``1 / det(I + grad D)``.
+        """
+        return -np.log(np.abs(jacobian_determinant(self.displacement, self.voxel_size)).astype(np.float64))
+
+
+class PhantomTruth:
+    """The ground truth of a phantom folder written by :func:`make_cohort`, read back.
+
+    Parameters
+    ----------
+    phantom_dir : path
+        The phantom's root (``generation.json``, ``participants.tsv``, ``ground_truth/poses.tsv``).
+    """
+
+    def __init__(self, phantom_dir: str | os.PathLike) -> None:
+        root = Path(phantom_dir)
+        folder = PhantomDir(root)
+        gen = folder.generation
+        if not gen.is_file():
+            raise BrainsexError(f"{gen}: not found; the ground truth exists only for a synthetic phantom")
+        content = json.loads(gen.read_text())
+        args = content.get("args", {})
+        if args.get("generator") != GENERATOR_VERSION:
+            raise BrainsexError(f"{gen}: made by generator {args.get('generator')!r}, this code is "
+                                f"{GENERATOR_VERSION!r}; the deformations cannot be rebuilt")
+        if not content.get("complete"):
+            raise BrainsexError(f"{gen}: the phantom was not completed; regenerate it")
+        self.root, self.args = root, args
+        self.voxel_size = float(args["voxel_size"])
+        self.participants = pd.read_csv(folder.participants, sep="\t", dtype={"participant_id": str})
+        poses = pd.read_csv(folder.poses, sep="\t", dtype={"participant_id": str})
+        self.poses = poses.set_index("participant_id")
+        self._ctx: dict[str, np.ndarray] | None = None
+
+    @property
+    def context(self) -> dict[str, np.ndarray]:
+        """The shared fields of the generation (planted sex fields, ventricle field, template maps)."""
+        if self._ctx is None:
+            a = self.args
+            regions = [(tuple(r) if isinstance(r, list) else r, int(sg)) for r, sg in a["sex_regions"]]
+            self._ctx, _, _ = _context(self.voxel_size, regions, float(a["region_effect"]),
+                                       float(a.get("contrast_effect", 0.0)), a.get("reference_source", "offline"))
+        return self._ctx
+
+    def draws(self, participant_id: str) -> SubjectDraws:
+        """Subject ``participant_id``'s draws: its recorded scalars and its deformation by part.
+
+        Parameters
+        ----------
+        participant_id : str
+            A row of the phantom's ``participants.tsv``.
+        """
+        ids = self.participants["participant_id"].astype(str).tolist()
+        if str(participant_id) not in ids:
+            raise BrainsexError(f"participant {participant_id!r} is not in the phantom at {self.root}")
+        index = ids.index(str(participant_id))
+        row = self.participants.iloc[index].to_dict()
+        params = {"participant_id": str(participant_id), **self.poses.loc[str(participant_id)].to_dict()}
+        ctx, vs = self.context, self.voxel_size
+        total, warp = subject_displacement(ctx, row, params, subject_rng(int(self.args["seed"]), index, "warp"), vs)
+        planted = np.asarray(ctx["disp_" + str(row["sex"])], np.float32)
+        return SubjectDraws(participant_id=str(participant_id), index=index, params=params, displacement=total,
+                            warp=warp, planted=planted, ventricles=total - warp - planted, voxel_size=vs)
+
+
+def phantom_truth(phantom_dir: str | os.PathLike) -> PhantomTruth:
+    """The ground truth of the phantom at ``phantom_dir`` (:class:`PhantomTruth`).
+
+    Parameters
+    ----------
+    phantom_dir : path
+        The phantom's root.
+    """
+    return PhantomTruth(phantom_dir)

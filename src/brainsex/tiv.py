@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
-from brainsex.evaluate import _check_columns, _labels_from_table, _metrics_by_groups
+from brainsex.evaluate import check_columns, labels_from_table, metrics_by_groups
 
 __all__ = [
     "assign_tertiles",
@@ -45,7 +45,7 @@ __all__ = [
 
 
 def _tiv_values(predictions: pd.DataFrame, tiv_col: str) -> np.ndarray:
-    _check_columns(predictions, [tiv_col])
+    check_columns(predictions, [tiv_col])
     tiv = pd.to_numeric(predictions[tiv_col], errors="coerce").to_numpy(dtype=float)
     bad = ~np.isfinite(tiv)
     if bad.any():
@@ -138,7 +138,7 @@ def tiv_tertiles(
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     table = assign_tertiles(predictions, tiv_col=tiv_col, n_bins=n_bins, labels=labels)
-    y, _, yhat = _labels_from_table(table, prob_col=prob_col, threshold=threshold)
+    y, _, yhat = labels_from_table(table, prob_col=prob_col, threshold=threshold)
     tiv = _tiv_values(table, tiv_col)
     rows = []
     for label in table["tertile"].cat.categories:
@@ -410,7 +410,7 @@ def metrics_in_range(
     inside = in_range(predictions, low, high, tiv_col=tiv_col).to_numpy()
     groups = [("R_tiv", "all", np.ones(len(inside), dtype=bool)), ("R_tiv", "inside", inside),
               ("R_tiv", "outside", ~inside)]
-    return _metrics_by_groups(predictions, groups, prob_col, threshold, n_bootstrap, seed, ci)
+    return metrics_by_groups(predictions, groups, prob_col, threshold, n_bootstrap, seed, ci)
 
 
 def balanced_rtiv_subset(
@@ -438,8 +438,8 @@ def balanced_rtiv_subset(
     BrainsexError
         When one sex has no correctly classified subject inside R_tiv.
     """
-    _check_columns(predictions, ["participant_id"])
-    y, _, yhat = _labels_from_table(predictions, prob_col=prob_col, threshold=threshold)
+    check_columns(predictions, ["participant_id"])
+    y, _, yhat = labels_from_table(predictions, prob_col=prob_col, threshold=threshold)
     inside = in_range(predictions, low, high, tiv_col=tiv_col).to_numpy()
     ok = inside & (y == yhat)
     cand = predictions.loc[ok].assign(_male=y[ok], _id=predictions.loc[ok, "participant_id"].astype(str))

@@ -40,7 +40,6 @@ Engineering:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -48,7 +47,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,7 +77,6 @@ __all__ = [
     "rotate_batch",
     "VolumeStore",
     "ScanDataset",
-    "main_train",
 ]
 
 log = logging.getLogger("brainsex.train")
@@ -1062,55 +1059,3 @@ def predict(
     finally:
         model.train(was_training)
     return pd.DataFrame({"participant_id": table["participant_id"].to_numpy(), "prob_male": probs})
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="brainsex train", description=(
-        "Split the run's preprocessed subjects (stratified by sex/vendor/field, the profile's seed) and train "
-        "SFCN on them, as the training chapter does. Works under torchrun for several GPUs."))
-    p.add_argument("--profile", default="demo", help="parameter profile: demo (default), smoke, paper")
-    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                   help="override a parameter, e.g. -p epochs 5 or -p amp off (repeatable)")
-    p.add_argument("--run-dir", default=None, help="run directory (default: the profile's run_dir or runs/<profile>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def main_train(argv: Sequence[str] | None = None) -> int:
-    """Command line ``brainsex train --profile NAME [-p KEY VALUE ...] [--run-dir DIR] [--resume]``.
-
-    Splits the run's preprocessed subjects and trains on them with :func:`brainsex.stages.train_run`,
-    the functions the training chapter uses: the split of the profile's ``seed`` (written to the run's
-    ``split.tsv``), the profile's ``channels``, ``epochs``, ``batch_size``, ``lr``, ``select``,
-    ``device``, ``seed`` (and any other :class:`TrainConfig` field given with ``-p``). Returns the
-    exit status (0 on success, 2 on a :class:`BrainsexError`, whose message is printed).
-
-    Parameters
-    ----------
-    argv
-        Command-line arguments (default: ``sys.argv[1:]``).
-    """
-    from brainsex.profiles import parse_override, resolve_profile
-    from brainsex.stages import train_run
-
-    args = _train_parser().parse_args(argv)
-    try:
-        overrides = {k: parse_override(v) for k, v in (args.param or [])}
-        known = {f.name for f in dataclasses.fields(TrainConfig)} | {"dropout"}
-        params = resolve_profile(args.profile, overrides, known=known)
-        run_dir = Path(args.run_dir or params.get("run_dir") or Path("runs") / args.profile)
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        result = train_run(run_dir, params, resume=args.resume, write_split=rank0, progress=not args.no_progress)
-        if rank0:
-            print(f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, "
-                  f"val_acc {result.best_val_acc:.3f}; checkpoint {result.best_checkpoint}")
-    except BrainsexError as exc:
-        print(f"brainsex: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main_train())

@@ -1,28 +1,22 @@
 """Validity: does the saliency method find what is really there?
 
 The paper reads its ten top atlas regions (section 2.5, Table S1, Figure 7) as the regions the model
-uses to tell the sexes apart. On the synthetic phantom the planted sex differences are known
-(``ground_truth/regions.tsv``), so this module *measures* how well a region ranking recovers them
-instead of assuming it:
+uses to tell the sexes apart. On the synthetic phantom the planted sex differences are known, so this
+module *measures* how well the attribution methods recover them, with the ranking metrics of
+:mod:`brainsex.ranking` and the tensor-based-morphometry positive control of
+:mod:`brainsex.morphometry`:
 
-- :func:`planted_truth` reads the planted regions (atlas label, sign, volume and contrast effect).
-- :func:`truth_map_ranking` ranks regions by the phantom's own effect map: what a perfect region-level
-  detector would find on this grid (its ceiling; a planted region with no voxel on a coarse atlas
-  cannot be found by any method).
-- :func:`tbm_region_test` is the **positive control**, a classical tensor-based morphometry: the
-  log-Jacobian determinant of each subject's non-linear (ANTs SyN) warp to the template, averaged in
-  each atlas region and tested between the sexes with TIV as a covariate
-  (:func:`brainsex.atlas.region_group_test`). On a phantom with planted volume effects it must find
-  them; if it does not, the phantom or the warps are wrong.
-- :func:`ranking_report` scores a ranking against the planted set: precision@k and average
-  precision, strict and tolerant (a planted region's neighbours within one voxel count), each with its
-  chance level and p-value from a permutation null (:func:`brainsex.atlas.permutation_null`).
 - :func:`compare_methods` runs the attribution methods on one trained model (plain gradient, absolute
   and signed, SmoothGrad, Integrated Gradients, occlusion of atlas regions), scores each with the
-  paper's weighted saliency score and with the plain regional mean, and reports all of them.
+  paper's weighted saliency score and with the plain regional mean, and reports all of them
+  (:func:`brainsex.ranking.ranking_report`).
+- :func:`reference_zscore` re-standardises a scan on a reference tissue (a study variant).
 - :func:`study` (command line ``python -m brainsex.validity study``) repeats the comparison over
-  phantoms with other effect types (volume / intensity), grid resolutions and z-score variants; too
-  heavy for the demo book, it writes a table the book shows when it is present.
+  phantoms with other effect types (volume / intensity), grid resolutions and z-score variants, with
+  :func:`brainsex.morphometry.positive_control` on each phantom; too heavy for the demo book, it
+  writes a table the book shows when it is present.
+
+The ranking and morphometry names are re-exported here for the chapters written against them.
 """
 
 from __future__ import annotations
@@ -35,7 +29,6 @@ import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,24 +36,50 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
-from brainsex.atlas import (
-    _is_image,
-    average_precision,
-    permutation_null,
-    precision_at_k,
-    region_group_test,
-    region_neighbours,
-    region_scores,
-    resample_atlas_to,
+from brainsex.atlas import labels_on, region_neighbours, region_scores, resample_atlas_to
+from brainsex.cache import FileCache
+from brainsex.io import as_array, is_image
+from brainsex.morphometry import (
+    PERFECT_ALL,
+    PERFECT_SAMPLE,
+    TBM_SYN,
+    WARP_NAMES,
+    PositiveControl,
+    log_jacobian_map,
+    phantom_log_jacobians,
+    positive_control,
+    region_test_table,
+    tbm_region_means,
+    tbm_region_test,
 )
-from brainsex.run import PhantomDir, RunDir
-from brainsex.saliency import _as_array, average_maps, occlusion_by_region, template_space_maps
+from brainsex.ranking import (
+    planted_recovery,
+    planted_truth,
+    ranking_report,
+    report_long,
+    select_scans,
+    truth_map_ranking,
+)
+from brainsex.registration import labels_to_subject, nonlinear_transform, registration_image, tbm_transform
+from brainsex.run import PhantomDir
+from brainsex.saliency import average_maps, occlusion_by_region, template_space_maps
 
 __all__ = [
     "DL_METHODS",
     "SCORINGS",
+    "method_rankings",
+    "compare_methods",
+    "reference_zscore",
+    "cached_reference_zscores",
+    "study",
+    "main",
+    # re-exported from brainsex.ranking, brainsex.morphometry and brainsex.registration
     "planted_truth",
     "truth_map_ranking",
+    "planted_recovery",
+    "ranking_report",
+    "report_long",
+    "select_scans",
     "registration_image",
     "TBM_SYN",
     "tbm_transform",
@@ -70,14 +89,10 @@ __all__ = [
     "phantom_log_jacobians",
     "region_test_table",
     "PositiveControl",
+    "PERFECT_ALL",
+    "PERFECT_SAMPLE",
+    "WARP_NAMES",
     "positive_control",
-    "planted_recovery",
-    "ranking_report",
-    "report_long",
-    "select_scans",
-    "method_rankings",
-    "compare_methods",
-    "reference_zscore",
     "CONTROL_MIN_RECOVERED",
     "CONTROL_MAX_RATIO",
     "MIN_MODEL_ACCURACY",
@@ -86,879 +101,23 @@ __all__ = [
     "format_p",
     "comparison_table",
     "study_precision_table",
-    "study",
-    "main",
 ]
+
+#: Code version of the cached reference z-scores (:func:`study`).
+ZREF_VERSION = "zref-1"
+
 
 #: Attribution methods :func:`compare_methods` knows.
 DL_METHODS = ("saliency", "saliency_signed", "smoothgrad", "integrated_gradients", "occlusion")
+
+
 #: Ways of turning an average map into a ranking: the paper's weighted saliency score, the plain mean.
 SCORINGS = ("weighted_score", "mean_saliency")
+
+
 #: Occlusion gives region values directly: the mean |change of the male logit| over scans, and the
 #: same divided by the region's voxel count (comparable to a mean saliency).
 OCCLUSION_SCORINGS = ("abs_delta", "abs_delta_per_voxel")
-
-_METRICS = ("precision_at_k", "average_precision", "precision_at_k_tolerant", "average_precision_tolerant")
-
-
-# --------------------------------------------------------------------------------------------------
-# the truth
-# --------------------------------------------------------------------------------------------------
-def planted_truth(source: str | os.PathLike | RunDir | PhantomDir) -> pd.DataFrame:
-    """The planted regions of a phantom (:attr:`brainsex.run.PhantomDir.regions`).
-
-    Parameters
-    ----------
-    source
-        A run (:class:`brainsex.run.RunDir`: its :attr:`~brainsex.run.RunDir.truth`), a phantom
-        (:class:`brainsex.run.PhantomDir`, or the path of its root folder) or the table file itself.
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per planted region: ``label`` (int), ``name``, ``sign`` (+1 larger in males), ``effect``
-        (signed volume effect), ``contrast`` (signed intensity effect; 0 when absent) and the other
-        columns of the file.
-    """
-    if isinstance(source, RunDir):
-        if source.truth is None:
-            raise BrainsexError(f"{source.root}: this run has no ground truth (no phantom at {source.phantom.root}); "
-                                "the validity checks need the synthetic phantom's planted regions")
-        source = source.truth
-    if not isinstance(source, PhantomDir) and Path(source).is_dir():
-        source = PhantomDir(source)
-    path = source.regions if isinstance(source, PhantomDir) else Path(source)
-    if not path.is_file():
-        raise BrainsexError(f"{path}: no planted-region table; the validity checks need the synthetic phantom's "
-                            "ground truth")
-    table = pd.read_csv(path, sep="\t")
-    missing = {"label", "sign"} - set(table.columns)
-    if missing:
-        raise BrainsexError(f"{path}: missing column(s) {sorted(missing)}")
-    if table.empty:
-        raise BrainsexError(f"{path}: no planted region")
-    table["label"] = table["label"].astype(int)
-    table["sign"] = table["sign"].astype(int)
-    for col in ("effect", "contrast"):
-        if col not in table.columns:
-            table[col] = 0.0
-    table.attrs["path"] = str(path)
-    return table
-
-
-def _atlas_on(atlas: Any, reference: Any) -> np.ndarray:
-    """Integer label array on ``reference``'s grid (an image, resampled nearest-neighbour, or an array)."""
-    if _is_image(atlas) and _is_image(reference):
-        atlas = resample_atlas_to(atlas, reference)
-    lab = _as_array(atlas, "atlas")
-    shape = tuple(reference.shape[:3]) if hasattr(reference, "shape") else None
-    if shape is not None and lab.shape != shape:
-        raise BrainsexError(f"atlas: shape {lab.shape} differs from the template grid {shape}; pass nibabel images "
-                            "so that the atlas can be resampled")
-    if not np.allclose(lab, np.rint(lab)):
-        raise BrainsexError("atlas: labels must be integers")
-    return np.rint(lab).astype(np.int64)
-
-
-def _label_ids(labels: pd.DataFrame | Sequence[int] | None, lab: np.ndarray) -> list[int]:
-    if labels is None:
-        return [int(v) for v in np.unique(lab) if v != 0]
-    if isinstance(labels, pd.DataFrame):
-        if "label" not in labels.columns:
-            raise BrainsexError("labels: the label table needs a 'label' column")
-        ids = [int(v) for v in labels["label"] if int(v) != 0]
-    else:
-        ids = [int(v) for v in labels if int(v) != 0]
-    unknown = sorted(set(np.unique(lab).tolist()) - {0} - set(ids))
-    if unknown:
-        raise BrainsexError(f"atlas: label id(s) {unknown[:20]} are not in the label table")
-    return ids
-
-
-def truth_map_ranking(effect_map: Any, atlas: Any, labels: pd.DataFrame, log: bool = True) -> pd.DataFrame:
-    """Rank atlas regions by the phantom's own effect map: the best any region-level method can do.
-
-    Parameters
-    ----------
-    effect_map
-        ``ground_truth/sex_effect_map.nii.gz`` (male/female local volume ratio - 1) or
-        ``sex_contrast_map.nii.gz``, on the template grid.
-    atlas
-        Label image (resampled to the map's grid when both are images) or array on the map's grid.
-    labels
-        Label table (``label``, ``name``; other columns are copied).
-    log
-        Average ``log(1 + effect)`` (a log volume ratio, what the log-Jacobian measures) rather than
-        the effect itself.
-
-    Returns
-    -------
-    pandas.DataFrame
-        The label table with ``n_voxels``, ``mean_effect`` and ``abs_effect``, sorted by
-        ``abs_effect`` descending (regions with no voxel on the grid last), with ``rank``.
-    """
-    from scipy import ndimage
-
-    m = _as_array(effect_map, "effect_map").astype(np.float64)
-    lab = _atlas_on(atlas, effect_map) if _is_image(effect_map) else _atlas_on(atlas, m)
-    if m.shape != lab.shape:
-        raise BrainsexError(f"effect_map {m.shape} and atlas {lab.shape} are on different grids")
-    if not np.isfinite(m).all():
-        raise BrainsexError("effect_map: contains NaN or infinite values")
-    if log:
-        if (m <= -1).any():
-            raise BrainsexError("effect_map: values <= -1 are not volume ratios - 1; pass log=False")
-        m = np.log1p(m)
-    table = labels.reset_index(drop=True).copy()
-    ids = _label_ids(table, lab)
-    table = table[table["label"].astype(int).isin(ids)].reset_index(drop=True)
-    ids = table["label"].astype(int).to_numpy()
-    n = np.asarray(ndimage.sum_labels(np.ones_like(m), lab, index=ids)).astype(int)
-    s = np.asarray(ndimage.sum_labels(m, lab, index=ids))
-    table["n_voxels"] = n
-    table["mean_effect"] = np.where(n > 0, s / np.maximum(n, 1), np.nan)
-    table["abs_effect"] = table["mean_effect"].abs()
-    table = table.assign(_key=table["abs_effect"].fillna(-1.0)).sort_values(
-        ["_key", "label"], ascending=[False, True], kind="mergesort").drop(columns="_key")
-    table = table.reset_index(drop=True)
-    table["rank"] = np.arange(1, len(table) + 1)
-    return table
-
-
-# --------------------------------------------------------------------------------------------------
-# tensor-based morphometry (positive control)
-# --------------------------------------------------------------------------------------------------
-def registration_image(image: Any) -> Any:
-    """A copy of a preprocessed scan fit to drive a registration: brain above background.
-
-    The preprocessed scan is z-scored inside the brain and 0 outside (``zscore(mode="brain")``), so the
-    background has the brain's *mean* intensity: for the registration metric (mutual information)
-    background and mid-grey tissue look alike, and the brain's outline can slide. Registering the
-    z-scored template to the template itself gave log-Jacobians with a standard deviation of 0.10 in
-    the brain on the 4 mm grid (as large as the planted effects); with the brain shifted above the
-    background (``z - min(z) + 0.1`` inside, 0 outside) 0.03. The shift does not change the geometry,
-    so the transform applies to the original scan and its maps unchanged. Idempotent.
-    """
-    import nibabel as nib
-
-    data = np.asarray(image.get_fdata(dtype=np.float32))
-    brain = data != 0
-    if not brain.any():
-        raise BrainsexError("registration_image: the image is all zero")
-    out = np.where(brain, data - float(data[brain].min()) + 0.1, 0.0).astype(np.float32)
-    return nib.Nifti1Image(out, image.affine)
-
-
-def _subject_transforms(moving: Any, template: Any, prefix: str) -> list[Path]:
-    """The subject's cached SyN transform to the template, exactly as the saliency chapter makes it.
-
-    :func:`brainsex.preprocess.nonlinear_transform` with its defaults on the scan itself (as
-    :func:`brainsex.saliency.template_space_maps` calls it), so that the two chapters share one cache
-    whichever runs first.
-    """
-    from brainsex.preprocess import nonlinear_transform
-
-    warp, aff = Path(prefix + "warp.nii.gz"), Path(prefix + "affine.mat")
-    if warp.is_file() and aff.is_file():
-        return [warp, aff]
-    return nonlinear_transform(moving, template, prefix)
-
-
-#: SyN settings of the tensor-based-morphometry warps (:func:`tbm_transform`): neighbourhood cross-
-#: correlation (radius 1 voxel) and a full-resolution level. On the 4 mm demo grid, a pair of clean
-#: phantoms differing only by the planted effects (template warped by the planted male and female
-#: fields) gave male - female region log-Jacobians that correlated 0.92 with the truth (slope 0.69)
-#: with these settings, against 0.11 (slope 0.11) with the defaults of
-#: :func:`brainsex.preprocess.nonlinear_transform` (Mattes mutual information, no iteration at full
-#: resolution) and about 0.6 with Mattes and a full-resolution level. A 10 % volume change is a 3 %
-#: change of length, under a millimetre, which the coarse warps do not resolve. On the phantom's real
-#: scans (noise, bias field, two resamplings) even these warps carry only part of the planted
-#: difference (see the validity chapter); 40x20x20 iterations follow the anatomy a little better at
-#: about three times the cost.
-#: Measured on a 4 mm phantom-2 (native brain-masked scans, one resampling): regional log-Jacobians
-#: correlate 0.78-0.86 (median over planted regions) with the true ones across subjects, but the
-#: male - female difference is 0.3-0.5 of the true one (10-30 % in regions under 40 voxels); N4,
-#: a smaller update sigma, MeanSquares or a study template did not do better; about 7-15 s a subject on
-#: one busy core. Registered-warp TBM at 4 mm recovers 0 of 9 planted regions at n=96 (true warps: 3).
-TBM_SYN: dict[str, Any] = {"syn_metric": "CC", "syn_sampling": 1, "reg_iterations": (20, 10, 5),
-                           "flow_sigma": 3.0, "total_sigma": 0.0}
-
-
-def tbm_transform(moving: Any, template: Any, cache_prefix: str | os.PathLike, recompute: bool = False,
-                  **syn: Any) -> list[Path]:
-    """Affine + SyN transform of a preprocessed scan to the template, tuned for morphometry, cached.
-
-    Like :func:`brainsex.preprocess.nonlinear_transform` (same affine pyramid, identity start, the same
-    file order for ``ants.apply_transforms``) but with :data:`TBM_SYN` (overridable through ``syn``),
-    on :func:`registration_image` of the scan, and in two ANTs calls: an ``Affine`` stage with that
-    pyramid, then ``SyNOnly`` started from it (ANTsPy's one-call ``"SyN"`` ignores the affine pyramid
-    arguments and runs its own, longer one). Files: ``<cache_prefix>tbm_warp.nii.gz`` and
-    ``<cache_prefix>tbm_affine.mat``, next to the saliency chapter's ``warp``/``affine`` files.
-    On coarse grids the SyN schedule keeps only as many levels as leave 12 voxels a side.
-    """
-    import shutil
-    import tempfile
-
-    from brainsex.io import atomic_path
-    from brainsex.preprocess import PreprocessError, _ants, _to_ants
-
-    prefix = str(cache_prefix)
-    warp, aff = Path(prefix + "tbm_warp.nii.gz"), Path(prefix + "tbm_affine.mat")
-    if not recompute and warp.is_file() and aff.is_file():
-        return [warp, aff]
-    settings = {**TBM_SYN, **syn}
-    smallest = min(min(template.shape[:3]), min(moving.shape[:3]))
-    pyramid = [(f, i, g) for f, i, g in zip((6, 4, 2, 1), (200, 100, 50, 10), (3, 2, 1, 0), strict=True)
-               if f == 1 or smallest / f >= 12]
-    levels = int(np.clip(np.floor(np.log2(smallest / 12.0)) + 1, 1, len(settings["reg_iterations"])))
-    settings["reg_iterations"] = tuple(settings["reg_iterations"])[-levels:]
-    ants = _ants()
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    fixed, mov = _to_ants(template), _to_ants(registration_image(moving))
-    with tempfile.TemporaryDirectory(prefix="brainsex-tbm-") as tmp:
-        try:
-            # two stages: ants.registration(type_of_transform="SyN") ignores aff_iterations & co. and runs
-            # a fixed 2100x1200x1200 affine pyramid; a separate "Affine" stage honours the coarse pyramid
-            # and SyNOnly starts from it. Measured on 4 mm phantom scans: no clear change in time (the
-            # full-resolution CC SyN iterations dominate, about 1.5 s each on one busy core)
-            aff_reg = ants.registration(fixed=fixed, moving=mov, type_of_transform="Affine",
-                                        outprefix=str(Path(tmp) / "aff_"), initial_transform="Identity",
-                                        aff_shrink_factors=tuple(p[0] for p in pyramid),
-                                        aff_iterations=tuple(p[1] for p in pyramid),
-                                        aff_smoothing_sigmas=tuple(p[2] for p in pyramid))
-            reg = ants.registration(fixed=fixed, moving=mov, type_of_transform="SyNOnly",
-                                    outprefix=str(Path(tmp) / "tbm_"), initial_transform=aff_reg["fwdtransforms"],
-                                    **settings)
-        except RuntimeError as exc:
-            raise PreprocessError(f"{prefix}: non-linear registration for morphometry failed ({exc})") from exc
-        files = [f for f in reg["fwdtransforms"] if f.endswith("Warp.nii.gz")] + list(aff_reg["fwdtransforms"])
-        if len(files) != 2:
-            raise PreprocessError(f"{prefix}: ANTs returned transforms {reg['fwdtransforms']}, expected a warp")
-        out: list[Path] = []
-        for f, dst in zip(files, (warp, aff), strict=True):
-            with atomic_path(dst) as t:
-                shutil.copyfile(f, t)
-            out.append(dst)
-    return out
-
-
-def log_jacobian_map(image: Any, template: Any, cache_prefix: str | os.PathLike, warps: str = "tbm") -> np.ndarray:
-    """log det of the Jacobian of one subject's non-linear warp to the template (tensor-based morphometry).
-
-    The warp is the SyN part of :func:`tbm_transform` (``warps="tbm"``, the default) or the saliency
-    chapter's warp (:func:`brainsex.preprocess.nonlinear_transform` with its defaults,
-    ``warps="shared"``; too coarse to see the planted effects, see :data:`TBM_SYN`), cached under
-    ``cache_prefix``. Its displacement field lives on the template grid and maps template points into the (affinely
-    aligned) subject, so ``ants.create_jacobian_determinant_image(..., do_log=True)`` is the log of
-    the subject's local volume relative to the template, after the affine part (head size) is removed:
-    positive where the subject's structure is larger.
-
-    Parameters
-    ----------
-    image
-        The subject's preprocessed image (path or nibabel image) -- the moving image of the warp.
-    template
-        The template image (the fixed image; defines the output grid).
-    cache_prefix
-        Prefix of the cached transform files (``<cache_dir>/<participant_id>_``).
-    warps
-        ``"tbm"`` or ``"shared"`` (see above).
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 map on the template grid.
-    """
-    import nibabel as nib
-
-    from brainsex.preprocess import _ants, _to_ants
-
-    moving = nib.load(str(image)) if isinstance(image, str | os.PathLike) else image
-    if warps == "tbm":
-        transforms = tbm_transform(moving, template, cache_prefix)
-    elif warps == "shared":
-        transforms = _subject_transforms(moving, template, str(cache_prefix))
-    else:
-        raise BrainsexError(f"warps={warps!r}: expected 'tbm' or 'shared'")
-    warp = [t for t in transforms if str(t).endswith("warp.nii.gz")]
-    if not warp:
-        raise BrainsexError(f"{cache_prefix}: the cached transform has no displacement field (affine only?); "
-                            "tensor-based morphometry needs the non-linear warp")
-    ants = _ants()
-    jac = ants.create_jacobian_determinant_image(_to_ants(template), str(warp[0]), do_log=True)
-    out = np.asarray(jac.numpy(), dtype=np.float32)
-    if out.shape != tuple(template.shape[:3]):
-        raise BrainsexError(f"log-Jacobian of {cache_prefix} has shape {out.shape}, expected the template's "
-                            f"{tuple(template.shape[:3])}")
-    if not np.isfinite(out).all():
-        raise BrainsexError(f"{warp[0]}: the warp folds (non-positive Jacobian); delete it to recompute")
-    return out
-
-
-def _tbm_one(image: str, template: Any, prefix: str, lab: np.ndarray, ids: list[int], warps: str) -> np.ndarray:
-    """Region means of one subject's log-Jacobian (a joblib task)."""
-    from scipy import ndimage
-
-    from brainsex.preprocess import set_threads
-
-    set_threads(1)
-    m = log_jacobian_map(image, template, prefix, warps=warps).astype(np.float64)
-    n = np.asarray(ndimage.sum_labels(np.ones_like(m), lab, index=ids))
-    s = np.asarray(ndimage.sum_labels(m, lab, index=ids))
-    return np.where(n > 0, s / np.maximum(n, 1), np.nan)
-
-
-def tbm_region_means(
-    table: pd.DataFrame,
-    template: Any,
-    atlas: Any,
-    labels: pd.DataFrame | Sequence[int] | None,
-    cache_dir: str | os.PathLike,
-    image_col: str = "image_pp",
-    n_jobs: int = 1,
-    progress: bool = True,
-    warps: str = "tbm",
-) -> pd.DataFrame:
-    """Mean log-Jacobian (:func:`log_jacobian_map`) of every subject in every atlas region.
-
-    Subjects are processed in parallel (joblib, one ITK thread each); only the region means travel
-    back, so memory does not grow with the number of subjects. Transforms are cached per subject in
-    ``cache_dir`` (the saliency chapter's ``<run_dir>/preprocess/warps``): ``<participant_id>_tbm_warp.nii.gz``
-    / ``_tbm_affine.mat`` for ``warps="tbm"``, the saliency warps themselves for ``warps="shared"``.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Subjects (index: ``participant_id``) x label ids; NaN for a label with no voxel on the grid.
-    """
-    from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
-
-    for col in ("participant_id", image_col):
-        if col not in table.columns:
-            raise BrainsexError(f"tbm: the table has no '{col}' column")
-    if len(table) == 0:
-        raise BrainsexError("tbm: the table of subjects is empty")
-    if not _is_image(template):
-        raise BrainsexError("template: expected a nibabel image (the fixed image of the warps)")
-    lab = _atlas_on(atlas, template)
-    ids = _label_ids(labels, lab)
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    tasks = [delayed(_tbm_one)(str(img), template, str(cache / f"{pid}_"), lab, ids, warps)
-             for pid, img in zip(table["participant_id"], table[image_col], strict=True)]
-    if n_jobs == 1:
-        rows = [t[0](*t[1], **t[2]) for t in tqdm(tasks, desc="log-Jacobians", disable=not progress, leave=False)]
-    else:
-        rows = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(tasks), total=len(tasks),
-                         desc="log-Jacobians", disable=not progress, leave=False))
-    out = pd.DataFrame(np.vstack(rows), columns=ids, index=pd.Index(table["participant_id"].astype(str),
-                                                                   name="participant_id"))
-    return out
-
-
-def tbm_region_test(
-    table: pd.DataFrame,
-    template: Any,
-    atlas: Any,
-    labels: pd.DataFrame,
-    cache_dir: str | os.PathLike,
-    tiv_col: str | None = "etiv_ml",
-    n_jobs: int = 1,
-    image_col: str = "image_pp",
-    sex_col: str = "sex",
-    alpha: float = 0.05,
-    progress: bool = True,
-    warps: str = "tbm",
-    max_subjects: int | None = None,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """Tensor-based morphometry: which regions differ in volume between males and females?
-
-    For every subject the log-Jacobian of its SyN warp to the template (:func:`log_jacobian_map`) is
-    averaged within each atlas region (:func:`tbm_region_means`); then each region is tested with
-    ``value ~ 1 + male + TIV`` (:func:`brainsex.atlas.region_group_test`; Benjamini-Hochberg q-values).
-    The warp's affine part is not in the Jacobian, so the values are volumes relative to the whole
-    head; TIV is a covariate as well, as in the paper's TIV analysis (section 2.6).
-
-    Parameters
-    ----------
-    table
-        Subjects: ``participant_id``, ``sex`` ('M'/'F'), ``image_col`` and ``tiv_col``
-        (``preprocess/preprocessed.tsv``). Rows whose ``status`` is not ``ok`` and rows without a TIV
-        are left out (counted in ``attrs``).
-    template, atlas, labels
-        The template image (warps' fixed image), the atlas (image, resampled to the template grid) and
-        its label table.
-    cache_dir
-        Folder of the cached warps (``<run_dir>/preprocess/warps``, shared with the saliency chapter).
-    tiv_col
-        Covariate column; None for no covariate.
-    n_jobs
-        Parallel registrations.
-    alpha
-        FDR level of the ``significant`` column.
-    warps
-        ``"tbm"`` (:func:`tbm_transform`, default) or ``"shared"`` (the saliency warps).
-    max_subjects, seed
-        Test at most this many subjects, drawn at random (``seed``) with the two sexes balanced as far
-        as possible (registration is the cost: a few seconds per subject); None: everyone.
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per label: ``label``, ``coef_male`` (difference in mean log-Jacobian, male - female:
-        about the log volume ratio), ``se``, ``t``, ``p``, ``q``, ``significant``, ``n``, label-table
-        columns, ``n_voxels`` (on the template grid) and ``rank``; sorted by ``|t|`` descending, regions
-        with no voxel last. ``attrs``: ``n_subjects``, ``n_excluded``, ``sample`` (the participant ids).
-    """
-    need = {"participant_id", sex_col, image_col} | ({tiv_col} if tiv_col else set())
-    missing = need - set(table.columns)
-    if missing:
-        raise BrainsexError(f"tbm_region_test: the table lacks column(s) {sorted(missing)}")
-    keep = pd.Series(True, index=table.index)
-    if "status" in table.columns:
-        keep &= table["status"].astype(str) == "ok"
-    if tiv_col:
-        keep &= pd.to_numeric(table[tiv_col], errors="coerce").notna()
-    used = table[keep].reset_index(drop=True)
-    if used[sex_col].nunique() < 2:
-        raise BrainsexError("tbm_region_test: both sexes are needed for a group test")
-    if max_subjects is not None and len(used) > int(max_subjects):
-        used = select_scans(used.drop(columns=[c for c in ("y_true", "y_pred") if c in used.columns]),
-                            max_scans=int(max_subjects), seed=seed, sex_col=sex_col)
-    values = tbm_region_means(used, template, atlas, labels, cache_dir, image_col=image_col, n_jobs=n_jobs,
-                              progress=progress, warps=warps)
-    result = region_test_table(values, used, atlas, labels, template, tiv_col=tiv_col, sex_col=sex_col, alpha=alpha)
-    result.attrs.update({"n_subjects": len(used), "n_excluded": int((~keep).sum()),
-                         "sample": used["participant_id"].astype(str).tolist()})
-    return result
-
-
-def phantom_log_jacobians(
-    phantom_dir: str | os.PathLike,
-    atlas: Any,
-    labels: pd.DataFrame | Sequence[int] | None = None,
-    participants: Sequence[str] | None = None,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """The phantom's *true* regional log-Jacobians: what a perfect registration would measure.
-
-    Each subject's non-linear deformation (its individual random warp, the planted sex effect and the
-    age-dependent ventricle enlargement; :mod:`brainsex.synthetic`) is rebuilt from the generation
-    arguments in ``generation.json`` and the subject's random stream, and its log-Jacobian (log of the
-    subject's local volume relative to the template, before head-size scaling) averaged per region on
-    the template grid. :func:`brainsex.atlas.region_group_test` on these values is tensor-based
-    morphometry with perfect warps: it separates "the phantom or the test is wrong" from "the warps
-    are too coarse".
-
-    Parameters
-    ----------
-    phantom_dir
-        The phantom's root (``<run_dir>/cohort/phantom``).
-    atlas, labels
-        Atlas image on the phantom's template grid (resampled if needed) and its label table.
-    participants
-        Participant ids to rebuild (default: all).
-
-    Returns
-    -------
-    pandas.DataFrame
-        Subjects (index ``participant_id``) x label ids (NaN for labels with no voxel).
-    """
-    from scipy import ndimage
-    from tqdm.auto import tqdm
-
-    from brainsex import synthetic as syn
-    from brainsex import templates
-
-    gen = PhantomDir(phantom_dir).generation
-    if not gen.is_file():
-        raise BrainsexError(f"{gen}: not found; the true Jacobians exist only for a synthetic phantom")
-    info = json.loads(gen.read_text())
-    args = info.get("args", {})
-    if args.get("generator") != syn.GENERATOR_VERSION:
-        raise BrainsexError(f"{gen}: made by generator {args.get('generator')!r}, this code is "
-                            f"{syn.GENERATOR_VERSION!r}; the deformations cannot be rebuilt")
-    vs = float(args["voxel_size"])
-    shape, affine = templates.target_grid(vs)
-    ref = __import__("nibabel").Nifti1Image(np.zeros(shape, np.float32), affine)
-    lab = _atlas_on(atlas, ref)
-    ids = _label_ids(labels, lab)
-    regions = [(tuple(r) if isinstance(r, list) else r, int(sg)) for r, sg in args["sex_regions"]]
-    ctx, _, _ = syn._context(vs, regions, float(args["region_effect"]), float(args["contrast_effect"]),
-                             args.get("reference_source", "offline"))
-    part = syn.paper_demographics(n=args["n"], seed=int(args["seed"]), tiv_effect=bool(args["tiv_effect"]))
-    seeds = np.random.SeedSequence(int(args["seed"])).spawn(len(part) + 1)[1:]
-    wanted = None if participants is None else {str(p) for p in participants}
-    n_vox = np.asarray(ndimage.sum_labels(np.ones(shape), lab, index=ids))
-    rows, index = [], []
-    records = part.to_dict("records")
-    for row, ss in tqdm(list(zip(records, seeds, strict=True)), desc="true Jacobians", disable=not progress,
-                        leave=False):
-        if wanted is not None and str(row["participant_id"]) not in wanted:
-            continue
-        # the generator's own deformation (same draws, same code as synthetic._make_subject)
-        p, rng = syn._subject_params(row, ss)
-        disp, _ = syn.subject_displacement(ctx, row, p, rng, vs)
-        # a backward field: subject point y shows the template at y + D(y), so the subject's local
-        # volume relative to the template is 1 / det(I + grad D)
-        logjac = -np.log(np.abs(syn._jacobian_det(disp, vs)).astype(np.float64))
-        s = np.asarray(ndimage.sum_labels(logjac, lab, index=ids))
-        rows.append(np.where(n_vox > 0, s / np.maximum(n_vox, 1), np.nan))
-        index.append(str(row["participant_id"]))
-    if wanted is not None and len(index) != len(wanted):
-        missing = sorted(wanted - set(index))[:5]
-        raise BrainsexError(f"participants {missing} are not in the phantom at {gen.parent}")
-    return pd.DataFrame(np.vstack(rows), columns=ids, index=pd.Index(index, name="participant_id"))
-
-
-def region_test_table(values: pd.DataFrame, table: pd.DataFrame, atlas: Any, labels: pd.DataFrame,
-                      template: Any, tiv_col: str | None = "etiv_ml", sex_col: str = "sex",
-                      alpha: float = 0.05) -> pd.DataFrame:
-    """:func:`brainsex.atlas.region_group_test` of subjects x regions ``values`` (rows matched to ``table``
-    by ``participant_id``), as a ranking like :func:`tbm_region_test`'s (``n_voxels``, ``rank``)."""
-    t = table.assign(participant_id=table["participant_id"].astype(str)).set_index("participant_id")
-    missing = [i for i in values.index if i not in t.index]
-    if missing:
-        raise BrainsexError(f"region_test_table: subjects {missing[:5]} are not in the table")
-    t = t.loc[list(values.index)]
-    tiv = pd.to_numeric(t[tiv_col]).to_numpy() if tiv_col else None
-    result = region_group_test(values, t[sex_col], tiv=tiv, labels=labels, alpha=alpha)
-    lab = _atlas_on(atlas, template)
-    counts = np.bincount(lab.ravel(), minlength=int(result["label"].max()) + 1)
-    result["n_voxels"] = counts[result["label"].astype(int).to_numpy()]
-    result = result.assign(_present=result["n_voxels"] > 0).sort_values(
-        "_present", ascending=False, kind="mergesort").drop(columns="_present").reset_index(drop=True)
-    result["rank"] = np.arange(1, len(result) + 1)
-    result.attrs.update({"n_subjects": len(values)})
-    return result
-
-
-@dataclass
-class PositiveControl:
-    """Tensor-based morphometry run several ways on the same phantom (:func:`positive_control`).
-
-    Attributes
-    ----------
-    tables
-        Version name -> region test table (:func:`region_test_table`), in display order.
-    reports
-        Version name -> :func:`ranking_report` against the planted regions.
-    recoveries
-        Version name -> :func:`planted_recovery`.
-    coef
-        Planted regions on the grid (index: label) x versions: the TIV-adjusted male - female
-        difference in mean log-Jacobian each version measures.
-    agreement
-        Median over regions of the across-subject correlation of registered and true regional
-        log-Jacobians (NaN without a registered version).
-    ratio
-        Median over the planted regions of (registered coefficient / true coefficient) on the same
-        subjects: the share of the planted difference the registered warps carry (NaN without one).
-    """
-
-    tables: dict[str, pd.DataFrame]
-    reports: dict[str, pd.DataFrame]
-    recoveries: dict[str, pd.DataFrame]
-    coef: pd.DataFrame
-    agreement: float
-    ratio: float
-
-    def summary(self, k: int = 10) -> pd.DataFrame:
-        """One row per version: subjects, planted regions recovered, precision@k and AP with chance."""
-        rows = []
-        for name, res in self.tables.items():
-            rep, rec = self.reports[name].iloc[0], self.recoveries[name]
-            rows.append({"morphometry with": name, "subjects": int(res.attrs.get("n_subjects", np.nan)),
-                         "planted recovered": int(rec["recovered"].sum()), f"planted in top {k}": int(rep["hits_at_k"]),
-                         f"P@{k}": round(float(rep["precision_at_k"]), 2),
-                         f"P@{k} chance": round(float(rep["precision_at_k_chance"]), 2),
-                         f"P@{k} p": float(rep["precision_at_k_p"]),
-                         "AP": round(float(rep["average_precision"]), 2),
-                         "AP chance": round(float(rep["average_precision_chance"]), 2),
-                         "significant regions": int(res["significant"].sum())})
-        return pd.DataFrame(rows)
-
-
-#: Names of the versions :func:`positive_control` runs.
-PERFECT_ALL, PERFECT_SAMPLE = "perfect warps, everyone", "perfect warps, same sample"
-WARP_NAMES = {"tbm": "morphometry warps (registered)", "shared": "saliency chapter's warps (registered)"}
-
-
-def positive_control(
-    table: pd.DataFrame,
-    phantom_dir: str | os.PathLike,
-    template: Any,
-    atlas: Any,
-    labels: pd.DataFrame,
-    truth: pd.DataFrame,
-    cache_dir: str | os.PathLike,
-    warps: Sequence[str] = ("tbm",),
-    max_subjects: int = 24,
-    tiv_col: str = "etiv_ml",
-    n_jobs: int = 1,
-    n_perm: int = 1000,
-    k: int = 10,
-    neighbours: Any = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> PositiveControl:
-    """The validity chapter's positive control: tensor-based morphometry with perfect and registered warps.
-
-    With the phantom's true deformations (:func:`phantom_log_jacobians`) on every usable subject, the
-    per-region test (:func:`region_test_table`) checks the phantom and the statistics; with registered
-    warps (:func:`tbm_region_test`, one version per entry of ``warps``) on a random, sex-balanced
-    sample of ``max_subjects`` it measures what registration keeps of the planted differences, and the
-    perfect warps on that same sample give the fair comparison (same subjects, same power).
-
-    Parameters
-    ----------
-    table
-        Preprocessed subjects (``preprocessed.tsv``): rows with ``status == 'ok'`` and a TIV are used.
-    phantom_dir
-        The phantom's root (``<run_dir>/cohort/phantom``).
-    template, atlas, labels, truth
-        Template and atlas on the analysis grid; planted regions (:func:`planted_truth`).
-    cache_dir
-        Where warps are cached (shared with the saliency chapter).
-    warps
-        Registered versions to run: ``"tbm"`` (:data:`TBM_SYN`) and/or ``"shared"``; empty for none.
-    max_subjects
-        Sample size of the registered versions (registration costs seconds per subject); 0 for none.
-    tiv_col, n_jobs, n_perm, k, neighbours, seed, progress
-        As in :func:`tbm_region_test` and :func:`ranking_report`.
-
-    Returns
-    -------
-    PositiveControl
-    """
-    ok = table
-    if "status" in ok.columns:
-        ok = ok[ok["status"] == "ok"]
-    ok = ok[pd.to_numeric(ok[tiv_col], errors="coerce").notna()].reset_index(drop=True)
-    if ok.empty:
-        raise BrainsexError(f"positive_control: no subject with status 'ok' and a value in {tiv_col!r}")
-    true_vals = phantom_log_jacobians(phantom_dir, atlas, labels, participants=ok["participant_id"].astype(str).tolist(),
-                                      progress=progress)
-    tables = {PERFECT_ALL: region_test_table(true_vals, ok, atlas, labels, template, tiv_col=tiv_col)}
-    sample: list[str] = []
-    registered: dict[str, pd.DataFrame] = {}
-    for w in (warps if max_subjects and max_subjects > 0 else ()):
-        if w not in WARP_NAMES:
-            raise BrainsexError(f"positive_control: warps must be among {sorted(WARP_NAMES)}, got {w!r}")
-        res = tbm_region_test(ok, template, atlas, labels, cache_dir, tiv_col=tiv_col, n_jobs=n_jobs, progress=progress,
-                              warps=w, max_subjects=max_subjects, seed=seed)
-        sample = res.attrs["sample"]
-        tables[WARP_NAMES[w]] = res
-        registered[w] = res
-    if sample:
-        tables[PERFECT_SAMPLE] = region_test_table(true_vals.loc[sample], ok, atlas, labels, template, tiv_col=tiv_col)
-    reports = {name: ranking_report(res, truth, neighbours=neighbours, n_perm=n_perm, seed=seed, k=k)
-               for name, res in tables.items()}
-    recoveries = {name: planted_recovery(res, truth, k=k) for name, res in tables.items()}
-    on_grid = [int(lab) for lab in truth["label"] if lab in true_vals.columns and true_vals[lab].notna().all()]
-    coef = pd.DataFrame({name: res.set_index("label")["coef_male"].reindex(on_grid) for name, res in tables.items()})
-    coef.index.name = "label"
-    agreement = ratio = float("nan")
-    if registered:
-        first = next(iter(registered))
-        est = tbm_region_means(ok.set_index(ok["participant_id"].astype(str)).loc[sample].reset_index(drop=True),
-                               template, atlas, labels, cache_dir, n_jobs=n_jobs, progress=False, warps=first)
-        cols = [c for c in est.columns if c in true_vals.columns and est[c].notna().all() and est[c].std() > 0]
-        if cols:
-            agreement = float(np.median([np.corrcoef(est[c], true_vals.loc[est.index, c])[0, 1] for c in cols]))
-        ratio = float((coef[WARP_NAMES[first]] / coef[PERFECT_SAMPLE]).median())
-    return PositiveControl(tables=tables, reports=reports, recoveries=recoveries, coef=coef, agreement=agreement,
-                           ratio=ratio)
-
-
-def planted_recovery(ranking: pd.DataFrame, truth: pd.DataFrame, k: int = 10) -> pd.DataFrame:
-    """Where each planted region ended up in a ranking.
-
-    Parameters
-    ----------
-    ranking
-        A ranking table in order (``label``; ``n_voxels``, ``coef_male``, ``q``, ``significant`` used
-        when present, e.g. :func:`tbm_region_test`).
-    truth
-        :func:`planted_truth`.
-    k
-        The cut-off of ``in_top_k``.
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per planted region: ``label``, ``name``, ``sign``, ``on_grid`` (the region has voxels),
-        ``rank`` (among regions on the grid; NaN when absent), ``in_top_k`` and, for a group test,
-        ``coef_male``, ``q``, ``significant``, ``sign_agrees`` and ``recovered`` (significant with the
-        planted sign).
-    """
-    if "label" not in ranking.columns:
-        raise BrainsexError("ranking: needs a 'label' column")
-    r = ranking.reset_index(drop=True).copy()
-    r["label"] = r["label"].astype(int)
-    if "n_voxels" in r.columns:
-        r = r[r["n_voxels"] > 0].reset_index(drop=True)
-    pos = {lab: i + 1 for i, lab in enumerate(r["label"])}
-    rows = []
-    for _, t in truth.iterrows():
-        lab = int(t["label"])
-        row = {"label": lab, "name": t.get("name", str(lab)), "sign": int(t["sign"]), "on_grid": lab in pos,
-               "rank": pos.get(lab, np.nan), "in_top_k": pos.get(lab, np.inf) <= k}
-        if lab in pos and {"coef_male", "q"} <= set(r.columns):
-            rr = r.iloc[pos[lab] - 1]
-            row.update({"coef_male": float(rr["coef_male"]), "q": float(rr["q"]),
-                        "significant": bool(rr.get("significant", rr["q"] < 0.05)),
-                        "sign_agrees": bool(np.sign(rr["coef_male"]) == np.sign(t["sign"]))})
-            row["recovered"] = row["significant"] and row["sign_agrees"]
-        elif {"coef_male", "q"} <= set(r.columns):
-            row.update({"coef_male": np.nan, "q": np.nan, "significant": False, "sign_agrees": False,
-                        "recovered": False})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------------------------------
-# ranking metrics with chance levels
-# --------------------------------------------------------------------------------------------------
-def _ranked_labels(ranking: Any) -> list[int]:
-    """Labels of a ranking in order; for a table, regions with no voxel on the grid are left out."""
-    if isinstance(ranking, pd.DataFrame):
-        if "label" not in ranking.columns:
-            raise BrainsexError("ranking: a DataFrame ranking needs a 'label' column")
-        r = ranking
-        if "n_voxels" in r.columns:
-            r = r[r["n_voxels"] > 0]
-        items = [int(v) for v in r["label"]]
-    else:
-        items = [int(v) for v in ranking]
-    if not items:
-        raise BrainsexError("ranking: no region to rank")
-    if len(set(items)) != len(items):
-        raise BrainsexError("ranking: lists a region more than once")
-    return items
-
-
-def ranking_report(
-    ranking: Any,
-    truth: Iterable[int] | pd.DataFrame,
-    neighbours: dict[int, set[int]] | None = None,
-    n_perm: int = 1000,
-    seed: int = 0,
-    k: int = 10,
-) -> pd.DataFrame:
-    """How well one region ranking recovers the planted regions, against chance.
-
-    Metrics (:mod:`brainsex.atlas`): precision@k (fraction of the top ``k`` that are planted) and
-    average precision; with ``neighbours`` (:func:`brainsex.atlas.region_neighbours`) also their
-    tolerant versions, where a region within one voxel of a planted region counts as finding it (each
-    planted region once). Each metric's chance level is the mean of a permutation null (the ranking
-    shuffled ``n_perm`` times, the same permutations for every metric) and its p-value the one-sided
-    ``(1 + #{null >= observed}) / (1 + n_perm)`` (:func:`brainsex.atlas.permutation_null`).
-
-    Parameters
-    ----------
-    ranking
-        Labels best first, or a ranking table (its ``label`` column in order; rows with ``n_voxels``
-        0 are dropped: a region absent from the grid cannot be ranked).
-    truth
-        Planted label ids, or :func:`planted_truth`'s table. Planted regions absent from the ranking
-        stay in the truth (no method can find them; ``n_planted_ranked`` says how many can be).
-    neighbours
-        ``{label: neighbour labels}`` for the tolerant metrics; None leaves them out.
-    n_perm, seed
-        Permutations of the null and their seed.
-    k
-        The cut-off of precision@k (at most the number of ranked regions).
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row: ``k``, ``n_ranked``, ``n_planted``, ``n_planted_ranked``, ``hits_at_k``, and for each
-        metric ``<metric>``, ``<metric>_chance``, ``<metric>_p`` (metrics ``precision_at_k``,
-        ``average_precision`` and, with neighbours, ``precision_at_k_tolerant``,
-        ``average_precision_tolerant``).
-    """
-    items = _ranked_labels(ranking)
-    if isinstance(truth, pd.DataFrame):
-        if "label" not in truth.columns:
-            raise BrainsexError("truth: the planted table needs a 'label' column")
-        truth = truth["label"]
-    t = {int(v) for v in truth}
-    if not t:
-        raise BrainsexError("truth: the planted set is empty")
-    if not 1 <= int(k) <= len(items):
-        raise BrainsexError(f"k={k}: must be between 1 and the number of ranked regions ({len(items)})")
-    if int(n_perm) < 1:
-        raise BrainsexError(f"n_perm={n_perm}: must be >= 1")
-    metric_fns = {"precision_at_k": partial(precision_at_k, k=int(k)), "average_precision": average_precision}
-    if neighbours is not None:
-        metric_fns["precision_at_k_tolerant"] = partial(precision_at_k, k=int(k), neighbours=neighbours)
-        metric_fns["average_precision_tolerant"] = partial(average_precision, neighbours=neighbours)
-    row: dict[str, Any] = {"k": int(k), "n_ranked": len(items), "n_planted": len(t),
-                           "n_planted_ranked": len(t & set(items)),
-                           "hits_at_k": len(t & set(items[: int(k)]))}
-    for name, fn in metric_fns.items():
-        res = permutation_null(fn, items, t, n_perm=int(n_perm), seed=int(seed))
-        row[name] = res["observed"]
-        row[f"{name}_chance"] = res["chance"]
-        row[f"{name}_p"] = res["p_value"]
-    return pd.DataFrame([row])
-
-
-def report_long(report: pd.DataFrame, id_cols: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per metric from :func:`ranking_report` rows: ``metric``, ``observed``, ``chance``, ``p_value``.
-
-    ``id_cols`` (e.g. ``method``, ``scoring``) are carried along.
-    """
-    rows = []
-    for _, r in report.iterrows():
-        for m in _METRICS:
-            if m in r.index and pd.notna(r[m]):
-                rec = {c: r[c] for c in id_cols}
-                rec.update({"metric": m.replace("_k", f"_{int(r['k'])}") if "precision_at_k" in m else m,
-                            "observed": float(r[m]), "chance": float(r[f"{m}_chance"]),
-                            "p_value": float(r[f"{m}_p"])})
-                rows.append(rec)
-    return pd.DataFrame(rows, columns=[*id_cols, "metric", "observed", "chance", "p_value"])
-
-
-# --------------------------------------------------------------------------------------------------
-# attribution methods on one model
-# --------------------------------------------------------------------------------------------------
-def select_scans(table: pd.DataFrame, max_scans: int | None = 24, seed: int = 0, sex_col: str = "sex") -> pd.DataFrame:
-    """Correctly classified scans to explain, at most ``max_scans``, balanced by sex where possible.
-
-    Rows with ``y_true`` and ``y_pred`` columns are kept only when they agree (the paper explains
-    correctly classified test scans, section 2.4). The draw is deterministic for a ``seed``; the
-    result keeps the table's order.
-    """
-    t = table.reset_index(drop=True)
-    if {"y_true", "y_pred"} <= set(t.columns):
-        t = t[t["y_true"].astype(int) == t["y_pred"].astype(int)].reset_index(drop=True)
-    if t.empty:
-        raise BrainsexError("select_scans: no correctly classified scan to explain")
-    if max_scans is None or len(t) <= int(max_scans):
-        return t
-    if int(max_scans) < 1:
-        raise BrainsexError(f"max_scans={max_scans}: must be >= 1")
-    rng = np.random.default_rng(seed)
-    if sex_col in t.columns:
-        groups = [np.flatnonzero((t[sex_col] == s).to_numpy()) for s in sorted(t[sex_col].unique())]
-    else:
-        groups = [np.arange(len(t))]
-    share = [int(max_scans) // len(groups)] * len(groups)
-    for i in range(int(max_scans) - sum(share)):
-        share[i % len(groups)] += 1
-    # a group smaller than its share gives the rest to the others
-    chosen: list[int] = []
-    spare = 0
-    for g, n in sorted(zip(groups, share, strict=True), key=lambda x: len(x[0])):
-        take = min(len(g), n + spare)
-        spare = n + spare - take
-        chosen.extend(rng.choice(g, size=take, replace=False).tolist())
-    return t.iloc[sorted(chosen)].reset_index(drop=True)
 
 
 def _scores_ranking(mean_map: Any, atlas: Any, labels: pd.DataFrame, scoring: str, threshold: float) -> pd.DataFrame:
@@ -980,17 +139,9 @@ def _atlas_in_subject(atlas_img: Any, subject_img: Any, transforms: Sequence[Pat
     non-linear part is not inverted (its inverse is not cached). Without transforms the atlas is used
     as it is (the grids are the same).
     """
-    if transforms is None:
-        return _atlas_on(atlas_img, subject_img)
-    from brainsex.preprocess import _ants, _to_ants
-
-    aff = [str(t) for t in transforms if str(t).endswith(".mat")]
-    if not aff:
-        return _atlas_on(atlas_img, subject_img)
-    ants = _ants()
-    out = ants.apply_transforms(fixed=_to_ants(subject_img), moving=_to_ants(atlas_img), transformlist=aff,
-                                whichtoinvert=[True], interpolator="nearestNeighbor")
-    return np.rint(out.numpy()).astype(np.int64)
+    if transforms is None or not any(str(t).endswith(".mat") for t in transforms):
+        return labels_on(atlas_img, subject_img)
+    return labels_to_subject(atlas_img, subject_img, transforms)
 
 
 def _occlusion_rankings(model: Any, scans: pd.DataFrame, template: Any, atlas_img: Any, labels: pd.DataFrame,
@@ -999,7 +150,7 @@ def _occlusion_rankings(model: Any, scans: pd.DataFrame, template: Any, atlas_im
     import nibabel as nib
     from tqdm.auto import tqdm
 
-    atlas_t = resample_atlas_to(atlas_img, template) if _is_image(atlas_img) else atlas_img
+    atlas_t = resample_atlas_to(atlas_img, template) if is_image(atlas_img) else atlas_img
     ids = [int(v) for v in labels["label"] if int(v) != 0]
     abs_delta = np.zeros(len(ids))
     per_voxel = np.zeros(len(ids))
@@ -1007,7 +158,7 @@ def _occlusion_rankings(model: Any, scans: pd.DataFrame, template: Any, atlas_im
     for pid, path in tqdm(list(zip(scans["participant_id"], scans[image_col], strict=True)), desc="occlusion",
                           disable=not progress, leave=False):
         img = nib.load(str(path))
-        tx = _subject_transforms(img, template, str(cache_dir / f"{pid}_")) if warp == "syn" else None
+        tx = nonlinear_transform(img, template, cache_dir / f"{pid}_") if warp == "syn" else None
         lab = _atlas_in_subject(atlas_t, img, tx)
         res = occlusion_by_region(model, img, lab, labels=ids, batch_size=batch_size, device=device)
         res = res.set_index("label").loc[ids]
@@ -1093,12 +244,12 @@ def method_rankings(
         raise BrainsexError("labels: expected the atlas label table")
     cache = Path(cache_dir) if cache_dir is not None else None
     if warp == "syn":
-        # compute (or find) each scan's transform with the identity start (see _subject_transforms)
+        # compute (or find) each scan's transform exactly as the saliency chapter does (one shared cache)
         import nibabel as nib
 
         for pid, path in zip(table["participant_id"], table[image_col], strict=True):
-            _subject_transforms(nib.load(str(path)), template, str(cache / f"{pid}_"))
-    atlas_t = resample_atlas_to(atlas, template) if _is_image(atlas) else atlas
+            nonlinear_transform(nib.load(str(path)), template, cache / f"{pid}_")
+    atlas_t = resample_atlas_to(atlas, template) if is_image(atlas) else atlas
     rankings: dict[tuple[str, str], pd.DataFrame] = {}
     mean_maps: dict[str, np.ndarray] = {}
     import nibabel as nib
@@ -1176,7 +327,7 @@ def compare_methods(
         truth = truth["label"]
     t = {int(v) for v in truth}
     if neighbours is None:
-        neighbours = region_neighbours(_atlas_on(atlas, template))
+        neighbours = region_neighbours(labels_on(atlas, template))
     rankings, _ = method_rankings(model, scans, template, atlas, labels, methods=methods, scorings=scorings, warp=warp,
                                   cache_dir=cache_dir, threshold=threshold, image_col=image_col,
                                   batch_size=batch_size, device=device, n_jobs=n_jobs,
@@ -1198,9 +349,6 @@ def compare_methods(
     return (out, rankings) if return_rankings else out
 
 
-# --------------------------------------------------------------------------------------------------
-# z-scoring against a fixed reference tissue (study variant)
-# --------------------------------------------------------------------------------------------------
 def reference_zscore(image: Any, reference_mask: Any, brain_mask: Any | None = None) -> Any:
     """Re-standardise a scan with the mean and sd of a fixed reference region.
 
@@ -1228,10 +376,10 @@ def reference_zscore(image: Any, reference_mask: Any, brain_mask: Any | None = N
     import nibabel as nib
 
     data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float64)
-    ref = _as_array(reference_mask, "reference_mask").astype(bool)
+    ref = as_array(reference_mask, "reference_mask").astype(bool)
     if ref.shape != data.shape:
         raise BrainsexError(f"reference_mask: shape {ref.shape} differs from the image's {data.shape}")
-    brain = (data != 0) if brain_mask is None else _as_array(brain_mask, "brain_mask").astype(bool)
+    brain = (data != 0) if brain_mask is None else as_array(brain_mask, "brain_mask").astype(bool)
     vals = data[ref & brain]
     if vals.size < 10:
         raise BrainsexError(f"reference_mask: only {vals.size} reference voxels inside the brain; need >= 10")
@@ -1240,6 +388,44 @@ def reference_zscore(image: Any, reference_mask: Any, brain_mask: Any | None = N
         raise BrainsexError("reference_mask: the reference voxels have zero standard deviation")
     out = np.where(brain, (data - float(vals.mean())) / sd, 0.0).astype(np.float32)
     return nib.Nifti1Image(out, image.affine)
+
+
+def cached_reference_zscores(table: pd.DataFrame, reference_mask: np.ndarray, cache_dir: str | os.PathLike,
+                             image_col: str = "image_pp") -> list[str]:
+    """:func:`reference_zscore` of every scan of ``table``, cached by content (:class:`brainsex.cache.FileCache`).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        ``participant_id`` and ``image_col`` (paths of the scans to re-standardise).
+    reference_mask : numpy.ndarray
+        The reference voxels (:func:`reference_zscore`).
+    cache_dir : path
+        Folder of the entries ``<participant_id>_zref-<key>/zref.nii.gz``; the key is the scan's and
+        the mask's content and :data:`ZREF_VERSION`, so another scan or mask never gets an old file.
+    image_col : str, default="image_pp"
+        Column of the scans.
+
+    Returns
+    -------
+    list of str
+        The re-standardised scans' paths, in the table's order.
+    """
+    import nibabel as nib
+
+    cache = FileCache("zref", ZREF_VERSION)
+    mask = np.asarray(reference_mask, dtype=bool)
+    out = []
+    for pid, p in zip(table["participant_id"], table[image_col], strict=True):
+        img = nib.load(str(p))
+
+        def compute(folder: Path, img: Any = img) -> None:
+            nib.save(reference_zscore(img, mask), folder / "zref.nii.gz")
+
+        files = cache.get_or_compute(Path(cache_dir) / f"{pid}_", {"image": Path(p), "mask": mask}, {},
+                                     compute, names=("zref.nii.gz",))
+        out.append(str(files["zref.nii.gz"]))
+    return out
 
 
 def _reference_mask(voxel_size: float, planted: Sequence[int], atlas: Any, margin_mm: float = 12.0) -> np.ndarray:
@@ -1257,9 +443,6 @@ def _reference_mask(voxel_size: float, planted: Sequence[int], atlas: Any, margi
     return mask
 
 
-# --------------------------------------------------------------------------------------------------
-# the study: effect types x grids x z-score variants (too heavy for the demo book)
-# --------------------------------------------------------------------------------------------------
 # --------------------------------------------------------------------------------------------------
 # the validity chapter's verdicts and tables
 # --------------------------------------------------------------------------------------------------
@@ -1413,6 +596,9 @@ def study_precision_table(study: pd.DataFrame, k: int = 10, min_accuracy: float 
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# the study: effect types x grids x z-score variants (too heavy for the demo book)
+# --------------------------------------------------------------------------------------------------
 def _study_config(effect: str, region_effect: float, contrast_effect: float) -> dict[str, float]:
     if effect == "volume":
         return {"region_effect": float(region_effect), "contrast_effect": 0.0}
@@ -1519,37 +705,20 @@ def study(
             rep = ranking_report(ceiling, truth, neighbours=neighbours, n_perm=n_perm, seed=seed)
             add(report_long(rep), effect=effect, voxel_size=vs, zscore="-", method="truth_map", scoring="abs_effect",
                 accuracy=np.nan, n_scans=np.nan)
-            if p["tbm"]:
-                tb = tbm_region_test(pre, template, atlas, labels, cache, tiv_col="etiv_ml", n_jobs=n_workers,
-                                     progress=progress)
-                rec = planted_recovery(tb, truth)
-                rep = ranking_report(tb, truth, neighbours=neighbours, n_perm=n_perm, seed=seed)
-                long = report_long(rep)
-                long["n_recovered"] = int(rec["recovered"].sum())
-                add(long, effect=effect, voxel_size=vs, zscore="-", method="tbm", scoring="abs_t", accuracy=np.nan,
-                    n_scans=tb.attrs["n_subjects"])
-                # the same test with the phantom's true deformations (perfect warps)
-                ok = pre[pre["etiv_ml"].notna()]
-                true_vals = phantom_log_jacobians(phantom.root, atlas, labels,
-                                                  participants=ok["participant_id"].astype(str).tolist())
-                tp = region_test_table(true_vals, ok, atlas, labels, template)
-                long = report_long(ranking_report(tp, truth, neighbours=neighbours, n_perm=n_perm, seed=seed))
-                long["n_recovered"] = int(planted_recovery(tp, truth)["recovered"].sum())
-                add(long, effect=effect, voxel_size=vs, zscore="-", method="tbm_perfect_warps", scoring="abs_t",
-                    accuracy=np.nan, n_scans=len(ok))
+            if p["tbm"]:  # the positive control, registered warps on everyone and the perfect warps beside them
+                control = positive_control(pre, phantom.root, template, atlas, labels, truth, cache, warps=("tbm",),
+                                           max_subjects=None, n_jobs=n_workers, n_perm=n_perm,
+                                           neighbours=neighbours, seed=seed, progress=progress)
+                for method, name in (("tbm", WARP_NAMES["tbm"]), ("tbm_perfect_warps", PERFECT_ALL)):
+                    long = report_long(control.reports[name])
+                    long["n_recovered"] = int(control.recoveries[name]["recovered"].sum())
+                    add(long, effect=effect, voxel_size=vs, zscore="-", method=method, scoring="abs_t",
+                        accuracy=np.nan, n_scans=control.tables[name].attrs["n_subjects"])
             for z in p["zscores"]:
                 table = split.copy()
                 if z == "reference":
                     ref = _reference_mask(vs, truth["label"].tolist(), atlas)
-                    zdir = base / "zscore_reference"
-                    zdir.mkdir(parents=True, exist_ok=True)
-                    paths = []
-                    for pid, path in zip(table["participant_id"], table["image_pp"], strict=True):
-                        dst = zdir / f"{pid}_zref.nii.gz"
-                        if not dst.is_file():
-                            nib.save(reference_zscore(nib.load(path), ref), dst)
-                        paths.append(str(dst))
-                    table["image_pp"] = paths
+                    table["image_pp"] = cached_reference_zscores(table, ref, base / "zscore_reference")
                 res = train_model(table, p, TrainDir(base / f"train_{z}"), resume="auto", progress=progress)
                 pred = predict_split(res.model, table, split="test", device=p["device"])
                 acc = float(evaluate_predictions(pred).loc["accuracy", "value"])
