@@ -62,7 +62,12 @@ __all__ = [
     "choose_batch_size",
     "plan_training",
     "split_sizes",
+    "fixed_bytes",
     "peak_rss_bytes",
+    "LIMIT_ENV",
+    "memory_limit_bytes",
+    "RssWatch",
+    "MEMORY_PARAMETERS",
 ]
 
 log = logging.getLogger("brainsex.memory")
@@ -77,6 +82,17 @@ SAFETY_FACTOR = 1.0
 
 #: Environment variable that replaces the measured free memory, e.g. ``16G`` or ``8000000000``.
 BUDGET_ENV = "BRAINSEX_MEMORY_BUDGET"
+
+#: Environment variable that replaces the machine's memory size when judging whether a process that
+#: died was near the limit (:func:`memory_limit_bytes`), e.g. ``24G``.
+LIMIT_ENV = "BRAINSEX_MEMORY_LIMIT"
+
+#: The parameters that lower a chapter's memory, with what they do (quoted in error messages).
+MEMORY_PARAMETERS = (
+    ("micro_batch", "scans per forward/backward pass while training (e.g. -p micro_batch 1)"),
+    ("batch_size", "scans per optimiser step (changes the training itself)"),
+    ("voxel_size", "a coarser grid (e.g. -p voxel_size 2: 8x fewer voxels)"),
+)
 
 #: Fraction of the free memory the choice plans to use (the rest: other processes, the data cache's
 #: growth, the Python heap).
@@ -347,8 +363,17 @@ class MemoryPlan:
                 f"budget {format_bytes(self.budget_bytes)}{ck}); evaluation {self.eval_batch} scans per pass")
 
 
-def _fixed_bytes(channels: Sequence[int], in_shape: Sequence[int], batch_size: int, in_channels: int = 1) -> int:
-    """Weights, gradients and two Adam moments (float32), plus one batch of float32 inputs."""
+def fixed_bytes(channels: Sequence[int], in_shape: Sequence[int], batch_size: int, in_channels: int = 1) -> int:
+    """Memory a training run needs whatever its micro-batch: weights, gradients and two Adam moments
+    (float32), plus one batch of float32 inputs.
+
+    Parameters
+    ----------
+    channels, in_shape, in_channels
+        The SFCN architecture.
+    batch_size
+        Scans per batch (the inputs of a whole batch are on the device before they are split).
+    """
     blocks = _blocks(channels, in_shape, in_channels)
     params = sum(blk["c_in"] * blk["c"] * 27 + 3 * blk["c"] for blk in blocks)
     params += int(channels[4]) * int(channels[5]) + 3 * int(channels[5]) + int(channels[5]) + 1
@@ -395,7 +420,7 @@ def plan_training(
         raise BrainsexError(f"checkpointing must be 'auto', true or false, got {checkpointing!r}")
     budget = int(budget_bytes) if budget_bytes is not None else memory_budget(device)
     b = _dtype_bytes(amp_dtype)
-    fixed = _fixed_bytes(channels, in_shape, batch_size)
+    fixed = fixed_bytes(channels, in_shape, batch_size)
     plain = sfcn_sample_bytes(channels, in_shape, "train", b, 0)
     ckpt = sfcn_sample_bytes(channels, in_shape, "train", b, 2)
     m_plain = choose_micro_batch(batch_size, plain, budget, fixed)
@@ -459,10 +484,99 @@ def choose_batch_size(
     budget = int(budget_bytes) if budget_bytes is not None else memory_budget(device)
     per = sfcn_sample_bytes(channels, in_shape, mode, _dtype_bytes(amp_dtype),
                             in_channels=int(getattr(model, "in_channels", 1)))
-    return choose_micro_batch(int(cap), per, budget, _fixed_bytes(channels, in_shape, 1))
+    return choose_micro_batch(int(cap), per, budget, fixed_bytes(channels, in_shape, 1))
 
 
 def peak_rss_bytes(children: bool = False) -> int:
     """Peak resident memory of this process (or of its waited-for children), from ``getrusage``."""
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return int(resource.getrusage(who).ru_maxrss) * 1024  # kilobytes on Linux
+
+
+def memory_limit_bytes() -> int:
+    """The memory a process on this machine can have at most: ``BRAINSEX_MEMORY_LIMIT``, else a cgroup
+    limit, else the physical memory (``psutil.virtual_memory().total``)."""
+    env = os.environ.get(LIMIT_ENV)
+    if env:
+        return parse_bytes(env)
+    import psutil
+
+    total = int(psutil.virtual_memory().total)
+    for limit_f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = open(limit_f).read().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < total:
+            return int(limit)
+    return total
+
+
+class RssWatch:
+    """Samples, in a background thread, the resident memory of a process's descendants (a notebook's
+    kernel, a training run) and the machine's available memory.
+
+    Parameters
+    ----------
+    pid
+        Whose descendants to watch (default: this process). With ``include_self`` the process itself
+        counts too.
+    interval
+        Seconds between samples.
+    include_self
+        Add the watched process's own resident memory.
+
+    Attributes
+    ----------
+    peak_bytes
+        Largest sum of resident memory seen over the watched processes.
+    min_available_bytes
+        Smallest ``psutil.virtual_memory().available`` seen.
+
+    Use as a context manager: ``with RssWatch() as w: ...; w.peak_bytes``.
+    """
+
+    def __init__(self, pid: int | None = None, interval: float = 0.2, include_self: bool = False) -> None:
+        self.pid = int(pid) if pid is not None else os.getpid()
+        self.interval = float(interval)
+        self.include_self = include_self
+        self.peak_bytes = 0
+        self.min_available_bytes: int | None = None
+        self._stop = None
+        self._thread = None
+
+    def sample(self) -> None:
+        """Take one sample now."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = root.children(recursive=True) + ([root] if self.include_self else [])
+        except psutil.Error:
+            procs = []
+        total = 0
+        for proc in procs:
+            try:
+                total += int(proc.memory_info().rss)
+            except psutil.Error:
+                pass
+        self.peak_bytes = max(self.peak_bytes, total)
+        avail = int(psutil.virtual_memory().available)
+        self.min_available_bytes = avail if self.min_available_bytes is None else min(self.min_available_bytes, avail)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> RssWatch:
+        import threading
+
+        self._stop = threading.Event()
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="brainsex-rss-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -62,7 +62,7 @@ from torch import nn
 
 from brainsex import BrainsexError
 from brainsex.io import atomic_path, read_table, write_table
-from brainsex.memory import MemoryPlan, plan_training, split_sizes
+from brainsex.memory import MemoryPlan, choose_batch_size, plan_training, split_sizes
 from brainsex.model import PAPER_CHANNELS, SFCN, sfcn_output_grid
 
 __all__ = [
@@ -1074,7 +1074,7 @@ def _evaluate(model: SFCN, loader, loss_fn, device, memory_format, autocast) -> 
 def predict(
     model_or_checkpoint: SFCN | str | os.PathLike,
     table: pd.DataFrame,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     device: str = "auto",
     num_workers: int = 0,
     amp: str = "off",
@@ -1088,8 +1088,11 @@ def predict(
         A trained :class:`~brainsex.model.SFCN` or the path of a checkpoint written by :func:`train`.
     table
         Rows with ``participant_id`` and ``image_pp``.
-    batch_size, num_workers
-        DataLoader settings (no shuffling, no augmentation).
+    batch_size
+        Scans per forward pass: ``"auto"`` (up to 16, fewer where they would not fit the free memory,
+        :func:`brainsex.memory.choose_batch_size`) or an integer.
+    num_workers
+        DataLoader workers (no shuffling, no augmentation).
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``; for a model object, ``"auto"`` keeps the model's device.
     amp
@@ -1121,8 +1124,9 @@ def predict(
     paths = _image_paths(table)
     store = VolumeStore(paths, model.in_shape, cache=False)
     ds = ScanDataset(store, range(len(paths)), np.zeros(len(paths), dtype=np.float32))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     amp_dtype = _amp_dtype(amp, dev)
+    batch_size = choose_batch_size(model, batch_size, mode="eval", device=dev, cap=16, amp_dtype=amp_dtype)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     probs = np.empty(len(paths), dtype=np.float64)
     was_training = model.training
     model.eval()
