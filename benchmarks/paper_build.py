@@ -44,13 +44,10 @@ def _probe(kind: str, run_dir: Path, n: int) -> dict[str, Any]:
     """In this (fresh) process: seconds per scan and peak memory of inference or saliency on test scans."""
     import resource
 
-    import torch
-
     from brainsex.io import read_table
     from brainsex.memory import choose_batch_size, sfcn_sample_bytes
     from brainsex.train import load_model, predict
 
-    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
     pre = read_table(run_dir / "preprocess" / "preprocessed.tsv")
     split = read_table(run_dir / "train" / "split.tsv")
     table = pre.merge(split[["participant_id", "split"]], on="participant_id")

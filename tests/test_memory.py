@@ -36,6 +36,8 @@ from brainsex.model import PAPER_CHANNELS, PAPER_IN_SHAPE, SFCN
 from brainsex.train import TrainConfig, predict, train
 
 sys.path.insert(0, str(Path(__file__).parent))
+if str(Path(__file__).parents[1]) not in sys.path:  # benchmarks/ is a folder at the repository root
+    sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import write_notebook  # noqa: E402
 from test_train import CH, make_table  # noqa: E402
 
@@ -249,3 +251,20 @@ def test_dead_kernel_names_cell_and_memory_and_keeps_good_build(mini_book, tmp_p
     err = capsys.readouterr().err
     assert "notebook 'b' failed" in err and "the kernel died" in err and "DeadKernelError" not in err
     assert index.read_text() == before  # the previous good build stays
+
+
+def test_paper_build_report_is_written(tmp_path):
+    """The benchmark's tables from a recorded build (the build itself is run by hand, see benchmarks/README)."""
+    from benchmarks.paper_build import write
+
+    result = {"date": "2026-12-03", "command": "brainsex.cli build --profile paper", "run_dir": "x", "exit_code": 0,
+              "wall_s": 1200.0, "peak_rss_gb": 12.5, "min_available_gb": 8.0, "memory_limit_gb": 23.5, "error": [],
+              "chapters": [{"chapter": "02_training", "seconds": 300.0, "kernel_peak_gb": 11.0}],
+              "train_seconds_per_scan": 12.0,
+              "memory_plan": {"batch_size": 16, "micro_batch": 3, "sample_bytes": 5 * 2**30, "budget_bytes": 18 * 2**30},
+              "eval": {"seconds_per_scan": 5.0, "batch": 6, "peak_rss_gb": 6.0, "estimate_gb_per_scan": 2.1},
+              "saliency": {"seconds_per_scan": 9.0, "batch": 2, "peak_rss_gb": 9.0, "estimate_gb_per_scan": 5.3}}
+    write(result, tmp_path)
+    md = (tmp_path / "paper_build_2026-12-03.md").read_text()
+    assert "| training: batch / micro-batch / accumulation steps | 16 / 3 / 6 |" in md
+    assert "02_training" in md and "12.5" in md

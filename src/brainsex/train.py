@@ -36,6 +36,21 @@ Engineering:
   :class:`~torch.nn.parallel.DistributedDataParallel` and a ``DistributedSampler``; ``batch_size`` stays
   the *global* batch (the paper's 16 is split across processes); only rank 0 writes files.
 * bf16 (or fp16 with gradient scaling) autocast on CUDA; ``channels_last_3d`` memory format (default on).
+* Memory (issue 18): the effective batch stays ``batch_size`` (the paper's 16), but it goes through the
+  network in micro-batches chosen from the free memory (:func:`brainsex.memory.plan_training`;
+  ``TrainConfig.micro_batch`` overrides), whose gradients are accumulated (each part's mean loss weighted
+  by its share of the batch) before one optimiser step. At 1 mm with the full widths one scan needs
+  several GB while training, so the paper's batch of 16 fits neither a 16 GB GPU nor a 24 GB machine.
+  Where the whole batch fits (the demo and smoke grids) it is one pass, bit for bit the earlier code.
+
+What micro-batches change compared with the paper: the *gradient* is the full batch's for every layer
+without batch statistics (``tests/test_memory.py`` checks it on SFCN with batch normalisation removed),
+but **batch normalisation** normalises each micro-batch with that micro-batch's own mean and variance,
+which are noisier than a batch of 16's (and couple fewer scans), and its running statistics (used at
+evaluation) are updated once per micro-batch instead of once per batch, so they follow the training
+a little faster (momentum 0.1 applied more often). With micro-batches of 2-4 scans of a 3-D volume
+each statistic still averages millions of voxels, so the effect is small;
+``benchmarks/micro_batch.py`` measures it on the demo (test accuracy with and without accumulation).
 """
 
 from __future__ import annotations
