@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[])
     p.add_argument("--run-dir", default=None, help="default: a temporary folder")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    p.add_argument("--timeout", type=float, default=None,
+                   help="stop the build after this many seconds and report the chapters that finished")
     p.add_argument("--report-only", action="store_true", help="do not build; report on --run-dir's last build")
     p.add_argument("--probe", choices=("eval", "saliency"), help=argparse.SUPPRESS)
     p.add_argument("--probe-n", type=int, default=2, help=argparse.SUPPRESS)
@@ -106,15 +110,28 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["-p", k, v]
     print("running:", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
+    timed_out = False
     with RssWatch(interval=0.5) as watch:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                stdout, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
-    (run_dir / "build_stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    (run_dir / "build_stdout.txt").write_text(stdout + "\n--- stderr ---\n" + stderr)
     result: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "command": " ".join(cmd[2:]), "run_dir": str(run_dir),
-        "exit_code": proc.returncode, "wall_s": wall, "peak_rss_gb": watch.peak_bytes / GB,
+        "exit_code": proc.returncode, "timed_out_after_s": args.timeout if timed_out else None,
+        "wall_s": wall, "peak_rss_gb": watch.peak_bytes / GB,
         "min_available_gb": (watch.min_available_bytes or 0) / GB, "memory_limit_gb": memory_limit_bytes() / GB,
-        "error": proc.stderr.strip().splitlines()[-40:] if proc.returncode else [],
+        "error": [ln for ln in stderr.strip().splitlines() if "IPKernelApp" not in ln][-40:] if proc.returncode else [],
     }
     (run_dir / "build_result.json").write_text(json.dumps(result, indent=2))
     report(result, run_dir, Path(args.out))
@@ -157,6 +174,7 @@ def write(result: dict[str, Any], out: Path) -> None:
     ev, sal = result.get("eval") or {}, result.get("saliency") or {}
     rows = [
         {"quantity": "build exit code", "value": result["exit_code"]},
+        {"quantity": "stopped after (s)", "value": result.get("timed_out_after_s") or "ran to the end"},
         {"quantity": "wall time of the build (s)", "value": f"{result['wall_s']:.0f}"},
         {"quantity": "peak resident memory, build + kernels (GB)", "value": f"{result['peak_rss_gb']:.1f}"},
         {"quantity": "lowest available memory during the build (GB)", "value": f"{result['min_available_gb']:.1f}"},
