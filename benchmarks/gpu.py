@@ -94,6 +94,8 @@ class GpuConfig:
     compile_backend: str = "inductor"
     budget_s: float = 300.0
     tiny: bool = False
+    micro_batch: int | str = "auto"
+    memory_gb: float | None = None
 
 
 def tiny_config() -> GpuConfig:
@@ -224,16 +226,21 @@ def run_variant(cfg: GpuConfig, variant: Variant, cache, device, seed: int = 0) 
     import torch
     from torch import nn
 
-    from brainsex.model import SFCN
+    from brainsex.memory import plan_training, split_sizes
+    from brainsex.model import SFCN, sfcn_output_grid
     from brainsex.train import random_rotation_angles, rotate_batch
 
     cuda = device.type == "cuda"
+    # the training loop's memory plan: the batch in micro-batches that fit (all at once where it fits)
+    plan = plan_training(cfg.batch, cfg.channels, cfg.shape, device=device,
+                         amp_dtype=torch.bfloat16 if (cuda and variant.amp) else None, micro_batch=cfg.micro_batch)
+    parts = split_sizes(cfg.batch, plan.micro_batch, min_size=2 if math.prod(sfcn_output_grid(cfg.shape)) == 1 else 1)
     sync = torch.cuda.synchronize if cuda else None
     fmt = torch.channels_last_3d if variant.channels_last else torch.contiguous_format
     torch.manual_seed(seed)
     g = torch.Generator(device=device).manual_seed(seed)
     g_rot = torch.Generator().manual_seed(seed)  # rotation angles are drawn on the CPU, as in brainsex.train
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"micro_batch": plan.micro_batch, "accumulation_steps": len(parts)}
     with PeakMemory(cuda=cuda) as mem:
         model = SFCN(channels=cfg.channels, in_shape=cfg.shape).to(device=device, memory_format=fmt)
         net = torch.compile(model, backend=cfg.compile_backend) if variant.compile else model
@@ -244,12 +251,16 @@ def run_variant(cfg: GpuConfig, variant: Variant, cache, device, seed: int = 0) 
         def train_step() -> None:
             idx = torch.randint(0, cache.shape[0], (cfg.batch,), generator=g, device=device)
             angles = random_rotation_angles(cfg.batch, max_deg=15.0, prob=0.5, generator=g_rot)
-            x = rotate_batch(cache[idx], angles).contiguous(memory_format=fmt)
+            x_all = rotate_batch(cache[idx], angles)
             opt.zero_grad(set_to_none=True)
-            with _autocast(device, variant.amp):
-                logits = net(x)
-            loss = loss_fn(logits.float(), labels[idx])
-            loss.backward()
+            start = 0
+            for size in parts:  # gradient accumulation, as in brainsex.train
+                x = x_all[start:start + size].contiguous(memory_format=fmt)
+                with _autocast(device, variant.amp):
+                    logits = net(x)
+                loss = loss_fn(logits.float(), labels[idx[start:start + size]])
+                (loss * (size / cfg.batch) if len(parts) > 1 else loss).backward()
+                start += size
             opt.step()
 
         model.train()
@@ -266,13 +277,13 @@ def run_variant(cfg: GpuConfig, variant: Variant, cache, device, seed: int = 0) 
         out["train"] = [cfg.batch / t for t in times]
         if not variant.compile:  # a compiled model would recompile for eval mode; see note in the table
             model.eval()
-            x = cache[: cfg.batch].contiguous(memory_format=fmt)
+            x = cache[: plan.eval_batch].contiguous(memory_format=fmt)
             with torch.no_grad(), _autocast(device, variant.amp):
                 model(x)
                 with Stopwatch(sync) as sw:
                     for _ in range(cfg.infer_steps):
                         model(x)
-            out["infer"] = cfg.batch * cfg.infer_steps / sw.seconds
+            out["infer"] = plan.eval_batch * cfg.infer_steps / sw.seconds
     out["peak_cuda_mb"], out["peak_rss_mb"] = mem.peak_cuda_mb, mem.peak_rss_mb
     return out
 
@@ -361,6 +372,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default inductor; 'eager' with --tiny, which needs no compiler)")
+    p.add_argument("--micro-batch", default=None,
+                   help="scans per forward/backward pass: auto (default: from the free memory) or a number")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="limit this process to this much GPU memory (torch.cuda.set_per_process_memory_fraction), "
+                        "e.g. 16 for a T4-sized card")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip the variants not started after this many seconds (default 300, 120 with --tiny)")
     return p
@@ -384,8 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cfg = tiny_config() if args.tiny else GpuConfig()
+    micro = None if args.micro_batch is None else (args.micro_batch if args.micro_batch == "auto"
+                                                    else int(args.micro_batch))
     over = {k: v for k, v in {"batch": args.batch, "steps": args.steps, "repeats": args.repeats,
-                              "compile_backend": args.compile_backend, "budget_s": args.budget_s}.items()
+                              "compile_backend": args.compile_backend, "budget_s": args.budget_s,
+                              "micro_batch": micro, "memory_gb": args.memory_gb}.items()
             if v is not None}
     if args.no_compile:
         over["compile"] = False
@@ -395,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        if cfg.memory_gb:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_gb * 2**30 / total), device)
     else:  # the tiny check: one thread, so a shared CPU does not turn it into a test of oversubscription
         torch.set_num_threads(1)
 
@@ -450,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         infer_ref = res.get("infer", infer_ref)
         epoch = PAPER_TRAIN_SCANS / s["median"] + PAPER_VAL_SCANS / infer_ref
         frac = fl["epoch_s"] / epoch
-        note = f"warm-up {res['warmup_s']:.1f} s"
+        note = (f"micro-batch {res['micro_batch']} ({res['accumulation_steps']} per step); "
+                f"warm-up {res['warmup_s']:.1f} s")
         if variant.compile:
             note += f" (compile, backend {cfg.compile_backend}); validation at the previous variant's rate"
         if device.type == "cuda" and not variant.amp and torch.backends.cudnn.allow_tf32:

@@ -4,7 +4,7 @@ Modules, in the order data flows through them; a module imports only modules lis
 never another module's private (``_underscore``) names (``tests/test_architecture.py`` checks both):
 
 ``io`` -> ``run`` -> ``cache`` -> ``profiles`` -> ``manifest`` -> ``privacy`` (infrastructure) -> ``templates``
--> ``synthetic`` -> ``cohorts`` (data) -> ``registration`` -> ``preprocess`` -> ``split`` -> ``model``
+-> ``synthetic`` -> ``cohorts`` (data) -> ``registration`` -> ``preprocess`` -> ``split`` -> ``model`` -> ``memory``
 -> ``train`` -> ``evaluate`` -> ``stages`` -> ``tiv`` -> ``saliency`` -> ``atlas`` -> ``ranking`` -> ``morphometry``
 -> ``validity`` -> ``figures`` -> ``book`` -> ``cli``.
 """

@@ -395,14 +395,65 @@ def _failure_message(stem: str, exc: Exception, nb_path: Path) -> str:
     if source:
         lines.append("--- failing cell ---")
         lines.extend("    " + s for s in source.splitlines()[:25])
+    if ename in ("MemoryError", "OutOfMemoryError") or "out of memory" in str(evalue).lower():
+        lines.append(_memory_hint())
     lines.append(f"the executed notebook with the full traceback: {nb_path}")
+    return "\n".join(lines)
+
+
+def _memory_hint() -> str:
+    from brainsex.memory import MEMORY_PARAMETERS
+
+    return "to lower the memory it needs, set " + "; ".join(f"-p {k}: {v}" for k, v in MEMORY_PARAMETERS)
+
+
+def _running_cell(nb_path: Path) -> tuple[int | None, str]:
+    """Index and source of the last cell papermill started in a partly executed notebook (the one that
+    was running when the kernel died; papermill stamps ``start_time`` on each cell it starts)."""
+    try:
+        nb = json.loads(nb_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, ""
+    found: tuple[int | None, str] = (None, "")
+    for i, cell in enumerate(nb.get("cells", [])):
+        if cell.get("cell_type") == "code" and cell.get("metadata", {}).get("papermill", {}).get("start_time"):
+            src = cell.get("source", "")
+            found = (i, "".join(src) if isinstance(src, list) else str(src))
+    return found
+
+
+def _dead_kernel_message(stem: str, nb_path: Path, peak: int, min_available: int | None) -> str:
+    """Why a chapter's kernel died: the running cell, its peak memory against the machine's limit."""
+    from brainsex.memory import format_bytes, memory_limit_bytes
+
+    cell, source = _running_cell(nb_path)
+    limit = memory_limit_bytes()
+    lines = [f"notebook '{stem}' failed" + (f" in cell {cell}" if cell is not None else "")
+             + ": the kernel died (killed by the system, no Python error)"]
+    if source:
+        lines.append("--- the cell that was running ---")
+        lines.extend("    " + s for s in source.splitlines()[:25])
+    starved = min_available is not None and min_available < 0.05 * limit
+    near = peak >= 0.7 * limit or starved
+    lines.append(f"peak resident memory of the kernel: {format_bytes(peak)} of {format_bytes(limit)} on this machine"
+                 + (f" (available memory fell to {format_bytes(min_available)})" if min_available is not None else ""))
+    if near:
+        lines.append("it died near the machine's memory limit: most likely the out-of-memory killer; "
+                     + _memory_hint())
+    else:
+        lines.append("that is far from the memory limit, so the cause is probably not memory: look for a crash "
+                     "in native code (the kernel's own log) or a process that killed it")
+    lines.append(f"the partly executed notebook: {nb_path}")
     return "\n".join(lines)
 
 
 def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
     """Execute each chapter with papermill, skipping those whose content hash did not change."""
     import papermill
+    from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
+
+    from brainsex.memory import RssWatch
 
     run = RunDir(plan.run_dir)
     out_dir = run.notebooks
@@ -439,11 +490,21 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
         tmp_out = out_dir / f".{stem}.running.ipynb"
         env_before = os.environ.get(BUILD_ENV)
         os.environ[BUILD_ENV] = "1"
+        watch = RssWatch()  # the kernel is a child process: its peak memory, for a kernel killed by the OS
         try:
-            papermill.execute_notebook(
-                str(ipynb), str(tmp_out), parameters=params, kernel_name="python3", cwd=str(plan.root),
-                progress_bar=False, log_output=False, report_mode=False,
-            )
+            with watch:
+                papermill.execute_notebook(
+                    str(ipynb), str(tmp_out), parameters=params, kernel_name="python3", cwd=str(plan.root),
+                    progress_bar=False, log_output=False, report_mode=False,
+                )
+        except DeadKernelError:
+            failed = out_dir / f"{stem}.failed.ipynb"
+            if tmp_out.exists():
+                os.replace(tmp_out, failed)
+            results.append(ChapterResult(stem, "failed", time.perf_counter() - t0))
+            _summary(results)
+            raise NotebookFailed(_dead_kernel_message(stem, failed, watch.peak_bytes,
+                                                      watch.min_available_bytes)) from None
         except PapermillExecutionError as exc:
             failed = out_dir / f"{stem}.failed.ipynb"
             if tmp_out.exists():
@@ -459,8 +520,9 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
         _tidy_executed(tmp_out)
         os.replace(tmp_out, executed)
         dt = time.perf_counter() - t0
-        write_json_atomic(stamp, {"hash": digest, "seconds": round(dt, 2), "params": params})
-        _log(f"[{i}/{n}] {stem}: done in {dt:.1f} s")
+        write_json_atomic(stamp, {"hash": digest, "seconds": round(dt, 2), "params": params,
+                                  "peak_rss_bytes": int(watch.peak_bytes)})
+        _log(f"[{i}/{n}] {stem}: done in {dt:.1f} s (kernel peak memory {watch.peak_bytes / 2**30:.1f} GB)")
         results.append(ChapterResult(stem, "ran", dt))
     return results
 

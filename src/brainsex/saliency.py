@@ -124,7 +124,7 @@ def saliency_maps(
     volumes: Any,
     method: str = "saliency",
     signed: bool = False,
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     device: Any = None,
     target: Any = None,
     progress: bool = False,
@@ -159,7 +159,10 @@ def saliency_maps(
         False: absolute values (Captum ``abs=True``; for Integrated Gradients the absolute value of
         the attribution). True: the raw, signed attribution.
     batch_size
-        Scans per forward/backward pass.
+        Scans per forward/backward pass, or ``"auto"``: up to 8, fewer where the model's input-gradient
+        pass would not fit the free memory (:func:`brainsex.memory.choose_batch_size`; at 1 mm with the
+        paper's widths one scan needs several GB). For SmoothGrad ``"auto"`` bounds the noisy copies
+        per pass (Captum's ``nt_samples_batch_size``) the same way.
     device
         Device to run on; default the device of the model's parameters.
     target
@@ -186,8 +189,10 @@ def saliency_maps(
 
     if method not in METHODS:
         raise BrainsexError(f"method={method!r}: expected one of {', '.join(METHODS)}")
-    if int(batch_size) < 1:
-        raise BrainsexError(f"batch_size={batch_size}: must be >= 1")
+    from brainsex.memory import choose_batch_size
+
+    if batch_size != "auto" and (not isinstance(batch_size, int | np.integer) or int(batch_size) < 1):
+        raise BrainsexError(f"batch_size={batch_size}: must be 'auto' or an integer >= 1")
     known = {"smoothgrad": {"nt_samples", "noise_level", "stdevs", "seed"},
              "integrated_gradients": {"n_steps", "internal_batch_size"}, "saliency": set()}[method]
     unknown = set(kw) - known
@@ -196,6 +201,13 @@ def saliency_maps(
 
     batches = _Batches(volumes)
     dev = _model_device(model, device)
+    nt_batch = None  # SmoothGrad: noisy copies per pass (None: all of a scan's at once)
+    if batch_size == "auto":
+        nt = int(kw.get("nt_samples", 10)) if method == "smoothgrad" else 1
+        fits = choose_batch_size(model, "auto", mode="grad", device=dev, cap=8 * nt)  # passes of <= fits scans
+        batch_size = max(1, fits // nt)
+        if fits < nt:
+            nt_batch = fits
     forward = _one_output_forward(model, target)
     if method == "saliency":
         explainer = Saliency(forward)
@@ -222,7 +234,7 @@ def saliency_maps(
                 attr = explainer.attribute(x, abs=not signed)
             elif method == "smoothgrad":
                 attr = explainer.attribute(x, nt_type="smoothgrad", nt_samples=int(kw.get("nt_samples", 10)),
-                                           stdevs=stdevs, abs=not signed)
+                                           nt_samples_batch_size=nt_batch, stdevs=stdevs, abs=not signed)
             else:
                 attr = explainer.attribute(
                     x, baselines=0.0, n_steps=int(kw.get("n_steps", 32)),
@@ -242,7 +254,7 @@ def occlusion_by_region(
     atlas_data: Any,
     labels: pd.DataFrame | Sequence[int] | None = None,
     baseline: float = 0.0,
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     device: Any = None,
 ) -> pd.DataFrame:
     """Region occlusion: the change of the male logit when each atlas region is set to ``baseline``.
@@ -265,7 +277,8 @@ def occlusion_by_region(
     baseline
         The value occluded voxels are set to.
     batch_size
-        Occluded copies per forward pass.
+        Occluded copies per forward pass, or ``"auto"``: up to 8, fewer where they would not fit the free
+        memory (:func:`brainsex.memory.choose_batch_size`, inference).
     device
         Device; default the model's.
 
@@ -312,7 +325,10 @@ def occlusion_by_region(
         feature[atlas == lab] = i + 1
     counts = np.bincount(feature.ravel(), minlength=len(table) + 1)
 
+    from brainsex.memory import choose_batch_size
+
     dev = _model_device(model, device)
+    per_eval = choose_batch_size(model, batch_size, mode="eval", device=dev, cap=8)
     forward = _one_output_forward(model, None)
     was_training = model.training
     model.eval()
@@ -322,7 +338,7 @@ def occlusion_by_region(
         with torch.no_grad():
             logit = float(forward(x)[0])
             attr = FeatureAblation(forward).attribute(
-                x, baselines=float(baseline), feature_mask=mask, perturbations_per_eval=int(batch_size))
+                x, baselines=float(baseline), feature_mask=mask, perturbations_per_eval=int(per_eval))
     finally:
         model.train(was_training)
     attr = attr[0, 0].detach().cpu().numpy()
@@ -555,7 +571,7 @@ def template_space_maps(
     warp: str = "syn",
     cache_dir: str | os.PathLike | None = None,
     image_col: str = "image_pp",
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     device: Any = None,
     n_jobs: int = 1,
     progress: bool = True,

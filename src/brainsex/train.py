@@ -36,6 +36,21 @@ Engineering:
   :class:`~torch.nn.parallel.DistributedDataParallel` and a ``DistributedSampler``; ``batch_size`` stays
   the *global* batch (the paper's 16 is split across processes); only rank 0 writes files.
 * bf16 (or fp16 with gradient scaling) autocast on CUDA; ``channels_last_3d`` memory format (default on).
+* Memory (issue 18): the effective batch stays ``batch_size`` (the paper's 16), but it goes through the
+  network in micro-batches chosen from the free memory (:func:`brainsex.memory.plan_training`;
+  ``TrainConfig.micro_batch`` overrides), whose gradients are accumulated (each part's mean loss weighted
+  by its share of the batch) before one optimiser step. At 1 mm with the full widths one scan needs
+  several GB while training, so the paper's batch of 16 fits neither a 16 GB GPU nor a 24 GB machine.
+  Where the whole batch fits (the demo and smoke grids) it is one pass, bit for bit the earlier code.
+
+What micro-batches change compared with the paper: the *gradient* is the full batch's for every layer
+without batch statistics (``tests/test_memory.py`` checks it on SFCN with batch normalisation removed),
+but **batch normalisation** normalises each micro-batch with that micro-batch's own mean and variance,
+which are noisier than a batch of 16's (and couple fewer scans), and its running statistics (used at
+evaluation) are updated once per micro-batch instead of once per batch, so they follow the training
+a little faster (momentum 0.1 applied more often). With micro-batches of 2-4 scans of a 3-D volume
+each statistic still averages millions of voxels, so the effect is small;
+``benchmarks/micro_batch.py`` measures it on the demo (test accuracy with and without accumulation).
 """
 
 from __future__ import annotations
@@ -60,7 +75,8 @@ from torch import nn
 
 from brainsex import BrainsexError
 from brainsex.io import atomic_path, write_table
-from brainsex.model import PAPER_CHANNELS, SFCN
+from brainsex.memory import MemoryPlan, choose_batch_size, plan_training, split_sizes
+from brainsex.model import PAPER_CHANNELS, SFCN, sfcn_output_grid
 from brainsex.run import TrainDir
 
 __all__ = [
@@ -146,6 +162,15 @@ class TrainConfig:
         If set, ``torch.set_num_threads(num_threads)`` before training.
     deterministic
         On CUDA, request deterministic algorithms (slower); CPU runs are deterministic anyway.
+    micro_batch
+        Scans per forward/backward pass: ``"auto"`` (the largest that fits the device's free memory,
+        :func:`brainsex.memory.plan_training`) or an integer. The optimiser still steps once per
+        ``batch_size`` scans, on the gradient accumulated over the micro-batches, so the effective batch
+        stays the paper's; batch normalisation, however, normalises each micro-batch with its own
+        statistics (see the module notes). On the demo and smoke grids the whole batch fits.
+    checkpointing
+        Activation checkpointing of the first two blocks (``True``); ``"auto"``/``False``: off (measured
+        not to lower SFCN's peak memory, see :mod:`brainsex.memory`).
     """
 
     epochs: int = 50
@@ -166,6 +191,8 @@ class TrainConfig:
     cache_dtype: str = "float32"
     num_threads: int | None = None
     deterministic: bool = False
+    micro_batch: int | str = "auto"
+    checkpointing: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.amp, bool):
@@ -184,6 +211,9 @@ class TrainConfig:
             (int(self.num_workers) >= 0, "num_workers must be >= 0"),
             (self.cache_dtype in ("float32", "float16"), "cache_dtype must be 'float32' or 'float16'"),
             (self.num_threads is None or int(self.num_threads) >= 1, "num_threads must be >= 1 or None"),
+            (self.micro_batch == "auto" or (isinstance(self.micro_batch, int) and not isinstance(self.micro_batch, bool)
+                                            and self.micro_batch >= 1), "micro_batch must be 'auto' or an integer >= 1"),
+            (self.checkpointing in ("auto", True, False), "checkpointing must be 'auto', True or False"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -222,6 +252,8 @@ class TrainResult:
         Number of processes (1 without DDP).
     model
         The best model (eval mode) on ``device``.
+    memory
+        The micro-batch, evaluation batch and checkpointing used (:class:`brainsex.memory.MemoryPlan`).
     """
 
     out_dir: Path
@@ -236,6 +268,7 @@ class TrainResult:
     in_shape: tuple[int, int, int]
     world_size: int = 1
     model: SFCN | None = field(default=None, repr=False)
+    memory: MemoryPlan | None = None
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -768,8 +801,11 @@ def train(
                     config.batch_size, world, per_rank_batch)
 
     try:
-        return _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config, out_dir, channels,
-                           dropout, resume, progress, rank, world, device, amp_dtype, per_rank_batch, is_main)
+        return _train_loop(_LoopInputs(
+            table=table, labels=labels, train_idx=train_idx, val_idx=val_idx, paths=paths, used=used,
+            in_shape=in_shape, config=config, out_dir=out_dir, channels=tuple(int(c) for c in channels),
+            dropout=float(dropout), resume=resume, progress=progress, rank=rank, world=world, device=device,
+            amp_dtype=amp_dtype, per_rank_batch=per_rank_batch, is_main=is_main))
     finally:
         if we_initialised:
             import torch.distributed as dist
@@ -777,16 +813,53 @@ def train(
             dist.destroy_process_group()
 
 
-def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config, out_dir, channels, dropout,
-                resume, progress, rank, world, device, amp_dtype, per_rank_batch, is_main):
+@dataclass
+class _LoopInputs:
+    """What :func:`train` has checked and resolved, handed to the epoch loop."""
+
+    table: pd.DataFrame  # the prepared table (all rows)
+    labels: np.ndarray  # 1 = male, for every row (used rows filled)
+    train_idx: np.ndarray  # rows of the training split
+    val_idx: np.ndarray  # rows of the validation split
+    paths: list[str]  # images of the used rows (train, then val)
+    used: np.ndarray  # train_idx followed by val_idx
+    in_shape: tuple[int, int, int]
+    config: TrainConfig
+    out_dir: Path
+    channels: tuple[int, ...]
+    dropout: float
+    resume: bool | str
+    progress: bool  # already False on ranks other than 0
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    per_rank_batch: int  # the effective batch of this process
+    is_main: bool
+
+
+def _train_loop(run: _LoopInputs) -> TrainResult:
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data.distributed import DistributedSampler
     from tqdm.auto import tqdm
 
+    table, labels, train_idx, used, in_shape = run.table, run.labels, run.train_idx, run.used, run.in_shape
+    config, out_dir, resume, progress = run.config, run.out_dir, run.resume, run.progress
+    rank, world, device, amp_dtype, is_main = run.rank, run.world, run.device, run.amp_dtype, run.is_main
+    per_rank_batch = run.per_rank_batch
     distributed = world > 1
     # Data: one store over train+val rows (positions 0..len(used)-1), decoded once.
-    store = VolumeStore(paths, in_shape, cache=config.cache, cache_dtype=config.cache_dtype,
+    store = VolumeStore(run.paths, in_shape, cache=config.cache, cache_dtype=config.cache_dtype,
                         num_workers=config.num_workers, progress=progress)
+    # Memory: how many scans per forward/backward pass, planned with the cache already in memory.
+    plan = plan_training(per_rank_batch, run.channels, in_shape, device=device, amp_dtype=amp_dtype,
+                         micro_batch=config.micro_batch, checkpointing=config.checkpointing)
+    min_part = 2 if math.prod(sfcn_output_grid(in_shape)) == 1 else 1  # BatchNorm needs 2 values per channel
+    if plan.micro_batch < min_part:
+        raise BrainsexError(f"micro_batch {plan.micro_batch}: on the grid {in_shape} the last blocks have one "
+                            f"voxel, so batch normalisation needs at least {min_part} scans per pass")
+    if is_main:
+        log.info("memory: %s", plan.describe())
     pos_labels = labels[used]
     n_train = len(train_idx)
     rotating = config.rotate_prob > 0 and config.rotate_deg > 0
@@ -800,14 +873,15 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
     train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, drop_last=drop_last,
                               num_workers=config.num_workers, pin_memory=pin, generator=loader_gen)
     val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
-    val_loader = DataLoader(val_shard, batch_size=per_rank_batch, shuffle=False,
+    val_loader = DataLoader(val_shard, batch_size=plan.eval_batch, shuffle=False,
                             num_workers=config.num_workers, pin_memory=pin)
 
     # Model, optimiser, schedule (paper section 2.5).
     random.seed(config.seed)
     np.random.seed(config.seed)  # noqa: NPY002 - seed the global generators third-party code may use
     torch.manual_seed(config.seed)
-    model = SFCN(channels=channels, in_shape=in_shape, dropout=dropout)
+    model = SFCN(channels=run.channels, in_shape=in_shape, dropout=run.dropout)
+    model.checkpoint_blocks = plan.checkpoint_blocks
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -877,26 +951,43 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
                    leave=True, unit="batch", dynamic_ncols=True)
         t_train = time.perf_counter()
         for step, batch in enumerate(train_loader):
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["y"].to(device, non_blocking=True)
-            if rotating:  # paper section 2.5, on the model's device, the whole batch at once
+            images = batch["image"]
+            y_all = batch["y"].to(device, non_blocking=True)
+            n_batch = len(y_all)
+            angles = None
+            if rotating:  # paper section 2.5: angles drawn for the whole batch, applied on the model's device
                 gen = torch.Generator().manual_seed(_derive_seed(config.seed, _STREAM_AUGMENT, epoch, rank, step))
-                x = rotate_batch(x, random_rotation_angles(len(x), config.rotate_deg, config.rotate_prob, gen))
-            x = x.contiguous(memory_format=memory_format)
+                angles = random_rotation_angles(n_batch, config.rotate_deg, config.rotate_prob, gen)
             optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                logits = train_model(x)
-                loss = loss_fn(logits.float(), y)
-            scaler.scale(loss).backward()
+            parts = split_sizes(n_batch, plan.micro_batch, min_size=min_part)
+            batch_loss = torch.zeros((), dtype=sums.dtype, device=device)
+            start = 0
+            for j, size in enumerate(parts):  # gradient accumulation over micro-batches
+                part = slice(start, start + size)
+                start += size
+                x, y = images[part].to(device, non_blocking=True), y_all[part]
+                if angles is not None:
+                    x = rotate_batch(x, angles[part])
+                x = x.contiguous(memory_format=memory_format)
+                last_part = j == len(parts) - 1
+                sync = train_model.no_sync() if distributed and not last_part else contextlib.nullcontext()
+                with sync:
+                    with autocast():
+                        logits = train_model(x)
+                        loss = loss_fn(logits.float(), y)
+                    # the batch's mean loss is the size-weighted sum of the parts' means
+                    scaler.scale(loss if len(parts) == 1 else loss * (size / n_batch)).backward()
+                with torch.no_grad():
+                    batch_loss += loss.detach().to(sums.dtype) * size
+                    sums += torch.stack([loss.detach().to(sums.dtype) * size,
+                                         ((logits > 0) == (y > 0.5)).sum().to(sums.dtype),
+                                         torch.tensor(float(size), dtype=_acc_dtype(device), device=device)])
+                del x, logits, loss
             scaler.step(optimizer)
             scaler.update()
-            with torch.no_grad():
-                sums += torch.stack([loss.detach().to(sums.dtype) * len(y),
-                                     ((logits > 0) == (y > 0.5)).sum().to(sums.dtype),
-                                     torch.tensor(float(len(y)), dtype=_acc_dtype(device), device=device)])
             bar.update(1)
             if progress and (step % 5 == 0):
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2g}", refresh=False)
+                bar.set_postfix(loss=f"{(batch_loss / n_batch).item():.4f}", lr=f"{lr:.2g}", refresh=False)
         train_seconds = time.perf_counter() - t_train
         if distributed:  # evaluate every shard with rank 0's BatchNorm statistics, the ones saved
             import torch.distributed as dist
@@ -929,7 +1020,8 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
                     "epoch": epoch + 1, "val_loss": val_loss, "val_acc": val_acc, "best_val_loss": best_val_loss,
                     "best_val_acc": best_val_acc, "best_epoch": best_epoch,
                     "train_config": dataclasses.asdict(config), "data_signature": signature,
-                    "world_size": world, "torch_version": str(torch.__version__), "augmentation": AUGMENTATION}
+                    "world_size": world, "torch_version": str(torch.__version__), "augmentation": AUGMENTATION,
+                    "memory": dataclasses.asdict(plan)}
             if improved:
                 _save(base, best_path)
             _save({**base, "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
@@ -948,7 +1040,7 @@ def _train_loop(table, labels, train_idx, val_idx, paths, used, in_shape, config
     return TrainResult(out_dir=out_dir, best_checkpoint=best_path, last_checkpoint=last_path,
                        history=pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), best_epoch=best_epoch,
                        best_val_loss=best_val_loss, best_val_acc=best_val_acc, epochs_run=epochs_run,
-                       device=str(device), in_shape=tuple(in_shape), world_size=world, model=best)
+                       device=str(device), in_shape=tuple(in_shape), world_size=world, model=best, memory=plan)
 
 
 def _check_resume(ckpt: dict, model: SFCN, config: TrainConfig, signature: str, path: Path, world: int) -> None:
@@ -996,7 +1088,7 @@ def _evaluate(model: SFCN, loader, loss_fn, device, memory_format, autocast) -> 
 def predict(
     model_or_checkpoint: SFCN | str | os.PathLike,
     table: pd.DataFrame,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     device: str = "auto",
     num_workers: int = 0,
     amp: str = "off",
@@ -1010,8 +1102,11 @@ def predict(
         A trained :class:`~brainsex.model.SFCN` or the path of a checkpoint written by :func:`train`.
     table
         Rows with ``participant_id`` and ``image_pp``.
-    batch_size, num_workers
-        DataLoader settings (no shuffling, no augmentation).
+    batch_size
+        Scans per forward pass: ``"auto"`` (up to 16, fewer where they would not fit the free memory,
+        :func:`brainsex.memory.choose_batch_size`) or an integer.
+    num_workers
+        DataLoader workers (no shuffling, no augmentation).
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``; for a model object, ``"auto"`` keeps the model's device.
     amp
@@ -1043,8 +1138,9 @@ def predict(
     paths = _image_paths(table)
     store = VolumeStore(paths, model.in_shape, cache=False)
     ds = ScanDataset(store, range(len(paths)), np.zeros(len(paths), dtype=np.float32))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     amp_dtype = _amp_dtype(amp, dev)
+    batch_size = choose_batch_size(model, batch_size, mode="eval", device=dev, cap=16, amp_dtype=amp_dtype)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     probs = np.empty(len(paths), dtype=np.float64)
     was_training = model.training
     model.eval()

@@ -145,7 +145,7 @@ def _atlas_in_subject(atlas_img: Any, subject_img: Any, transforms: Sequence[Pat
 
 
 def _occlusion_rankings(model: Any, scans: pd.DataFrame, template: Any, atlas_img: Any, labels: pd.DataFrame,
-                        warp: str, cache_dir: Path | None, image_col: str, batch_size: int, device: Any,
+                        warp: str, cache_dir: Path | None, image_col: str, batch_size: int | str, device: Any,
                         progress: bool) -> dict[str, pd.DataFrame]:
     import nibabel as nib
     from tqdm.auto import tqdm
@@ -193,7 +193,7 @@ def method_rankings(
     cache_dir: str | os.PathLike | None = None,
     threshold: float = 0.1,
     image_col: str = "image_pp",
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     device: Any = None,
     n_jobs: int = 1,
     smoothgrad_samples: int = 4,
@@ -300,7 +300,7 @@ def compare_methods(
     seed: int = 0,
     threshold: float = 0.1,
     image_col: str = "image_pp",
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     device: Any = None,
     n_jobs: int = 1,
     smoothgrad_samples: int = 4,
