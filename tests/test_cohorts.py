@@ -64,7 +64,8 @@ def test_check_image(tmp_path):
 @pytest.mark.parametrize(
     ("value", "vendor"),
     [("GE MEDICAL SYSTEMS", "GE"), ("ge", "GE"), ("Philips Healthcare", "Philips"), ("SIEMENS", "Siemens"),
-     ("Toshiba", None), ("", None), (float("nan"), None), ("Generic scanner", None)],
+     ("Toshiba", "Toshiba"), ("CANON MEDICAL SYSTEMS", "Canon"), ("Hitachi Medical Corporation", "Hitachi"),
+     ("", None), (float("nan"), None), ("Generic  scanner", "Generic scanner")],
 )
 def test_normalise_vendor(value, vendor):
     assert cohorts.normalise_vendor(value) == vendor
@@ -72,7 +73,8 @@ def test_normalise_vendor(value, vendor):
 
 @pytest.mark.parametrize(
     ("value", "field"),
-    [("3T", 3.0), (3, 3.0), ("1.5", 1.5), (1.494, 1.5), ("2.89", 3.0), (15000, 1.5), ("15", 1.5), ("7T", None), ("", None)],
+    [("3T", 3.0), (3, 3.0), ("1.5", 1.5), (1.494, 1.5), ("2.89", 3.0), (15000, 1.5), ("15", 1.5), ("7T", 7.0), (0.55, 0.55), ("", None),
+     ("n/a", None), ("strong", None)],
 )
 def test_normalise_field(value, field):
     assert cohorts.normalise_field(value) == field
@@ -108,7 +110,9 @@ def test_ixi_adapter(ixi_tree):
     table, excl = cohorts.load_cohort(entry)
     assert list(table.columns) == cohorts.COLUMNS
     t = table.set_index("participant_id")
-    assert sorted(t.index) == ["IXI002", "IXI012", "IXI013", "IXI015"]
+    assert sorted(t.index) == ["IXI002", "IXI012", "IXI013", "IXI015", "IXI022"]
+    # an unknown site is data (vendor and field unknown), never a reason to exclude
+    assert t.loc["IXI022", "vendor"] == "unknown" and np.isnan(t.loc["IXI022", "field"])
     assert t.loc["IXI002", ["sex", "vendor", "field"]].tolist() == ["F", "Philips", 1.5]
     assert t.loc["IXI012", ["sex", "vendor", "field"]].tolist() == ["M", "Philips", 3.0]
     assert t.loc["IXI013", ["vendor", "field"]].tolist() == ["GE", 1.5]
@@ -123,10 +127,10 @@ def test_ixi_adapter(ixi_tree):
     assert "not 3-D" in r["IXI019"]
     assert "truncated" in r["IXI020"]
     assert "no T1 image" in r["IXI021"]
-    assert "unknown vendor" in r["IXI022"] and "XYZ" in r["IXI022"]
+    assert "IXI022" not in r
     assert "without demographics" in r["IXI099"]
     assert set(excl["cohort"]) == {"IXI"}
-    assert len(excl) == 9
+    assert len(excl) == 8
 
 
 def test_ixi_without_demographics_file_is_a_clear_error(ixi_tree):
@@ -186,19 +190,73 @@ def test_bids_adapter_earliest_session_and_bad_rows(tmp_path):
     for sid in ("02", "03", "05", "07", "08", "09"):
         nii(root / f"sub-{sid}/ses-1/anat/sub-{sid}_ses-1_T1w.nii.gz")
     table, excl = cohorts.load_cohort(bids_entry(root))
-    assert table["participant_id"].tolist() == ["sub-01"]
+    assert table["participant_id"].tolist() == ["sub-01", "sub-02", "sub-09"]
     row = table.iloc[0]
     assert row["image"] == str(early.resolve())
     assert (row["sex"], row["vendor"], row["field"], row["dataset"], row["shareable"]) == (
         "F", "Siemens", 3.0, "FakeBIDS", False)
     r = reasons(excl)
-    assert "unknown vendor 'Toshiba'" in r["sub-02"]
+    t = table.set_index("participant_id")
+    assert t.loc["sub-02", ["vendor", "field"]].tolist() == ["Toshiba", 1.5]  # open categories
+    assert t.loc["sub-09", "field"] == 7.0
     assert "missing sex" in r["sub-03"]
     assert "no image matches" in r["sub-04"]
     assert "unknown sex code 'X'" in r["sub-05"]
     assert "duplicate" in r["sub-07"]
     assert "without demographics" in r["sub-08"]
-    assert "field strength '7'" in r["sub-09"]
+    assert "sub-02" not in r and "sub-09" not in r
+
+
+def test_bids_without_vendor_columns_reads_sidecars_or_records_unknown(tmp_path):
+    import json
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "participants.tsv").write_text("participant_id\tsex\tage\nsub-01\tF\t30\nsub-02\tM\t31\n"
+                                           "sub-03\tM\t32\n")
+    for sid in ("01", "02", "03"):
+        nii(root / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz")
+    (root / "sub-01/anat/sub-01_T1w.json").write_text(json.dumps({"Manufacturer": "Canon Medical Systems",
+                                                                  "MagneticFieldStrength": 3}))
+    (root / "sub-02/anat/sub-02_T1w.json").write_text(json.dumps({"Manufacturer": "Hitachi"}))
+    entry = bids_entry(root, columns={"id": "participant_id", "sex": "sex", "age": "age"},
+                       image_pattern="sub-{id}/anat/sub-{id}_T1w.nii.gz")
+    table, excl = cohorts.load_cohort(entry)
+    assert excl.empty and len(table) == 3
+    t = table.set_index("participant_id")
+    assert t.loc["sub-01", ["vendor", "field"]].tolist() == ["Canon", 3.0]
+    assert t.loc["sub-02", "vendor"] == "Hitachi" and np.isnan(t.loc["sub-02", "field"])
+    assert t.loc["sub-03", "vendor"] == "unknown"
+    # a dataset-level sidecar (BIDS inheritance) fills what the subject's own lacks
+    (root / "T1w.json").write_text(json.dumps({"Manufacturer": "Siemens", "MagneticFieldStrength": 1.5}))
+    t = cohorts.load_cohort(entry)[0].set_index("participant_id")
+    assert t.loc["sub-03", ["vendor", "field"]].tolist() == ["Siemens", 1.5]
+    assert t.loc["sub-02", ["vendor", "field"]].tolist() == ["Hitachi", 1.5]
+    t1 = cohorts.table1(table)
+    assert {"Canon", "Hitachi", "vendor unknown", "field unknown"} <= set(t1.columns)
+
+
+def test_cohort_with_no_usable_subject_names_the_leading_reasons(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "participants.tsv").write_text("participant_id\tsex\tage\nsub-01\tX\t30\nsub-02\tX\t31\n"
+                                           "sub-03\tF\t\n")
+    for sid in ("01", "02", "03"):
+        nii(root / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz")
+    manifest_path = tmp_path / "manifest.yaml"
+    manifest_path.write_text(textwrap.dedent(f"""\
+        version: 1
+        cohorts:
+          - name: empty
+            kind: bids
+            root: {root}
+            shareable: true
+            image_pattern: "sub-{{id}}/anat/sub-{{id}}_T1w.nii.gz"
+        """))
+    with pytest.raises(BrainsexError, match=r"empty: no usable subject \(3 excluded\).*unknown sex code \(2\)"
+                                            r".*missing age"):
+        cohorts.load_cohorts(manifest_path, ["empty"], run_dir=tmp_path / "run")
+    assert len(pd.read_csv(tmp_path / "run" / "cohort" / "exclusions.tsv", sep="\t")) == 3
 
 
 def test_bids_session_column_keeps_the_earliest_row(tmp_path):
