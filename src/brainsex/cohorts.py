@@ -602,6 +602,8 @@ def load_cohort(
         table, excl = _load_synthetic(entry, root, n, voxel_size, seed, n_jobs, progress)
         return table, excl
     root = _root(entry, manifest, None)
+    if entry.kind == "ixi" and entry.download and not (root / (entry.participants or "IXI.xls")).is_file():
+        fetch_ixi(root, entry, progressbar=progress)
     if not root.is_dir():
         raise BrainsexError(f"cohorts[{entry.name}].root: folder {root} does not exist (from '{entry.root}')")
     if entry.kind == "ixi":
@@ -705,7 +707,21 @@ def fetch_ixi(root: str | os.PathLike, entry: CohortEntry | None = None, progres
 
     ``IXI.xls`` goes to ``root``; ``IXI-T1.tar`` (about 4.5 GB) is downloaded there and unpacked to
     ``root/IXI-T1/``. URLs and hashes come from the manifest entry's ``downloads`` when given, else
-    from :data:`IXI_DOWNLOADS`. Files already present with the right hash are not downloaded again.
+    from :data:`IXI_DOWNLOADS`; a URL may also be a local path or a ``file://`` URL (a mirror). Files
+    already present with the right hash are not downloaded again, so an interrupted fetch resumes
+    with the files it lacks. :func:`load_cohort` calls this for an ``ixi`` entry with
+    ``download: true`` whose root lacks the demographics table; a root that holds them is read as
+    it is (no download, no hash check: copies of ``IXI.xls`` in circulation differ from the
+    published one).
+
+    Parameters
+    ----------
+    root : path
+        Folder to download into (the manifest entry's ``root``).
+    entry : CohortEntry or None
+        The manifest entry, for its ``downloads``.
+    progressbar : bool, default=True
+        Show pooch's progress bars (needs tqdm).
 
     Returns
     -------
@@ -723,6 +739,8 @@ def fetch_ixi(root: str | os.PathLike, entry: CohortEntry | None = None, progres
         known_hash = (d.known_hash if d and d.known_hash else default["known_hash"])
         fname = (d.fname if d and d.fname else default["fname"])
         processor = pooch.Untar(extract_dir="IXI-T1") if fname.endswith(".tar") else None
+        if "://" not in url:  # a local file (a mirror on disk): pooch reads it through a file:// URL
+            url = Path(url).expanduser().resolve().as_uri()
         pooch.retrieve(url, known_hash=known_hash, fname=fname, path=root, processor=processor,
                        progressbar=progressbar)
     return root

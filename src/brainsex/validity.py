@@ -59,6 +59,7 @@ __all__ = [
     "DL_METHODS",
     "SCORINGS",
     "planted_truth",
+    "has_truth",
     "truth_map_ranking",
     "registration_image",
     "TBM_SYN",
@@ -130,6 +131,35 @@ def planted_truth(source: str | os.PathLike) -> pd.DataFrame:
             table[col] = 0.0
     table.attrs["path"] = str(path)
     return table
+
+
+def has_truth(run_dir: str | os.PathLike) -> bool:
+    """Whether a run knows the true sex differences of its cohort (a phantom run) or not (real scans).
+
+    True when ``<run_dir>/cohort/phantom/ground_truth/regions.tsv`` exists *and* every subject of
+    ``<run_dir>/cohort/participants.tsv`` is a scan of that phantom: a run directory reused for a real
+    cohort after a phantom build keeps the old truth on disk, which must not be read as this run's.
+
+    Parameters
+    ----------
+    run_dir : path
+        The run directory.
+
+    Returns
+    -------
+    bool
+    """
+    run = Path(run_dir)
+    phantom = (run / "cohort" / "phantom").resolve()
+    if not (phantom / "ground_truth" / "regions.tsv").is_file():
+        return False
+    table_path = run / "cohort" / "participants.tsv"
+    if not table_path.is_file():
+        return False
+    images = pd.read_csv(table_path, sep="\t", usecols=["image"])["image"].astype(str)
+    if images.empty:
+        return False
+    return bool(images.map(lambda im: Path(im).resolve().is_relative_to(phantom)).all())
 
 
 def _atlas_on(atlas: Any, reference: Any) -> np.ndarray:
