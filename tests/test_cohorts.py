@@ -101,7 +101,8 @@ def ixi_tree(tmp_path):
     nii(img / "IXI019-Guys-0002-T1.nii.gz", shape=(8, 8, 8, 2))
     truncated(img / "IXI020-HH-0003-T1.nii.gz")
     manifest = load_manifest(REPO / "data_manifest.yaml")
-    entry = manifest.cohort("IXI").model_copy(update={"root": str(root), "participants": "IXI.xlsx", "enabled": True})
+    entry = manifest.cohort("IXI").model_copy(update={"root": str(root), "participants": "IXI.xlsx", "enabled": True,
+                                                      "download": False})
     return root, entry
 
 
@@ -408,3 +409,69 @@ def test_public_exclusions_hide_ids_of_non_shareable_cohorts(tmp_path):
     adni = pub[pub["cohort"] == "ADNI"]
     assert adni["n"].tolist() == [2] and adni["participant_id"].tolist() == [""]
     assert cohorts.public_exclusions(excl.iloc[:0], manifest).empty
+
+
+# ------------------------------------------------------------------------- IXI download, offline
+def fake_ixi_release(tmp_path: Path) -> tuple[Path, Path]:
+    """A small IXI-T1.tar (flat NIfTI files, as the real one) and demographics, with one quirk each."""
+    import tarfile
+
+    src = tmp_path / "release"
+    names = ["IXI002-Guys-0828", "IXI012-HH-1211", "IXI013-IOP-0862", "IXI637-HH-2720"]  # IXI637: no row
+    for name in names:
+        nii(src / "t1" / f"{name}-T1.nii.gz")
+    tar = src / "IXI-T1.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name in names:
+            tf.add(src / "t1" / f"{name}-T1.nii.gz", arcname=f"{name}-T1.nii.gz")
+    df = pd.DataFrame([(2, 2, 35.8), (12, 1, 38.8), (13, 1, 46.7), (13, 2, 46.7)],  # IXI013: conflicting rows
+                      columns=["IXI_ID", "SEX_ID (1=m, 2=f)", "AGE"])
+    xls = src / "IXI.xlsx"
+    df.to_excel(xls, index=False)
+    return tar, xls
+
+
+def test_ixi_download_extract_and_reuse_offline(tmp_path):
+    import pooch
+
+    tar, xls = fake_ixi_release(tmp_path)
+    root = tmp_path / "data" / "IXI"
+    manifest = load_manifest(REPO / "data_manifest.yaml")
+    entry = manifest.cohort("IXI").model_copy(update={
+        "root": str(root), "participants": "IXI.xlsx", "download": True,
+        "downloads": {"images": {"url": tar.as_uri(), "known_hash": f"md5:{pooch.file_hash(str(tar), 'md5')}",
+                                 "fname": "IXI-T1.tar"},
+                      "demographics": {"url": str(xls), "known_hash": f"md5:{pooch.file_hash(str(xls), 'md5')}",
+                                       "fname": "IXI.xlsx"}}})
+    entry = type(entry).model_validate(entry.model_dump())
+    table, excl = cohorts.load_cohort(entry, progress=False)
+    assert (root / "IXI-T1.tar").is_file() and (root / "IXI-T1" / "IXI012-HH-1211-T1.nii.gz").is_file()
+    assert sorted(table["participant_id"]) == ["IXI002", "IXI012"]
+    r = reasons(excl)
+    assert "duplicate" in r["IXI013"] and "without demographics" in r["IXI637"]
+    # a second load reads the folder as it is: no download, even when a hash no longer matches
+    stamp = (root / "IXI-T1.tar").stat().st_mtime_ns
+    (root / "IXI.xlsx").write_bytes((root / "IXI.xlsx").read_bytes())  # same content, new file
+    bad_hash = entry.model_copy(update={"downloads": {k: v.model_copy(update={"known_hash": "md5:" + "0" * 32})
+                                                      for k, v in entry.downloads.items()}})
+    again, _ = cohorts.load_cohort(bad_hash, progress=False)
+    assert len(again) == 2 and (root / "IXI-T1.tar").stat().st_mtime_ns == stamp
+    # a corrupted download is refused by its hash
+    other = tmp_path / "other" / "IXI"
+    with pytest.raises(BrainsexError, match="(?i)downloading IXI.*hash"):
+        cohorts.load_cohort(bad_hash.model_copy(update={"root": str(other)}), progress=False)
+
+
+def test_ixi_root_from_brainsex_data_symlink(tmp_path, monkeypatch, ixi_tree):
+    """BRAINSEX_DATA pointing at a folder holding IXI/ (here a symlink) is read without downloading."""
+    root, entry = ixi_tree
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "IXI").symlink_to(root)
+    monkeypatch.setenv("BRAINSEX_DATA", str(data))
+    manifest = load_manifest(REPO / "data_manifest.yaml")
+    ixi = manifest.cohort("IXI").model_copy(update={"participants": "IXI.xlsx"})
+    assert ixi.enabled and ixi.download
+    assert manifest.resolve_root(ixi) == data / "IXI"
+    table, _ = cohorts.load_cohort(ixi, manifest=manifest, progress=False)
+    assert "IXI012" in set(table["participant_id"])

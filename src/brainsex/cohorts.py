@@ -603,7 +603,13 @@ def load_cohort(
         return table, excl
     root = _root(entry, manifest, None)
     if entry.kind == "ixi" and entry.download and not (root / (entry.participants or "IXI.xls")).is_file():
-        fetch_ixi(root, entry, progressbar=progress)
+        try:
+            fetch_ixi(root, entry, progressbar=progress)
+        except Exception as exc:  # network errors, hash mismatches (pooch raises ValueError), full disks
+            raise BrainsexError(
+                f"cohorts[{entry.name}]: downloading IXI into {root} failed ({type(exc).__name__}: {str(exc)[:300]}). "
+                f"Put an extracted IXI-T1.tar and {entry.participants or 'IXI.xls'} there by hand, or set "
+                "BRAINSEX_DATA to a folder holding IXI/") from exc
     if not root.is_dir():
         raise BrainsexError(f"cohorts[{entry.name}].root: folder {root} does not exist (from '{entry.root}')")
     if entry.kind == "ixi":
@@ -739,11 +745,28 @@ def fetch_ixi(root: str | os.PathLike, entry: CohortEntry | None = None, progres
         known_hash = (d.known_hash if d and d.known_hash else default["known_hash"])
         fname = (d.fname if d and d.fname else default["fname"])
         processor = pooch.Untar(extract_dir="IXI-T1") if fname.endswith(".tar") else None
-        if "://" not in url:  # a local file (a mirror on disk): pooch reads it through a file:// URL
-            url = Path(url).expanduser().resolve().as_uri()
+        downloader = None
+        if url.startswith("file://") or "://" not in url:  # a mirror on disk: copied, then hash-checked by pooch
+            downloader = _copy_local
+            url = Path(url.removeprefix("file://")).expanduser().resolve().as_uri()
         pooch.retrieve(url, known_hash=known_hash, fname=fname, path=root, processor=processor,
-                       progressbar=progressbar)
+                       progressbar=progressbar, downloader=downloader)
     return root
+
+
+def _copy_local(url: str, output_file: Any, pooch_obj: Any) -> None:
+    """A pooch downloader for ``file://`` URLs (a local mirror of the files)."""
+    import shutil
+    from urllib.parse import unquote, urlparse
+
+    src = Path(unquote(urlparse(url).path))
+    if not src.is_file():
+        raise BrainsexError(f"{src}: local download source not found")
+    if hasattr(output_file, "write"):
+        with open(src, "rb") as fh:
+            shutil.copyfileobj(fh, output_file)
+    else:
+        shutil.copyfile(src, output_file)
 
 
 def table1(participants: pd.DataFrame) -> pd.DataFrame:
