@@ -84,21 +84,20 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from myst_nb import glue
-
 from IPython.display import Markdown
+from myst_nb import glue
 
 from brainsex import BrainsexError
 from brainsex.atlas import region_neighbours
-from brainsex.matched import matched_phantom_run
 from brainsex.figures import fig_tbm_coefficients, show, show_table
 from brainsex.io import read_table, write_table
+from brainsex.matched import matched_phantom_run
 from brainsex.templates import load_atlas, load_template
 from brainsex.validity import (
     PERFECT_ALL,
-    has_truth,
     PERFECT_SAMPLE,
     compare_methods,
+    has_truth,
     planted_recovery,
     planted_truth,
     positive_control,
