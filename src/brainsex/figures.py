@@ -819,3 +819,16 @@ def fig_tbm_coefficients(coef: pd.DataFrame, names: Sequence[str] | pd.Series | 
     fig.update_layout(barmode="group", title=title, yaxis_title="coefficient of male (TIV-adjusted)", height=460,
                       margin={"l": 10, "r": 10, "t": 50, "b": 120}, legend={"orientation": "h", "y": -0.45})
     return fig
+
+
+def show_note(text: str) -> None:
+    """Display a MyST note box in place of a table or figure that this run cannot make.
+
+    Parameters
+    ----------
+    text : str
+        What is missing and why (e.g. too few subjects), in the reader's words.
+    """
+    from IPython.display import Markdown, display
+
+    display(Markdown(f"```{{note}}\n{text}\n```"))
