@@ -5,10 +5,14 @@
 #     gpuType: T4
 #     provenance: []
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,colab,accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -52,6 +56,7 @@ seed = 0
 
 # %% tags=["hide-input"]
 
+from IPython.display import Markdown
 from myst_nb import glue
 
 from brainsex.cohorts import load_cohorts, public_exclusions, table1
@@ -67,12 +72,19 @@ glue("cohorts_used", ", ".join(cohorts), display=False)
 glue("profile", profile, display=False)
 glue("voxel_size", f"{voxel_size:g}", display=False)
 glue("pct_female", f"{100 * (participants['sex'] == 'F').mean():.0f}", display=False)
+real = [m.cohort(c) for c in cohorts if m.cohort(c).kind != "synthetic"]
+glue("cohort_case", Markdown(
+    "**This run reads real scans** (" + "; ".join(
+        f"{e.name}: {e.license or 'see its terms'}" + (f", {e.citation}" if e.citation else "") for e in real)
+    + "). Real scans come without a known answer: the chapters that score a method against planted differences "
+    "say so and, where they can, check the method on a phantom matched to this run instead."
+    if real else "This run reads the **synthetic phantom** described above."), display=False)
 
 # %% [markdown]
 # Profile **{glue:text}`profile`** reads the cohort(s) **{glue:text}`cohorts_used`**:
 # {glue:text}`n_subjects` subjects ({glue:text}`pct_female` % female), {glue:text}`n_excluded` excluded.
 # Images are generated on a {glue:text}`voxel_size` mm grid in the CPU profiles (the paper's images are
-# 1 mm); the `paper` profile generates or reads 1 mm images.
+# 1 mm); the `paper` profile generates or reads 1 mm images. {glue:md}`cohort_case`
 #
 # ## Table 1
 
@@ -84,7 +96,8 @@ show(fig_age_by_dataset(participants), alt="Age distribution per dataset and sex
 # %% [markdown]
 # ## Head size
 #
-# For the phantom, the true total intracranial volume of each head is known. Female heads are drawn
+# For the phantom, the true total intracranial volume of each head is known (real cohorts rarely list
+# it; the preprocessing chapter estimates it from every image). Female heads are drawn
 # about ten percent smaller on average, with wide overlap — the paper's Figure 5 shows the same picture
 # for real heads. The preprocessing chapter will estimate TIV from the images and compare.
 

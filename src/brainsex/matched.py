@@ -23,6 +23,8 @@ __all__ = ["matched_phantom_run", "MATCHED_DIR"]
 
 #: Where the matched phantom's run lives, relative to the real run directory.
 MATCHED_DIR = Path("validity") / "matched_phantom"
+#: Smallest matched phantom (the smoke profile's size, the smallest the validity checks are run at).
+MIN_SUBJECTS = 48
 
 
 def matched_phantom_run(
@@ -48,7 +50,8 @@ def matched_phantom_run(
     manifest : path
         ``data_manifest.yaml``; its ``phantom`` entry (``kind: synthetic``) defines the phantom.
     n_subjects : int or None, default=160
-        Phantom size: the real cohort's size (``cohort/participants.tsv``) capped at this number.
+        Phantom size: the real cohort's size (``cohort/participants.tsv``) capped at this number, and
+        at least :data:`MIN_SUBJECTS`.
     voxel_size, channels, epochs, batch_size, lr, select, device, seed, n_workers
         The real run's grid and training settings (its profile's parameters).
 
@@ -76,8 +79,8 @@ def matched_phantom_run(
     n_real = len(read_table(run / "cohort" / "participants.tsv")) if (run / "cohort" / "participants.tsv").is_file() \
         else None
     n = min(x for x in (n_real, n_subjects) if x is not None) if (n_real or n_subjects) else None
-    if n is not None and n < 24:
-        n = 24  # a handful per split and sex, whatever the real cohort's size
+    if n is not None and n < MIN_SUBJECTS:
+        n = MIN_SUBJECTS  # enough test scans to explain, whatever the real cohort's size
     participants, _ = load_cohorts(Manifest(cohorts=[entry]), [entry.name], run_dir=out, n=n,
                                    voxel_size=voxel_size, seed=seed, n_jobs=n_workers, progress=False)
     pre = preprocess_cohort(participants, out / "preprocess", voxel_size=voxel_size, n_workers=n_workers,
