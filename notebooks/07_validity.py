@@ -116,7 +116,7 @@ if not truth_known:
     n_real = len(read_table(run / "cohort" / "participants.tsv"))
     run = matched_phantom_run(run, manifest=manifest, n_subjects=matched_subjects, voxel_size=voxel_size,
                               channels=channels, epochs=epochs, batch_size=batch_size, lr=lr, select=select,
-                              device="cpu" if device == "auto" else device, seed=seed, n_workers=n_workers)
+                              device=device, seed=seed, n_workers=n_workers)
     n_matched = len(read_table(run / "cohort" / "participants.tsv"))
     glue("validity_case", Markdown(
         f"**This run is on real scans** ({n_real} subjects), which come with no known answer. The checks below "
