@@ -5,10 +5,14 @@
 #     gpuType: T4
 #     provenance: []
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,colab,accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -53,7 +57,7 @@ import numpy as np
 import pandas as pd
 from myst_nb import glue
 
-from brainsex.figures import fig_slice_viewer, plot_map_static, show
+from brainsex.figures import fig_slice_viewer, plot_map_static, show, show_note
 from brainsex.io import read_table, write_json_atomic
 from brainsex.saliency import average_maps, group_average, save_map, spearman_or_nan, template_space_maps
 from brainsex.templates import load_brain_mask, load_template
@@ -66,6 +70,10 @@ mask = np.asarray(brain.get_fdata()) > 0
 pred = read_table(run / "evaluate" / "predictions_with_baseline.tsv")
 paths = read_table(run / "preprocess" / "preprocessed.tsv")[["participant_id", "image_pp"]]
 correct = pred[pred["y_true"] == pred["y_pred"]].merge(paths, on="participant_id").reset_index(drop=True)
+if correct.empty:  # a small cohort's few test scans, all misclassified
+    show_note(f"None of the {len(pred)} test scans was classified correctly, so the maps below average the "
+              "saliency of all test scans instead (still the model's sensitivity, but not the paper's selection).")
+    correct = pred.merge(paths, on="participant_id").reset_index(drop=True)
 model = load_model(run / "train" / "best.pt", device="cpu" if device == "auto" else device)
 maps = template_space_maps(model, correct, template, cache_dir=run / "preprocess" / "warps", n_jobs=n_workers,
                            progress=False)
