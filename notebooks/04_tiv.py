@@ -47,6 +47,7 @@ kde_threshold = 0.2
 # %% tags=["hide-input"]
 from pathlib import Path
 
+import pandas as pd
 from myst_nb import glue
 
 from brainsex import BrainsexError
