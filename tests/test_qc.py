@@ -89,3 +89,21 @@ def test_a_deliberately_misregistered_real_scan_fails_and_real_heads_pass(tmp_pa
     status = table.set_index("participant_id")["status"]
     assert status["IXI999"] == "failed", table[["participant_id", "similarity", "reason"]]
     assert (status.drop("IXI999") == "ok").all(), table[["participant_id", "similarity", "reason"]]
+
+
+def test_has_truth_only_for_the_runs_own_phantom(tmp_path):
+    from brainsex.validity import has_truth
+
+    run = tmp_path / "run"
+    gt = run / "cohort" / "phantom" / "ground_truth"
+    gt.mkdir(parents=True)
+    assert not has_truth(run)  # no regions table
+    (gt / "regions.tsv").write_text("label\tsign\n1\t1\n")
+    phantom_img = run / "cohort" / "phantom" / "sub-1" / "anat" / "sub-1_T1w.nii.gz"
+    write_table(pd.DataFrame({"participant_id": ["sub-1"], "image": [str(phantom_img)]}),
+                run / "cohort" / "participants.tsv")
+    assert has_truth(run)
+    # the same run directory reused for real scans keeps the old truth on disk: it is not this run's
+    write_table(pd.DataFrame({"participant_id": ["IXI012"], "image": [str(tmp_path / "IXI012-HH-1211-T1.nii.gz")]}),
+                run / "cohort" / "participants.tsv")
+    assert not has_truth(run)
