@@ -58,6 +58,7 @@ min_group_size = 5
 # %% tags=["hide-input"]
 
 import numpy as np
+from IPython.display import Markdown
 from myst_nb import glue
 
 from brainsex.cohorts import load_cohorts, public_exclusions, table1, table1_public
@@ -90,12 +91,21 @@ glue("voxel_size", f"{voxel_size:g}", display=False)
 glue("pct_female", f"{100 * (participants['sex'] == 'F').mean():.0f}", display=False)
 policy = publication_policy(run_dir, m, min_group_size, cohorts=cohorts)
 glue("privacy_note", policy.note, display=False)
+real = [m.cohort(c) for c in cohorts if m.cohort(c).kind != "synthetic"]
+glue("cohort_case", Markdown(
+    "**This run reads real scans** (" + "; ".join(
+        f"{e.name}: {e.license or 'see its terms'}" + (f", {e.citation}" if e.citation else "") for e in real)
+    + "). Real scans come without a known answer: the chapters that score a method against planted differences "
+    "say so and, where they can, check the method on a phantom matched to this run instead."
+    if real else "This run reads the **synthetic phantom** described above."), display=False)
 
 # %% [markdown]
 # Profile **{glue:text}`profile`** reads the cohort(s) **{glue:text}`cohorts_used`**:
 # {glue:text}`n_subjects` subjects ({glue:text}`pct_female` % female), {glue:text}`n_excluded` excluded.
 # Images are generated on a {glue:text}`voxel_size` mm grid in the CPU profiles (the paper's images are
 # 1 mm); the `paper` profile generates or reads 1 mm images. {glue:text}`privacy_note`
+#
+# {glue:md}`cohort_case`
 #
 # ## Table 1
 
@@ -117,7 +127,8 @@ else:
 # %% [markdown]
 # ## Head size
 #
-# For the phantom, the true total intracranial volume of each head is known. Female heads are drawn
+# For the phantom, the true total intracranial volume of each head is known (real cohorts rarely list
+# it; the preprocessing chapter estimates it from every image). Female heads are drawn
 # about ten percent smaller on average, with wide overlap — the paper's Figure 5 shows the same picture
 # for real heads. The preprocessing chapter will estimate TIV from the images and compare.
 

@@ -5,10 +5,14 @@
 #     gpuType: T4
 #     provenance: []
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,colab,accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -36,8 +40,10 @@ profile = "demo"
 run_dir = "runs/demo"
 manifest = "data_manifest.yaml"
 cohorts = ["phantom"]
+other_edition = ""  # URL of the book's other edition (the published site sets it)
 
 # %% tags=["hide-input"]
+from IPython.display import Markdown
 from myst_nb import glue
 from nilearn import datasets, plotting
 
@@ -51,9 +57,17 @@ glue("profile", profile, display=False)
 glue("cohorts_used", ", ".join(cohorts), display=False)
 glue("n_declared", len(cohort_table), display=False)
 glue("n_enabled", int(cohort_table["enabled"].sum()), display=False)
+real = any(m.cohort(c).kind != "synthetic" for c in cohorts)
+edition = ("the **real-data edition**: every chapter runs on real scans, which come without a known answer"
+           if real else "the **phantom edition**: every chapter runs on a synthetic cohort with planted sex "
+           "differences, so later chapters can check what each method recovers")
+other = ("the phantom edition, where the answer is known" if real else "the real-data edition, on open IXI scans")
+glue("edition_text", Markdown(f"This is {edition}." + (f" See also [{other}]({other_edition})." if other_edition
+                                                        else "")), display=False)
 
 # %% [markdown]
 # This run uses the profile **{glue:text}`profile`** on the cohort(s) **{glue:text}`cohorts_used`**.
+# {glue:md}`edition_text`
 #
 # ## The study design
 #

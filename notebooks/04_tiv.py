@@ -48,8 +48,10 @@ min_group_size = 5
 
 # %% tags=["hide-input"]
 import numpy as np
+import pandas as pd
 from myst_nb import glue
 
+from brainsex import BrainsexError
 from brainsex.evaluate import exclude_missing_tiv, format_metrics_table
 from brainsex.figures import (
     fig_binned_histogram,
@@ -58,6 +60,7 @@ from brainsex.figures import (
     fig_prob_vs_tiv,
     fig_tiv_tertile_hist,
     show,
+    show_note,
     show_table,
 )
 from brainsex.io import read_table, write_json_atomic, write_table
@@ -87,39 +90,62 @@ glue("profile", profile, display=False)
 # ## Three TIV bins (the paper's Table 3 and Figure 2)
 
 # %% tags=["hide-input"]
-tertiles = tiv_tertiles(pred, tiv_col="etiv_ml")
-write_table(tertiles, run.tiv.tertiles)
-shown = tertiles.drop(columns=["note"], errors="ignore").round(3)
-show_table(shown if policy.shareable else suppress_table(shown, policy.k),
-           caption="Accuracy by TIV bin and sex; balanced accuracy per bin")
-assigned = assign_tertiles(pred, tiv_col="etiv_ml")
-if policy.shareable:
-    show(fig_tiv_tertile_hist(assigned, tiv_col="etiv_ml"), alt="Histogram of TIV in three equal-count bins")
+try:
+    tertiles = tiv_tertiles(pred, tiv_col="etiv_ml")
+except BrainsexError as exc:  # a small cohort's test set
+    tertiles = None
+    show_note(f"Table 3 and Figure 2 are not shown: {exc}. Build on a larger cohort to see them.")
+if tertiles is not None:
+    write_table(tertiles, run.tiv.tertiles)
+    shown = tertiles.drop(columns=["note"], errors="ignore").round(3)
+    show_table(shown if policy.shareable else suppress_table(shown, policy.k),
+               caption="Accuracy by TIV bin and sex; balanced accuracy per bin")
+    assigned = assign_tertiles(pred, tiv_col="etiv_ml")
+    if policy.shareable:
+        show(fig_tiv_tertile_hist(assigned, tiv_col="etiv_ml"), alt="Histogram of TIV in three equal-count bins")
+    else:
+        edges = np.linspace(assigned["etiv_ml"].min(), assigned["etiv_ml"].max(), 21)
+        show(fig_binned_histogram({str(cat): binned_counts(assigned.loc[assigned["tertile"] == cat, "etiv_ml"],
+                                                           edges, policy.k)
+                                   for cat in assigned["tertile"].cat.categories},
+                                  "TIV distribution in three equal-count bins (paper Figure 2)", "TIV (etiv_ml, ml)",
+                                  k=policy.k),
+             alt="Histogram of TIV in three equal-count bins, small bins suppressed")
+    acc = tertiles.set_index(["tertile", "sex"])[["accuracy", "n"]]
+    first, last = tertiles["tertile"].iloc[0], tertiles["tertile"].iloc[-1]
+
+    def pct(tertile: str, sex: str) -> str:
+        if (tertile, sex) not in acc.index or pd.isna(acc.loc[(tertile, sex), "accuracy"]):
+            return "n/a (no such scan)"
+        row = acc.loc[(tertile, sex)]
+        return policy.value(f"{100 * row['accuracy']:.0f} %", row["n"])
+
+    glue("tertile_text", (
+        f"In the smallest-TIV bin, females are classified correctly {pct(first, 'F')} of the time and males "
+        f"{pct(first, 'M')}; in the largest-TIV bin, {pct(last, 'F')} and {pct(last, 'M')}."), display=False)
 else:
-    edges = np.linspace(assigned["etiv_ml"].min(), assigned["etiv_ml"].max(), 21)
-    show(fig_binned_histogram({str(cat): binned_counts(assigned.loc[assigned["tertile"] == cat, "etiv_ml"], edges,
-                                                       policy.k) for cat in assigned["tertile"].cat.categories},
-                              "TIV distribution in three equal-count bins (paper Figure 2)", "TIV (etiv_ml, ml)",
-                              k=policy.k),
-         alt="Histogram of TIV in three equal-count bins, small bins suppressed")
-low_bin = tertiles[tertiles["tertile"] == tertiles["tertile"].iloc[0]].set_index("sex")
-high_bin = tertiles[tertiles["tertile"] == tertiles["tertile"].iloc[-1]].set_index("sex")
-for key, tbin, sex in (("acc_f_low", low_bin, "F"), ("acc_m_low", low_bin, "M"), ("acc_f_high", high_bin, "F"),
-                       ("acc_m_high", high_bin, "M")):
-    glue(key, policy.value(f"{100 * tbin.loc[sex, 'accuracy']:.0f}", tbin.loc[sex, "n"]), display=False)
+    glue("tertile_text", "This run's test set is too small for the three bins.", display=False)
 
 # %% [markdown]
-# In the smallest-TIV bin, females are classified correctly {glue:text}`acc_f_low` % of the time and
-# males {glue:text}`acc_m_low` %; in the largest-TIV bin, {glue:text}`acc_f_high` % and
-# {glue:text}`acc_m_high` %. A model that leans on size gets the sex that is typical for the bin right
+# {glue:text}`tertile_text` A model that leans on size gets the sex that is typical for the bin right
 # and the other one wrong — the paper saw exactly this asymmetry.
 #
 # ## Probability against TIV (Figure 4) and the overlap range (Figure 5)
 
 # %% tags=["hide-input"]
 female, male = pred.loc[pred["sex"] == "F", "etiv_ml"], pred.loc[pred["sex"] == "M", "etiv_ml"]
-curves = kde_curves(female, male, threshold=kde_threshold)
-rtiv = bootstrap_rtiv(female, male, n_bootstrap=n_bootstrap, seed=seed, threshold=kde_threshold)
+try:
+    curves = kde_curves(female, male, threshold=kde_threshold)
+    rtiv = bootstrap_rtiv(female, male, n_bootstrap=n_bootstrap, seed=seed, threshold=kde_threshold)
+except BrainsexError as exc:  # a small cohort's test set: the overlap of head sizes is a cohort property
+    cohort_tiv = read_table(run.preprocess.table).query("status == 'ok'")
+    female = cohort_tiv.loc[cohort_tiv["sex"] == "F", "etiv_ml"].dropna()
+    male = cohort_tiv.loc[cohort_tiv["sex"] == "M", "etiv_ml"].dropna()
+    show_note(f"The test set is too small for the TIV densities ({exc}). R_tiv below is computed from all "
+              f"{len(female) + len(male)} preprocessed subjects instead: it describes how the cohort's head sizes "
+              "overlap, not the model.")
+    curves = kde_curves(female, male, threshold=kde_threshold)
+    rtiv = bootstrap_rtiv(female, male, n_bootstrap=n_bootstrap, seed=seed, threshold=kde_threshold)
 write_json_atomic(run.tiv.rtiv, rtiv)
 low, high = rtiv["low"], rtiv["high"]
 glue("rtiv_low", f"{low:,.0f}", display=False)
@@ -159,8 +185,15 @@ show_table(table_tiv if policy.shareable else suppress_table(table_tiv, policy.k
            caption="TIV-only baseline: inside vs outside R_tiv")
 v = inside.set_index("group").query("metric == 'balanced_accuracy'")["value"]
 vt = inside_tiv.set_index("group").query("metric == 'balanced_accuracy'")["value"]
-glue("bacc_inside", f"{100 * v['inside']:.1f}", display=False)
-glue("bacc_tiv_inside", f"{100 * vt['inside']:.1f}", display=False)
+
+
+def pct_of(values, group: str) -> str:
+    value = values.get(group, float("nan"))
+    return f"{100 * float(value):.1f}" if pd.notna(value) else "n/a"
+
+
+glue("bacc_inside", pct_of(v, "inside"), display=False)
+glue("bacc_tiv_inside", pct_of(vt, "inside"), display=False)
 
 # %% [markdown]
 # Inside $R_{\mathrm{tiv}}$ the CNN's balanced accuracy is {glue:text}`bacc_inside` %, while the TIV-only
@@ -171,8 +204,6 @@ glue("bacc_tiv_inside", f"{100 * vt['inside']:.1f}", display=False)
 # equal numbers of females and males — for the saliency chapter.
 
 # %% tags=["hide-input"]
-from brainsex import BrainsexError
-
 try:
     subset = balanced_rtiv_subset(pred, low, high, seed=seed)
     why = ""

@@ -1,10 +1,14 @@
 # ---
 # jupyter:
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,colab,accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -62,6 +66,15 @@ tbm_warps = ["tbm"]
 n_perm = 1000
 atlas_source = "offline"
 study_dir = "benchmarks/validity"
+# real cohorts: check the methods on a phantom matched to this run (same grid, widths, training settings)
+matched_phantom = True
+matched_subjects = 160
+manifest = "data_manifest.yaml"
+channels = [8, 16, 32, 32, 32, 16]
+epochs = 24
+batch_size = 16
+lr = 0.01
+select = "last"
 
 # %% tags=["hide-input"]
 import json
@@ -69,11 +82,14 @@ import json
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from IPython.display import Markdown
 from myst_nb import glue
 
+from brainsex import BrainsexError
 from brainsex.atlas import region_neighbours
 from brainsex.figures import fig_precision_at_k, fig_tbm_coefficients, show, show_table
 from brainsex.io import read_table, write_table
+from brainsex.matched import matched_phantom_run
 from brainsex.run import RunDir, ValidityDir
 from brainsex.templates import load_atlas, load_template
 from brainsex.validity import (
@@ -82,6 +98,7 @@ from brainsex.validity import (
     comparison_table,
     control_verdict,
     format_p,
+    has_truth,
     planted_recovery,
     planted_truth,
     positive_control,
@@ -92,6 +109,26 @@ from brainsex.validity import (
 )
 
 run = RunDir(run_dir)
+truth_known = has_truth(run)
+if not truth_known:
+    if not matched_phantom:
+        raise BrainsexError(f"{run.root}: this run has no planted truth (real scans) and matched_phantom is off; "
+                            "build with -p matched_phantom true, or leave this chapter out")
+    n_real = len(read_table(run.cohort.participants))
+    run = RunDir(matched_phantom_run(run, manifest=manifest, n_subjects=matched_subjects, voxel_size=voxel_size,
+                                     channels=channels, epochs=epochs, batch_size=batch_size, lr=lr, select=select,
+                                     device=device, seed=seed, n_workers=n_workers))
+    n_matched = len(read_table(run.cohort.participants))
+    glue("validity_case", Markdown(
+        f"**This run is on real scans** ({n_real} subjects), which come with no known answer. The checks below "
+        f"therefore run on a **phantom matched to this run**: {n_matched} phantom subjects on the same "
+        f"{voxel_size:g} mm grid, with the same model widths and training settings, generated, preprocessed, "
+        f"trained and explained inside this chapter (cached in `validity/matched_phantom/`). They measure how far "
+        "a region ranking made at these settings can be trusted; they do not say which regions differ in the "
+        "real cohort."), display=False)
+else:
+    glue("validity_case", Markdown("This run is on the phantom: the checks below use its own planted truth."),
+         display=False)
 out = run.validity
 template = load_template(voxel_size, source=atlas_source)
 atlas, labels = load_atlas(voxel_size, source=atlas_source)
@@ -118,6 +155,8 @@ glue("chance_p10_tol", f"{ceiling_rep.loc[0, 'precision_at_k_tolerant_chance']:.
 glue("n_ranked", int(ceiling_rep.loc[0, "n_ranked"]), display=False)
 
 # %% [markdown]
+# {glue:md}`validity_case`
+#
 # ## The ceiling: what is there to find on this grid
 #
 # Of the {glue:text}`n_planted` planted regions, {glue:text}`n_on_grid` keep at least one voxel on the

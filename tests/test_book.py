@@ -145,12 +145,12 @@ def test_chapter_hash_covers_data_files_roots_and_library_versions(mini_book, tm
     assert edited != before
     # the resolved root of an enabled cohort (here: a manifest root read from the environment)
     manifest = (mini_book / "data_manifest.yaml").read_text()
-    assert "${BRAINSEX_DATA:-~/brainsex-data}/IXI\n    enabled: false" in manifest
+    assert "${BRAINSEX_DATA:-~/brainsex-data}/CC-359\n    enabled: false" in manifest
     (mini_book / "data_manifest.yaml").write_text(
-        manifest.replace("${BRAINSEX_DATA:-~/brainsex-data}/IXI\n    enabled: false", "${BRAINSEX_DATA:-~/brainsex-data}/IXI\n    enabled: true"))
+        manifest.replace("${BRAINSEX_DATA:-~/brainsex-data}/CC-359\n    enabled: false", "${BRAINSEX_DATA:-~/brainsex-data}/CC-359\n    enabled: true"))
     monkeypatch.setenv("BRAINSEX_DATA", str(tmp_path / "one"))
     one = book.inputs_digest(plan, src, params)
-    assert book.data_roots(plan)["IXI"] == str((tmp_path / "one" / "IXI").resolve())
+    assert book.data_roots(plan)["CC-359"] == str((tmp_path / "one" / "CC-359").resolve())
     monkeypatch.setenv("BRAINSEX_DATA", str(tmp_path / "two"))
     assert book.inputs_digest(plan, src, params) != one
     # the libraries that compute results

@@ -64,7 +64,8 @@ def test_check_image(tmp_path):
 @pytest.mark.parametrize(
     ("value", "vendor"),
     [("GE MEDICAL SYSTEMS", "GE"), ("ge", "GE"), ("Philips Healthcare", "Philips"), ("SIEMENS", "Siemens"),
-     ("Toshiba", None), ("", None), (float("nan"), None), ("Generic scanner", None)],
+     ("Toshiba", "Toshiba"), ("CANON MEDICAL SYSTEMS", "Canon"), ("Hitachi Medical Corporation", "Hitachi"),
+     ("", None), (float("nan"), None), ("Generic  scanner", "Generic scanner")],
 )
 def test_normalise_vendor(value, vendor):
     assert cohorts.normalise_vendor(value) == vendor
@@ -72,7 +73,8 @@ def test_normalise_vendor(value, vendor):
 
 @pytest.mark.parametrize(
     ("value", "field"),
-    [("3T", 3.0), (3, 3.0), ("1.5", 1.5), (1.494, 1.5), ("2.89", 3.0), (15000, 1.5), ("15", 1.5), ("7T", None), ("", None)],
+    [("3T", 3.0), (3, 3.0), ("1.5", 1.5), (1.494, 1.5), ("2.89", 3.0), (15000, 1.5), ("15", 1.5), ("7T", 7.0), (0.55, 0.55), ("", None),
+     ("n/a", None), ("strong", None)],
 )
 def test_normalise_field(value, field):
     assert cohorts.normalise_field(value) == field
@@ -99,7 +101,8 @@ def ixi_tree(tmp_path):
     nii(img / "IXI019-Guys-0002-T1.nii.gz", shape=(8, 8, 8, 2))
     truncated(img / "IXI020-HH-0003-T1.nii.gz")
     manifest = load_manifest(REPO / "data_manifest.yaml")
-    entry = manifest.cohort("IXI").model_copy(update={"root": str(root), "participants": "IXI.xlsx", "enabled": True})
+    entry = manifest.cohort("IXI").model_copy(update={"root": str(root), "participants": "IXI.xlsx", "enabled": True,
+                                                      "download": False})
     return root, entry
 
 
@@ -108,7 +111,9 @@ def test_ixi_adapter(ixi_tree):
     table, excl = cohorts.load_cohort(entry)
     assert list(table.columns) == cohorts.COLUMNS
     t = table.set_index("participant_id")
-    assert sorted(t.index) == ["IXI002", "IXI012", "IXI013", "IXI015"]
+    assert sorted(t.index) == ["IXI002", "IXI012", "IXI013", "IXI015", "IXI022"]
+    # an unknown site is data (vendor and field unknown), never a reason to exclude
+    assert t.loc["IXI022", "vendor"] == "unknown" and np.isnan(t.loc["IXI022", "field"])
     assert t.loc["IXI002", ["sex", "vendor", "field"]].tolist() == ["F", "Philips", 1.5]
     assert t.loc["IXI012", ["sex", "vendor", "field"]].tolist() == ["M", "Philips", 3.0]
     assert t.loc["IXI013", ["vendor", "field"]].tolist() == ["GE", 1.5]
@@ -123,10 +128,10 @@ def test_ixi_adapter(ixi_tree):
     assert "not 3-D" in r["IXI019"]
     assert "truncated" in r["IXI020"]
     assert "no T1 image" in r["IXI021"]
-    assert "unknown vendor" in r["IXI022"] and "XYZ" in r["IXI022"]
+    assert "IXI022" not in r
     assert "without demographics" in r["IXI099"]
     assert set(excl["cohort"]) == {"IXI"}
-    assert len(excl) == 9
+    assert len(excl) == 8
 
 
 def test_ixi_without_demographics_file_is_a_clear_error(ixi_tree):
@@ -186,19 +191,73 @@ def test_bids_adapter_earliest_session_and_bad_rows(tmp_path):
     for sid in ("02", "03", "05", "07", "08", "09"):
         nii(root / f"sub-{sid}/ses-1/anat/sub-{sid}_ses-1_T1w.nii.gz")
     table, excl = cohorts.load_cohort(bids_entry(root))
-    assert table["participant_id"].tolist() == ["sub-01"]
+    assert table["participant_id"].tolist() == ["sub-01", "sub-02", "sub-09"]
     row = table.iloc[0]
     assert row["image"] == str(early.resolve())
     assert (row["sex"], row["vendor"], row["field"], row["dataset"], row["shareable"]) == (
         "F", "Siemens", 3.0, "FakeBIDS", False)
     r = reasons(excl)
-    assert "unknown vendor 'Toshiba'" in r["sub-02"]
+    t = table.set_index("participant_id")
+    assert t.loc["sub-02", ["vendor", "field"]].tolist() == ["Toshiba", 1.5]  # open categories
+    assert t.loc["sub-09", "field"] == 7.0
     assert "missing sex" in r["sub-03"]
     assert "no image matches" in r["sub-04"]
     assert "unknown sex code 'X'" in r["sub-05"]
     assert "duplicate" in r["sub-07"]
     assert "without demographics" in r["sub-08"]
-    assert "field strength '7'" in r["sub-09"]
+    assert "sub-02" not in r and "sub-09" not in r
+
+
+def test_bids_without_vendor_columns_reads_sidecars_or_records_unknown(tmp_path):
+    import json
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "participants.tsv").write_text("participant_id\tsex\tage\nsub-01\tF\t30\nsub-02\tM\t31\n"
+                                           "sub-03\tM\t32\n")
+    for sid in ("01", "02", "03"):
+        nii(root / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz")
+    (root / "sub-01/anat/sub-01_T1w.json").write_text(json.dumps({"Manufacturer": "Canon Medical Systems",
+                                                                  "MagneticFieldStrength": 3}))
+    (root / "sub-02/anat/sub-02_T1w.json").write_text(json.dumps({"Manufacturer": "Hitachi"}))
+    entry = bids_entry(root, columns={"id": "participant_id", "sex": "sex", "age": "age"},
+                       image_pattern="sub-{id}/anat/sub-{id}_T1w.nii.gz")
+    table, excl = cohorts.load_cohort(entry)
+    assert excl.empty and len(table) == 3
+    t = table.set_index("participant_id")
+    assert t.loc["sub-01", ["vendor", "field"]].tolist() == ["Canon", 3.0]
+    assert t.loc["sub-02", "vendor"] == "Hitachi" and np.isnan(t.loc["sub-02", "field"])
+    assert t.loc["sub-03", "vendor"] == "unknown"
+    # a dataset-level sidecar (BIDS inheritance) fills what the subject's own lacks
+    (root / "T1w.json").write_text(json.dumps({"Manufacturer": "Siemens", "MagneticFieldStrength": 1.5}))
+    t = cohorts.load_cohort(entry)[0].set_index("participant_id")
+    assert t.loc["sub-03", ["vendor", "field"]].tolist() == ["Siemens", 1.5]
+    assert t.loc["sub-02", ["vendor", "field"]].tolist() == ["Hitachi", 1.5]
+    t1 = cohorts.table1(table)
+    assert {"Canon", "Hitachi", "vendor unknown", "field unknown"} <= set(t1.columns)
+
+
+def test_cohort_with_no_usable_subject_names_the_leading_reasons(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "participants.tsv").write_text("participant_id\tsex\tage\nsub-01\tX\t30\nsub-02\tX\t31\n"
+                                           "sub-03\tF\t\n")
+    for sid in ("01", "02", "03"):
+        nii(root / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz")
+    manifest_path = tmp_path / "manifest.yaml"
+    manifest_path.write_text(textwrap.dedent(f"""\
+        version: 1
+        cohorts:
+          - name: empty
+            kind: bids
+            root: {root}
+            shareable: true
+            image_pattern: "sub-{{id}}/anat/sub-{{id}}_T1w.nii.gz"
+        """))
+    with pytest.raises(BrainsexError, match=r"empty: no usable subject \(3 excluded\).*unknown sex code \(2\)"
+                                            r".*missing age"):
+        cohorts.load_cohorts(manifest_path, ["empty"], run_dir=tmp_path / "run")
+    assert len(pd.read_csv(tmp_path / "run" / "cohort" / "exclusions.tsv", sep="\t")) == 3
 
 
 def test_bids_session_column_keeps_the_earliest_row(tmp_path):
@@ -350,3 +409,69 @@ def test_public_exclusions_hide_ids_of_non_shareable_cohorts(tmp_path):
     adni = pub[pub["cohort"] == "ADNI"]
     assert adni["n"].tolist() == [2] and adni["participant_id"].tolist() == [""]
     assert cohorts.public_exclusions(excl.iloc[:0], manifest).empty
+
+
+# ------------------------------------------------------------------------- IXI download, offline
+def fake_ixi_release(tmp_path: Path) -> tuple[Path, Path]:
+    """A small IXI-T1.tar (flat NIfTI files, as the real one) and demographics, with one quirk each."""
+    import tarfile
+
+    src = tmp_path / "release"
+    names = ["IXI002-Guys-0828", "IXI012-HH-1211", "IXI013-IOP-0862", "IXI637-HH-2720"]  # IXI637: no row
+    for name in names:
+        nii(src / "t1" / f"{name}-T1.nii.gz")
+    tar = src / "IXI-T1.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name in names:
+            tf.add(src / "t1" / f"{name}-T1.nii.gz", arcname=f"{name}-T1.nii.gz")
+    df = pd.DataFrame([(2, 2, 35.8), (12, 1, 38.8), (13, 1, 46.7), (13, 2, 46.7)],  # IXI013: conflicting rows
+                      columns=["IXI_ID", "SEX_ID (1=m, 2=f)", "AGE"])
+    xls = src / "IXI.xlsx"
+    df.to_excel(xls, index=False)
+    return tar, xls
+
+
+def test_ixi_download_extract_and_reuse_offline(tmp_path):
+    import pooch
+
+    tar, xls = fake_ixi_release(tmp_path)
+    root = tmp_path / "data" / "IXI"
+    manifest = load_manifest(REPO / "data_manifest.yaml")
+    entry = manifest.cohort("IXI").model_copy(update={
+        "root": str(root), "participants": "IXI.xlsx", "download": True,
+        "downloads": {"images": {"url": tar.as_uri(), "known_hash": f"md5:{pooch.file_hash(str(tar), 'md5')}",
+                                 "fname": "IXI-T1.tar"},
+                      "demographics": {"url": str(xls), "known_hash": f"md5:{pooch.file_hash(str(xls), 'md5')}",
+                                       "fname": "IXI.xlsx"}}})
+    entry = type(entry).model_validate(entry.model_dump())
+    table, excl = cohorts.load_cohort(entry, progress=False)
+    assert (root / "IXI-T1.tar").is_file() and (root / "IXI-T1" / "IXI012-HH-1211-T1.nii.gz").is_file()
+    assert sorted(table["participant_id"]) == ["IXI002", "IXI012"]
+    r = reasons(excl)
+    assert "duplicate" in r["IXI013"] and "without demographics" in r["IXI637"]
+    # a second load reads the folder as it is: no download, even when a hash no longer matches
+    stamp = (root / "IXI-T1.tar").stat().st_mtime_ns
+    (root / "IXI.xlsx").write_bytes((root / "IXI.xlsx").read_bytes())  # same content, new file
+    bad_hash = entry.model_copy(update={"downloads": {k: v.model_copy(update={"known_hash": "md5:" + "0" * 32})
+                                                      for k, v in entry.downloads.items()}})
+    again, _ = cohorts.load_cohort(bad_hash, progress=False)
+    assert len(again) == 2 and (root / "IXI-T1.tar").stat().st_mtime_ns == stamp
+    # a corrupted download is refused by its hash
+    other = tmp_path / "other" / "IXI"
+    with pytest.raises(BrainsexError, match="(?i)downloading IXI.*hash"):
+        cohorts.load_cohort(bad_hash.model_copy(update={"root": str(other)}), progress=False)
+
+
+def test_ixi_root_from_brainsex_data_symlink(tmp_path, monkeypatch, ixi_tree):
+    """BRAINSEX_DATA pointing at a folder holding IXI/ (here a symlink) is read without downloading."""
+    root, entry = ixi_tree
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "IXI").symlink_to(root)
+    monkeypatch.setenv("BRAINSEX_DATA", str(data))
+    manifest = load_manifest(REPO / "data_manifest.yaml")
+    ixi = manifest.cohort("IXI").model_copy(update={"participants": "IXI.xlsx"})
+    assert ixi.enabled and ixi.download
+    assert manifest.resolve_root(ixi) == data / "IXI"
+    table, _ = cohorts.load_cohort(ixi, manifest=manifest, progress=False)
+    assert "IXI012" in set(table["participant_id"])

@@ -41,7 +41,7 @@ def test_shipped_manifest_loads():
     assert names[0] == "phantom" and {"IXI", "CC-359", "OASIS-3", "ADNI", "Cam-CAN"} <= set(names)
     assert m.cohort("phantom").kind == "synthetic" and m.cohort("phantom").enabled
     assert all(not m.cohort(n).shareable for n in ("CC-359", "OASIS-3", "ADNI", "Cam-CAN"))
-    assert m.cohort("IXI").shareable and not m.cohort("IXI").enabled
+    assert m.cohort("IXI").shareable and m.cohort("IXI").enabled and m.cohort("IXI").download  # the ixi profile
     assert m.cohort("IXI").columns.sex == "SEX_ID (1=m, 2=f)"
     assert set(m.references) == {"template", "brain_mask", "atlas"}
     table = manifest_table(m)

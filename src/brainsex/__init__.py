@@ -4,9 +4,9 @@ Modules, in the order data flows through them; a module imports only modules lis
 never another module's private (``_underscore``) names (``tests/test_architecture.py`` checks both):
 
 ``io`` -> ``run`` -> ``cache`` -> ``profiles`` -> ``manifest`` -> ``privacy`` (infrastructure) -> ``templates``
--> ``synthetic`` -> ``cohorts`` (data) -> ``registration`` -> ``preprocess`` -> ``split`` -> ``model`` -> ``memory``
+-> ``synthetic`` -> ``cohorts`` (data) -> ``registration`` -> ``preprocess`` -> ``qc`` -> ``split`` -> ``model`` -> ``memory``
 -> ``train`` -> ``evaluate`` -> ``stages`` -> ``tiv`` -> ``saliency`` -> ``atlas`` -> ``ranking`` -> ``morphometry``
--> ``validity`` -> ``figures`` -> ``book`` -> ``cli``.
+-> ``validity`` -> ``matched`` -> ``figures`` -> ``book`` -> ``cli``.
 """
 
 __version__ = "0.1.0"

@@ -16,13 +16,15 @@ manifest declares, through one adapter per ``kind``:
     Any participants table (TSV, CSV, XLS, XLSX) and an image path pattern.
 
 Every adapter returns ``(table, exclusions)``. ``table`` has the run-directory columns
-(:data:`COLUMNS`): participant_id, sex (``F``/``M``), age, dataset, vendor (``GE``/``Philips``/
-``Siemens``), field (1.5/3.0), tiv_ml (NaN when unknown), image (absolute path), mask (path or
+(:data:`COLUMNS`): participant_id, sex (``F``/``M``), age, dataset, vendor (an open category:
+``GE``, ``Philips``, ``Siemens``, ``Canon``, ... or ``unknown``), field (tesla, NaN when unknown), tiv_ml (NaN when unknown), image (absolute path), mask (path or
 empty), cohort (manifest name), shareable. Subjects with bad input (missing or corrupt image, image
-not 3-D, missing or unknown sex, missing age, unknown vendor or field strength, duplicate ID with
+not 3-D, missing or unknown sex, missing age, duplicate ID with
 conflicting rows, a path pattern matching nothing, an image without demographics) are not errors:
 they are listed in ``exclusions`` (participant_id, cohort, reason) and the run goes on. Images are
-checked cheaply (header and file size, no decoding). A manifest that does not fit its files (missing
+checked cheaply (header and file size, no decoding). Vendor and field strength never exclude anyone:
+when the table lacks them they come from the BIDS sidecar JSON (:func:`read_sidecar`), else
+``unknown``. A manifest that does not fit its files (missing
 participants table, a mapped column that does not exist) is an error for the whole cohort.
 """
 
@@ -58,6 +60,10 @@ __all__ = [
     "check_image",
     "normalise_vendor",
     "normalise_field",
+    "read_sidecar",
+    "KNOWN_VENDORS",
+    "UNKNOWN",
+    "no_subjects_message",
     "read_participants",
     "table1",
     "public_exclusions",
@@ -144,22 +150,39 @@ def _gunzip_length(path: Path) -> int | None:
     return n
 
 
+#: Canonical spelling of scanner manufacturers (lower-case word -> name). Any other manufacturer is kept
+#: as written (vendor is an open category: a Canon or Hitachi scanner is data, not an error).
+KNOWN_VENDORS: dict[str, str] = {"ge": "GE", "gehc": "GE", "philips": "Philips", "siemens": "Siemens",
+                                 "canon": "Canon", "toshiba": "Toshiba", "hitachi": "Hitachi", "fujifilm": "Fujifilm",
+                                 "bruker": "Bruker", "united": "United Imaging", "uih": "United Imaging"}
+#: The value recorded when a scan's vendor is not known (field strength: NaN).
+UNKNOWN = "unknown"
+
+
 def normalise_vendor(value: Any) -> str | None:
-    """'GE MEDICAL SYSTEMS', 'ge', 'Philips Healthcare', 'SIEMENS' -> GE / Philips / Siemens; else None."""
+    """A manufacturer name in one spelling: 'GE MEDICAL SYSTEMS' -> GE, 'SIEMENS' -> Siemens, 'Canon' -> Canon.
+
+    Vendor is an open category: a manufacturer outside :data:`KNOWN_VENDORS` is kept as written
+    (whitespace collapsed). None only when the value is missing.
+    """
     if _is_missing(value):
         return None
-    words = set(re.sub(r"[^a-z0-9]+", " ", str(value).lower()).split())
-    if "ge" in words or "general" in words and "electric" in words or "gehc" in words:
+    text = " ".join(str(value).split())
+    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    if "general" in words and "electric" in words:
         return "GE"
-    if "philips" in words:
-        return "Philips"
-    if "siemens" in words:
-        return "Siemens"
-    return None
+    for w in words:
+        if w in KNOWN_VENDORS:
+            return KNOWN_VENDORS[w]
+    return text
 
 
 def normalise_field(value: Any) -> float | None:
-    """Field strength in tesla: '3T', '3.0', 2.89, '1.5 T', '15' (CC-359), 15000 (gauss) -> 1.5 or 3.0; else None."""
+    """Field strength in tesla: '3T', '3.0', 2.89, '1.5 T', '15' (CC-359), 15000 (gauss) -> 1.5 or 3.0.
+
+    Other strengths are kept (an open category): '7T' -> 7.0, 0.55 -> 0.55. None when missing or
+    not a number.
+    """
     if _is_missing(value):
         return None
     m = re.search(r"\d+(\.\d+)?", str(value).replace(",", "."))
@@ -174,7 +197,49 @@ def normalise_field(value: Any) -> float | None:
         return 1.5
     if 2.5 <= x <= 3.5:
         return 3.0
+    if 0 < x <= 12:
+        return round(x, 2)
     return None
+
+
+def read_sidecar(image: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``Manufacturer`` and ``MagneticFieldStrength`` from an image's BIDS sidecar JSON.
+
+    Looks for ``<image>.json`` next to the image, then (BIDS inheritance) a ``*T1w.json`` at the top
+    of ``root``. Missing or unreadable sidecars give an empty dict.
+
+    Parameters
+    ----------
+    image : path
+        The NIfTI image.
+    root : path or None
+        The dataset root, for a dataset-level sidecar.
+
+    Returns
+    -------
+    dict
+        ``{"vendor": ..., "field": ...}`` for the keys found.
+    """
+    import json
+
+    p = Path(image)
+    stem = p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem
+    candidates = [p.with_name(stem + ".json")]
+    if root is not None:
+        candidates += sorted(Path(root).glob("*T1w.json"))
+    out: dict[str, Any] = {}
+    for c in candidates:
+        if not c.is_file():
+            continue
+        try:
+            meta = json.loads(c.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            for key, bids_key in (("vendor", "Manufacturer"), ("field", "MagneticFieldStrength")):
+                if key not in out and not _is_missing(meta.get(bids_key)):
+                    out[key] = meta[bids_key]
+    return out
 
 
 def _is_missing(value: Any) -> bool:
@@ -287,19 +352,18 @@ def _validate(rows: list[dict[str, Any]], entry: CohortEntry, exclusions: list[d
         if not math.isfinite(age) or age <= 0:
             exclude("missing age (sex and age are required, as in the paper)")
             continue
-        vendor = normalise_vendor(r.get("vendor_raw"))
-        if vendor is None:
-            exclude("missing vendor" if _is_missing(r.get("vendor_raw")) else f"unknown vendor '{r['vendor_raw']}'")
-            continue
-        field = normalise_field(r.get("field_raw"))
-        if field is None:
-            exclude("missing field strength" if _is_missing(r.get("field_raw"))
-                    else f"unknown field strength '{r['field_raw']}'")
-            continue
         problem = check_image(r["image"])
         if problem:
             exclude(problem)
             continue
+        vendor_raw, field_raw = r.get("vendor_raw"), r.get("field_raw")
+        if _is_missing(vendor_raw) or _is_missing(field_raw):  # a BIDS sidecar may know; else "unknown"
+            side = read_sidecar(r["image"], r.get("root"))
+            vendor_raw = side.get("vendor") if _is_missing(vendor_raw) else vendor_raw
+            field_raw = side.get("field") if _is_missing(field_raw) else field_raw
+        vendor = normalise_vendor(vendor_raw) or UNKNOWN
+        field = normalise_field(field_raw)
+        field = math.nan if field is None else field
         try:
             tiv = float(r.get("tiv_raw")) if not _is_missing(r.get("tiv_raw")) else math.nan
         except (TypeError, ValueError):
@@ -415,8 +479,7 @@ def _load_ixi(entry: CohortEntry, root: Path) -> tuple[pd.DataFrame, pd.DataFram
         rows.append({"participant_id": pid, "sex_raw": row.get(entry.columns.sex),
                      "age_raw": _value(row, entry.columns.age), "dataset": entry.dataset or entry.name,
                      "vendor_raw": vendor, "field_raw": field, "tiv_raw": _value(row, entry.columns.tiv_ml),
-                     "image": path, "mask": "",
-                     "reason": None if vendor else f"unknown vendor: IXI site '{site}' is not one of {sorted(IXI_SITES)}"})
+                     "image": path, "mask": "", "reason": None})
     table = _validate(rows, entry, exclusions)
     return table, pd.DataFrame(exclusions, columns=EXCLUSION_COLUMNS)
 
@@ -463,7 +526,7 @@ def _load_tabular(entry: CohortEntry, root: Path) -> tuple[pd.DataFrame, pd.Data
                      "dataset": _value(row, cols.dataset, entry.dataset or entry.name),
                      "vendor_raw": _value(row, cols.vendor, entry.vendor),
                      "field_raw": _value(row, cols.field, entry.field), "tiv_raw": _value(row, cols.tiv_ml),
-                     "image": found[0] if found else None, "mask": mask,
+                     "image": found[0] if found else None, "mask": mask, "root": root,
                      "reason": None if found else f"no image matches '{pattern}' under {root}"})
     if bids:  # subjects on disk without a participants row
         for d in sorted(root.glob("sub-*"), key=lambda q: _natural_key(q.name)):
@@ -540,6 +603,14 @@ def load_cohort(
         table, excl = _load_synthetic(entry, root, n, voxel_size, seed, n_workers, progress)
         return table, excl
     root = _root(entry, manifest, None)
+    if entry.kind == "ixi" and entry.download and not (root / (entry.participants or "IXI.xls")).is_file():
+        try:
+            fetch_ixi(root, entry, progressbar=progress)
+        except Exception as exc:  # network errors, hash mismatches (pooch raises ValueError), full disks
+            raise BrainsexError(
+                f"cohorts[{entry.name}]: downloading IXI into {root} failed ({type(exc).__name__}: {str(exc)[:300]}). "
+                f"Put an extracted IXI-T1.tar and {entry.participants or 'IXI.xls'} there by hand, or set "
+                "BRAINSEX_DATA to a folder holding IXI/") from exc
     if not root.is_dir():
         raise BrainsexError(f"cohorts[{entry.name}].root: folder {root} does not exist (from '{entry.root}')")
     if entry.kind == "ixi":
@@ -609,7 +680,33 @@ def load_cohorts(
     out = RunDir(run_dir).cohort
     write_table(participants[COLUMNS], out.participants)
     write_table(exclusions[EXCLUSION_COLUMNS], out.exclusions)
+    if participants.empty:
+        raise BrainsexError(no_subjects_message(exclusions, [e.name for e in entries]))
     return participants[COLUMNS], exclusions[EXCLUSION_COLUMNS]
+
+
+def no_subjects_message(exclusions: pd.DataFrame, cohorts: Sequence[str] = (), top: int = 3) -> str:
+    """One message for a cohort with no usable subject, naming the leading exclusion reasons.
+
+    Parameters
+    ----------
+    exclusions : pandas.DataFrame
+        The exclusions table (column ``reason``).
+    cohorts : sequence of str
+        Names of the cohorts that were loaded (for the message).
+    top : int, default=3
+        How many reasons to name.
+    """
+    names = ", ".join(cohorts) or "the cohort"
+    if exclusions is None or exclusions.empty:
+        return f"{names}: no subject found (no participants row matched an image)"
+    # group reasons that differ only in a file name or value: keep the text before the first quote/colon
+    key = exclusions["reason"].astype(str).map(lambda r: re.split(r"[:'(]", r, maxsplit=1)[0].strip() or r)
+    counts = key.value_counts()
+    lead = "; ".join(f"{reason} ({n})" for reason, n in counts.head(top).items())
+    example = exclusions["reason"].astype(str).iloc[0]
+    return (f"{names}: no usable subject ({len(exclusions)} excluded). Leading reasons: {lead}. "
+            f"First one in full: {example}. See cohort/exclusions.tsv in the run directory.")
 
 
 def fetch_ixi(root: str | os.PathLike, entry: CohortEntry | None = None, progressbar: bool = True) -> Path:
@@ -617,7 +714,21 @@ def fetch_ixi(root: str | os.PathLike, entry: CohortEntry | None = None, progres
 
     ``IXI.xls`` goes to ``root``; ``IXI-T1.tar`` (about 4.5 GB) is downloaded there and unpacked to
     ``root/IXI-T1/``. URLs and hashes come from the manifest entry's ``downloads`` when given, else
-    from :data:`IXI_DOWNLOADS`. Files already present with the right hash are not downloaded again.
+    from :data:`IXI_DOWNLOADS`; a URL may also be a local path or a ``file://`` URL (a mirror). Files
+    already present with the right hash are not downloaded again, so an interrupted fetch resumes
+    with the files it lacks. :func:`load_cohort` calls this for an ``ixi`` entry with
+    ``download: true`` whose root lacks the demographics table; a root that holds them is read as
+    it is (no download, no hash check: copies of ``IXI.xls`` in circulation differ from the
+    published one).
+
+    Parameters
+    ----------
+    root : path
+        Folder to download into (the manifest entry's ``root``).
+    entry : CohortEntry or None
+        The manifest entry, for its ``downloads``.
+    progressbar : bool, default=True
+        Show pooch's progress bars (needs tqdm).
 
     Returns
     -------
@@ -635,9 +746,28 @@ def fetch_ixi(root: str | os.PathLike, entry: CohortEntry | None = None, progres
         known_hash = (d.known_hash if d and d.known_hash else default["known_hash"])
         fname = (d.fname if d and d.fname else default["fname"])
         processor = pooch.Untar(extract_dir="IXI-T1") if fname.endswith(".tar") else None
+        downloader = None
+        if url.startswith("file://") or "://" not in url:  # a mirror on disk: copied, then hash-checked by pooch
+            downloader = _copy_local
+            url = Path(url.removeprefix("file://")).expanduser().resolve().as_uri()
         pooch.retrieve(url, known_hash=known_hash, fname=fname, path=root, processor=processor,
-                       progressbar=progressbar)
+                       progressbar=progressbar, downloader=downloader)
     return root
+
+
+def _copy_local(url: str, output_file: Any, pooch_obj: Any) -> None:
+    """A pooch downloader for ``file://`` URLs (a local mirror of the files)."""
+    import shutil
+    from urllib.parse import unquote, urlparse
+
+    src = Path(unquote(urlparse(url).path))
+    if not src.is_file():
+        raise BrainsexError(f"{src}: local download source not found")
+    if hasattr(output_file, "write"):
+        with open(src, "rb") as fh:
+            shutil.copyfileobj(fh, output_file)
+    else:
+        shutil.copyfile(src, output_file)
 
 
 def table1(participants: pd.DataFrame) -> pd.DataFrame:
@@ -658,15 +788,23 @@ def table1(participants: pd.DataFrame) -> pd.DataFrame:
         sd = f"{s.std():.1f}" if len(s) > 1 else "–"
         return f"{s.mean():.1f} ± {sd} ({s.min():.0f}–{s.max():.0f})"
 
+    vendors = sorted(participants["vendor"].dropna().astype(str).unique(), key=lambda v: (v == UNKNOWN, v))
+    strengths = sorted(pd.to_numeric(participants["field"], errors="coerce").dropna().unique())
+    any_unknown_field = bool(pd.to_numeric(participants["field"], errors="coerce").isna().any())
+
     def summarise(df: pd.DataFrame) -> dict[str, Any]:
         field = pd.to_numeric(df["field"], errors="coerce")
-        return {
+        row: dict[str, Any] = {
             "N": len(df), "Female": int((df["sex"] == "F").sum()), "Male": int((df["sex"] == "M").sum()),
             "Age (F)": age(df.loc[df["sex"] == "F", "age"]), "Age (M)": age(df.loc[df["sex"] == "M", "age"]),
-            "GE": int((df["vendor"] == "GE").sum()), "Philips": int((df["vendor"] == "Philips").sum()),
-            "Siemens": int((df["vendor"] == "Siemens").sum()),
-            "1.5 T": int((field == 1.5).sum()), "3 T": int((field == 3.0).sum()),
         }
+        for v in vendors or ["GE", "Philips", "Siemens"]:
+            row[v if v != UNKNOWN else "vendor unknown"] = int((df["vendor"].astype(str) == v).sum())
+        for f in strengths or [1.5, 3.0]:
+            row[f"{f:g} T"] = int((field == f).sum())
+        if any_unknown_field:
+            row["field unknown"] = int(field.isna().sum())
+        return row
 
     rows = {ds: summarise(g) for ds, g in participants.groupby("dataset", sort=True)}
     rows["All"] = summarise(participants)

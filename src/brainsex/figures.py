@@ -999,3 +999,16 @@ def fig_precision_at_k(table: pd.DataFrame, k: int = 10, alpha: float = 0.05,
         xaxis={"title": f"precision@{k}", "range": [0, 1.02]}, yaxis={"autorange": "reversed"},
         height=140 + 32 * len(table), margin={"l": 10, "r": 10, "t": 50, "b": 40})
     return fig
+
+
+def show_note(text: str) -> None:
+    """Display a MyST note box in place of a table or figure that this run cannot make.
+
+    Parameters
+    ----------
+    text : str
+        What is missing and why (e.g. too few subjects), in the reader's words.
+    """
+    from IPython.display import Markdown, display
+
+    display(Markdown(f"```{{note}}\n{text}\n```"))

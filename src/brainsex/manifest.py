@@ -92,6 +92,9 @@ class CohortEntry(_Strict):
     license: str | None = None
     citation: str | None = None
     downloads: dict[str, Download] = Field(default_factory=dict)
+    #: fetch the ``downloads`` with pooch when ``root`` lacks the participants table (kind ``ixi``); a
+    #: root that already holds it is read as it is, without downloading or re-checking hashes
+    download: bool = False
     synthetic: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

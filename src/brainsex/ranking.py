@@ -30,6 +30,7 @@ from brainsex.io import as_array, is_image
 from brainsex.run import PhantomDir, RunDir
 
 __all__ = [
+    "has_truth",
     "planted_truth",
     "truth_map_ranking",
     "planted_recovery",
@@ -39,6 +40,35 @@ __all__ = [
 ]
 
 _METRICS = ("precision_at_k", "average_precision", "precision_at_k_tolerant", "average_precision_tolerant")
+
+
+def has_truth(run_dir: str | os.PathLike) -> bool:
+    """Whether a run knows the true sex differences of its cohort (a phantom run) or not (real scans).
+
+    True when the run's phantom has its planted-region table (:attr:`brainsex.run.PhantomDir.regions`)
+    *and* every subject of the run's participants table is a scan of that phantom: a run directory reused for a real
+    cohort after a phantom build keeps the old truth on disk, which must not be read as this run's.
+
+    Parameters
+    ----------
+    run_dir : path
+        The run directory.
+
+    Returns
+    -------
+    bool
+    """
+    run = RunDir(run_dir)
+    phantom = run.phantom.root.resolve()
+    if not run.phantom.regions.is_file():
+        return False
+    table_path = run.cohort.participants
+    if not table_path.is_file():
+        return False
+    images = pd.read_csv(table_path, sep="\t", usecols=["image"])["image"].astype(str)
+    if images.empty:
+        return False
+    return bool(images.map(lambda im: Path(im).resolve().is_relative_to(phantom)).all())
 
 
 def planted_truth(source: str | os.PathLike | RunDir | PhantomDir) -> pd.DataFrame:

@@ -214,6 +214,11 @@ class PreprocessDir(_Folder):
         return self.root / "qc.tsv"
 
     @property
+    def qc_flags(self) -> Path:
+        """``qc_flags.tsv``: cohort-relative outlier flags (:func:`brainsex.qc.review_registrations`)."""
+        return self.root / "qc_flags.tsv"
+
+    @property
     def warps(self) -> Path:
         """``warps/``: cached non-linear transforms to the template (saliency and validity chapters)."""
         return self.root / "warps"
@@ -419,6 +424,11 @@ class ValidityDir(_Folder):
     root
         The folder.
     """
+
+    @property
+    def matched_phantom(self) -> Path:
+        """``matched_phantom/``: a phantom run matched to a real run (:func:`brainsex.matched.matched_phantom_run`)."""
+        return self.root / "matched_phantom"
 
     @property
     def method_comparison(self) -> Path:

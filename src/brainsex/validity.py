@@ -53,6 +53,7 @@ from brainsex.morphometry import (
     tbm_region_test,
 )
 from brainsex.ranking import (
+    has_truth,
     planted_recovery,
     planted_truth,
     ranking_report,
@@ -75,6 +76,8 @@ __all__ = [
     "main",
     # re-exported from brainsex.ranking, brainsex.morphometry and brainsex.registration
     "planted_truth",
+    "has_truth",
+    "has_truth",
     "truth_map_ranking",
     "planted_recovery",
     "ranking_report",
