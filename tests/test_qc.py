@@ -13,7 +13,7 @@ from brainsex.io import read_table, write_table
 
 IXI = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "IXI-HH-2mm"
 if not IXI.is_dir():  # worktrees live next to the project's shared/ folder
-    IXI = Path("/work/shared/realdata/IXI-HH-2mm")
+    IXI = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "IXI-HH-2mm"
 
 
 def cohort(n: int = 30, seed: int = 0) -> pd.DataFrame:
