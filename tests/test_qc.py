@@ -11,9 +11,7 @@ import pytest
 from brainsex import BrainsexError, qc
 from brainsex.io import read_table, write_table
 
-IXI = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "IXI-HH-2mm"
-if not IXI.is_dir():  # worktrees live next to the project's shared/ folder
-    IXI = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "IXI-HH-2mm"
+IXI = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "IXI-HH-2mm"  # ../shared beside the checkout
 
 
 def cohort(n: int = 30, seed: int = 0) -> pd.DataFrame:
