@@ -91,3 +91,18 @@ def restricted_smoke_book(tmp_path_factory, smoke_book) -> dict:
     with contextlib.redirect_stdout(buf):
         html = build(ROOT, "smoke", run_dir=run_dir, out=out, force=True, manifest=base / "data_manifest.yaml")
     return {"html": html, "run_dir": run_dir, "manifest": base / "data_manifest.yaml", "stdout": buf.getvalue()}
+
+
+BOOK_FIXTURES = {"smoke_book", "restricted_smoke_book"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n 2 --dist loadgroup``: every test that reads the smoke books runs on one worker.
+
+    The books are session fixtures, so a worker builds them once when its first test asks. Without a
+    group, both workers would ask and each build the books (the most expensive part of the suite); with
+    it, one worker builds them while the other runs everything else.
+    """
+    for item in items:
+        if BOOK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("smoke_books"))
