@@ -93,16 +93,43 @@ def restricted_smoke_book(tmp_path_factory, smoke_book) -> dict:
     return {"html": html, "run_dir": run_dir, "manifest": base / "data_manifest.yaml", "stdout": buf.getvalue()}
 
 
+
+#: Test modules that build whole books; each group runs on one xdist worker (see pytest_xdist_make_scheduler).
+BOOK_GROUPS = {
+    "smoke_books": ("test_book_e2e.py", "test_privacy_e2e.py", "test_browser.py"),  # smoke_book, restricted_smoke_book
+    "real_books": ("test_realdata.py",),  # the smoke book on real IXI heads
+}
 BOOK_FIXTURES = {"smoke_book", "restricted_smoke_book"}
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n 2 --dist loadgroup``: every test that reads the smoke books runs on one worker.
+def _book_group(nodeid: str) -> str | None:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return next((group for group, modules in BOOK_GROUPS.items() if module in modules), None)
 
-    The books are session fixtures, so a worker builds them once when its first test asks. Without a
-    group, both workers would ask and each build the books (the most expensive part of the suite); with
-    it, one worker builds them while the other runs everything else.
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that reads the session-scoped smoke books must live in a module of the ``smoke_books`` group."""
+    stray = [item.nodeid for item in items
+             if BOOK_FIXTURES & set(getattr(item, "fixturenames", ())) and _book_group(item.nodeid) != "smoke_books"]
+    if stray:
+        raise pytest.UsageError(f"tests using the smoke books outside BOOK_GROUPS['smoke_books'] (each worker would "
+                                f"build the books again): {', '.join(stray)}")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``-n 2 --dist loadgroup`` (the Makefile's): each book-building group on one worker, every other test alone.
+
+    The books are session fixtures, so a worker builds them when its first test asks: a group keeps them to
+    one worker, and the largest groups start first (xdist orders scopes by size), one per worker. This
+    replaces the ``xdist_group`` mark, which pytest-xdist's loadgroup stopped honouring with pytest 9.2
+    (structured node IDs, pytest-dev/pytest-xdist#1386): both workers then built every book.
     """
-    for item in items:
-        if BOOK_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("smoke_books"))
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class BookGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _book_group(nodeid) or nodeid
+
+    return BookGroupScheduling(config, log)
