@@ -42,7 +42,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +86,7 @@ __all__ = [
     "dice",
     "subject_dir",
     "nonlinear_prefix",
+    "PreprocessConfig",
     "preprocess_subject",
     "preprocess_cohort",
     "QC_COLUMNS",
@@ -1055,6 +1056,281 @@ def _save_nifti(img: nib.Nifti1Image, path: Path) -> None:
         nib.save(img, tmp)
 
 
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Settings of one preprocessing run (paper section 2.2), shared by :func:`preprocess_subject`,
+    :func:`preprocess_cohort` and its workers.
+
+    Every field is part of each subject's marker: a subject done with other settings is recomputed.
+
+    Parameters
+    ----------
+    voxel_size : float, default=1.0
+        Target grid voxel size in mm (1 mm: the paper's 193 x 229 x 193; profiles: paper 1, demo 4,
+        smoke 8).
+    method : {"auto", "deepbet", "mask", "template"}, default="auto"
+        Brain extraction (:func:`skull_strip`); "auto" uses the row's ``mask`` when present, deepbet
+        otherwise.
+    similarity_threshold : float, default=0.1
+        A registration whose :func:`similarity` is below this is recorded as failed (diverged): a
+        floor for registrations that matched nothing. Correct registrations score about 0.55-0.75 on
+        the phantom and 0.39-0.61 on real 2 mm IXI heads, so the cohort-relative check that fails
+        clearly wrong registrations runs after the whole cohort is done
+        (:func:`brainsex.qc.review_registrations`).
+    zscore_mode : {"brain", "volume"}, default="brain"
+        Where the z-score statistics are taken (:func:`zscore`).
+    etiv : bool, default=True
+        Compute :func:`etiv_affine` (otherwise ``etiv_ml`` is NaN).
+    mask_ml_range : (float, float), default=(500.0, 3000.0)
+        Plausible native brain-mask volumes in ml; outside means a failed extraction or a wrong voxel
+        size in the header.
+    reg_voxel_mm : float, default=4.0
+        Voxel size the rigid transform is estimated at (:func:`rigid_register`).
+    etiv_voxel_mm : float, default=4.0
+        Voxel size the affine (eTIV) transform is estimated at (:func:`etiv_affine`).
+    deepbet_size : int, default=192
+        ``network_size`` of :func:`skull_strip` (deepbet's input grid).
+    nonlinear : bool, default=False
+        Also compute the non-linear transform preprocessed image -> template now (cached at
+        :func:`nonlinear_prefix`; otherwise a later stage computes it on request).
+    """
+
+    voxel_size: float = 1.0
+    method: Method = "auto"
+    similarity_threshold: float = 0.1
+    zscore_mode: Literal["brain", "volume"] = "brain"
+    etiv: bool = True
+    mask_ml_range: tuple[float, float] = (500.0, 3000.0)
+    reg_voxel_mm: float = 4.0
+    etiv_voxel_mm: float = 4.0
+    deepbet_size: int = 192
+    nonlinear: bool = False
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> PreprocessConfig:
+        """Build a config from keyword arguments, naming any that is not a setting.
+
+        Parameters
+        ----------
+        **kwargs
+            Fields of :class:`PreprocessConfig`.
+
+        Returns
+        -------
+        PreprocessConfig
+            The settings.
+
+        Raises
+        ------
+        BrainsexError
+            For a keyword that is not a field.
+        """
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise BrainsexError(f"unknown preprocessing setting(s) {unknown}; valid: {[f.name for f in fields(cls)]}")
+        return cls(**kwargs)
+
+    def marker_params(self, method: str, image: Any, mask: Any, reference: Reference) -> dict[str, Any]:
+        """The parameters recorded in a subject's marker (inputs' fingerprints, settings, template).
+
+        Parameters
+        ----------
+        method : str
+            The brain extraction actually used ("auto" resolved).
+        image, mask : path or None
+            The subject's input image and native brain mask (fingerprinted by size and SHA-256).
+        reference : Reference
+            The template (its :meth:`Reference.fingerprint`).
+
+        Returns
+        -------
+        dict
+            JSON-serialisable; a marker is reused only when this matches exactly.
+        """
+        return {
+            "image": _file_fingerprint(image) if _present(image) else None,
+            "mask": _file_fingerprint(mask) if mask is not None else None,
+            "voxel_size": float(self.voxel_size), "method": method,
+            "similarity_threshold": float(self.similarity_threshold), "zscore_mode": self.zscore_mode,
+            "etiv": bool(self.etiv), "mask_ml_range": [float(v) for v in self.mask_ml_range],
+            "reg_voxel_mm": float(self.reg_voxel_mm), "etiv_voxel_mm": float(self.etiv_voxel_mm),
+            "deepbet_size": int(self.deepbet_size), "reference": reference.fingerprint(),
+            "nonlinear": bool(self.nonlinear),
+        }
+
+
+@dataclass
+class _Subject:
+    """One participant's job: its inputs, output paths, the resolved method and the template."""
+
+    pid: str
+    image: Any
+    mask: str | None
+    method: str
+    reference: Reference
+    sdir: Path
+    paths: dict[str, Path]
+    marker: Path
+    syn: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.pid} ({self.image})"
+
+
+class _Clock:
+    """Seconds spent in each step, for the QC row (``t_<step>_s``)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def tick(self, key: str) -> None:
+        now = time.perf_counter()
+        self.times[key] = round(now - self.t, 3)
+        self.t = now
+
+
+def _subject_job(row: Mapping[str, Any], out_dir: str | os.PathLike, config: PreprocessConfig,
+                 reference: Reference | None) -> _Subject:
+    pid = _pid(row)
+    sdir = subject_dir(out_dir, pid)
+    mask = row.get("mask") if _present(row.get("mask")) else None
+    method = config.method if config.method != "auto" else ("mask" if mask is not None else "deepbet")
+    ref = reference if reference is not None else Reference.load(config.voxel_size)
+    return _Subject(pid=pid, image=row.get("image"), mask=mask, method=method, reference=ref, sdir=sdir,
+                    paths=_output_paths(sdir, pid), marker=_marker_path(sdir, pid),
+                    syn=nonlinear_prefix(out_dir, pid))  # warps are keyed by the image's content
+
+
+def _check_mask_volume(job: _Subject, config: PreprocessConfig, mask_ml: float) -> None:
+    lo, hi = config.mask_ml_range
+    if not lo <= mask_ml <= hi:
+        raise PreprocessError(f"{job.pid}: brain mask volume {mask_ml:.0f} ml outside the plausible range "
+                              f"[{lo:.0f}, {hi:.0f}] ml (failed extraction, or wrong voxel sizes in the header)")
+
+
+def _rigid_step(job: _Subject, config: PreprocessConfig, brain: nib.Nifti1Image, mask: nib.Nifti1Image,
+                qc: dict[str, Any], written: dict[str, Path]) -> RigidResult:
+    """Rigid registration onto the target grid; records the pose and the similarity."""
+    ref = job.reference
+    reg = rigid_register(brain, ref.registration_template, mask=mask, template_mask=ref.registration_mask,
+                         transform_path=job.paths["rigid_transform"], reg_voxel_mm=config.reg_voxel_mm,
+                         target=(ref.shape, ref.affine))
+    written["rigid_transform"] = job.paths["rigid_transform"]
+    qc["similarity"] = reg.similarity
+    # the subject's pose: rotation angle, and displacement of the template brain's centre
+    qc["rotation_deg"], qc["translation_mm"] = rigid_error(reg.matrix, np.eye(4), _centroid(ref.mask))
+    return reg
+
+
+def _check_registration(job: _Subject, config: PreprocessConfig, reg: RigidResult) -> None:
+    if not np.isfinite(reg.similarity) or reg.similarity < config.similarity_threshold:
+        raise PreprocessError(f"{job.pid}: registration diverged (similarity {reg.similarity:.3f} < threshold "
+                              f"{config.similarity_threshold})")
+    assert reg.mask is not None
+    if not np.asarray(reg.mask.dataobj).any():
+        raise PreprocessError(f"{job.pid}: the registered brain mask is empty")
+
+
+def _etiv_step(job: _Subject, config: PreprocessConfig, brain: nib.Nifti1Image, qc: dict[str, Any],
+               written: dict[str, Path]) -> None:
+    """eTIV from the affine subject -> template, started from the rigid transform."""
+    ref = job.reference
+    qc["etiv_ml"] = etiv_affine(brain, ref.registration_template, ref.tiv_ml,
+                                transform_path=job.paths["affine_transform"],
+                                initial_transform=job.paths["rigid_transform"], reg_voxel_mm=config.etiv_voxel_mm,
+                                template_mask=ref.registration_mask)
+    qc["affine_det"] = qc["etiv_ml"] / ref.tiv_ml
+    written["affine_transform"] = job.paths["affine_transform"]
+
+
+def _write_step(job: _Subject, z: nib.Nifti1Image, reg: RigidResult, mask: nib.Nifti1Image,
+                written: dict[str, Path]) -> None:
+    assert reg.mask is not None
+    for key, img in (("image_pp", z), ("mask_pp", reg.mask), ("mask_native", mask)):
+        _save_nifti(img, job.paths[key])
+        written[key] = job.paths[key]
+
+
+def _run_steps(job: _Subject, config: PreprocessConfig, qc: dict[str, Any], clock: _Clock,
+               written: dict[str, Path]) -> None:
+    """Load -> skull strip -> rigid -> z-score -> eTIV -> write (-> non-linear); raises on failure."""
+    if not _present(job.image):
+        raise PreprocessError(f"{job.pid}: no image path in the participants table")
+    img = load_t1(job.image, name=job.name)
+    clock.tick("t_load_s")
+    brain, mask = skull_strip(img, method=job.method, mask=job.mask, reference=job.reference,
+                              network_size=config.deepbet_size, name=job.name)
+    qc["mask_ml"] = mask_volume_ml(mask)
+    clock.tick("t_strip_s")
+    _check_mask_volume(job, config, qc["mask_ml"])
+    reg = _rigid_step(job, config, brain, mask, qc, written)
+    clock.tick("t_rigid_s")
+    _check_registration(job, config, reg)
+    z = zscore(reg.image, reg.mask, mode=config.zscore_mode)
+    clock.tick("t_zscore_s")
+    if config.etiv:
+        _etiv_step(job, config, brain, qc, written)
+    clock.tick("t_etiv_s")
+    _write_step(job, z, reg, mask, written)
+    clock.tick("t_write_s")
+    if config.nonlinear:
+        files = nonlinear_transform(z, job.reference.template, job.syn)
+        written.update({f"nonlinear_{i}": f for i, f in enumerate(files)})
+        clock.tick("t_nonlinear_s")
+
+
+def _failure_reason(pid: str, exc: Exception) -> str:
+    if isinstance(exc, BrainsexError):
+        return str(exc) if pid in str(exc) else f"{pid}: {exc}"
+    return f"{pid}: {type(exc).__name__}: {exc}"
+
+
+def _record(job: _Subject, params: dict[str, Any], qc: dict[str, Any], written: dict[str, Path]) -> dict[str, Any]:
+    """Remove a failed subject's partial outputs, write the marker (last), return the QC row."""
+    if qc["status"] != "ok":
+        for p in written.values():  # nothing half-done is left for a later stage to read
+            with contextlib.suppress(OSError):
+                p.unlink()
+        written = {}
+    outputs = {k: {"file": str(p.relative_to(job.sdir)), "size": p.stat().st_size, "sha256": sha256_file(p)}
+               for k, p in written.items()}
+    for k in job.paths:
+        qc[k] = str(written[k]) if k in written else None
+    stored = {k: _clean(v) for k, v in qc.items() if k not in job.paths}
+    write_json_atomic(job.marker, {"version": PIPELINE_VERSION, "params": params, "qc": stored, "outputs": outputs})
+    return {k: _clean(v) for k, v in qc.items()}
+
+
+def _preprocess_one(row: Mapping[str, Any], out_dir: str | os.PathLike, config: PreprocessConfig,
+                    reference: Reference | None, resume: bool, retry_failed: bool) -> dict[str, Any]:
+    """:func:`preprocess_subject` with its settings in ``config``."""
+    t_start = time.perf_counter()
+    job = _subject_job(row, out_dir, config, reference)
+    params = config.marker_params(job.method, job.image, job.mask, job.reference)
+    if resume:
+        done = _read_marker(job.marker, params)
+        if done is not None and (done.get("status") == "ok" or not retry_failed):
+            return done
+    _remove_strays(job.sdir)
+    job.sdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        job.marker.unlink()
+    qc: dict[str, Any] = {c: None for c in QC_COLUMNS}
+    qc.update({"participant_id": job.pid, "method": job.method, "status": "failed", "reason": ""})
+    clock = _Clock()
+    written: dict[str, Path] = {}
+    try:
+        _run_steps(job, config, qc, clock, written)
+        qc["status"] = "ok"
+    except (BrainsexError, MemoryError, RuntimeError, OSError, ValueError, AssertionError) as exc:  # library failures
+        qc["reason"] = _failure_reason(job.pid, exc)
+    qc.update(clock.times)
+    qc["t_total_s"] = round(time.perf_counter() - t_start, 3)
+    return _record(job, params, qc, written)
+
+
 def preprocess_subject(
     row: Mapping[str, Any] | pd.Series,
     out_dir: str | os.PathLike,
@@ -1091,27 +1367,24 @@ def preprocess_subject(
     out_dir : path
         The ``preprocess`` folder of the run directory.
     voxel_size : float, default=1.0
-        Target grid (1 mm: the paper's 193 x 229 x 193).
+        Target grid (see :class:`PreprocessConfig`, which describes every setting below).
     reference : Reference, optional
         Template; default :meth:`Reference.load` (``voxel_size``).
     method : {"auto", "deepbet", "mask", "template"}, default="auto"
         Brain extraction; "auto" uses the row's ``mask`` when present, deepbet otherwise.
     similarity_threshold : float, default=0.1
-        A registration whose :func:`similarity` is below this is recorded as failed (diverged): a
-        floor for registrations that matched nothing. Correct registrations score about 0.55-0.75 on
-        the phantom and 0.39-0.61 on real 2 mm IXI heads, so the cohort-relative check that fails
-        clearly wrong registrations runs after the whole cohort is done
-        (:func:`brainsex.qc.review_registrations`).
+        A registration whose :func:`similarity` is below this is recorded as failed.
     zscore_mode : {"brain", "volume"}, default="brain"
         See :func:`zscore`.
     etiv : bool, default=True
         Compute :func:`etiv_affine` (otherwise ``etiv_ml`` is NaN).
-    mask_ml_range : (float, float), default=(500, 3000)
-        Plausible native brain-mask volumes in ml; outside means a failed extraction or a wrong voxel
-        size in the header.
-    reg_voxel_mm, etiv_voxel_mm : float, default=4.0, 4.0
-        Voxel sizes the rigid and the affine (eTIV) transforms are estimated at.
-    deepbet_size : int, default=256
+    mask_ml_range : (float, float), default=(500.0, 3000.0)
+        Plausible native brain-mask volumes in ml.
+    reg_voxel_mm : float, default=4.0
+        Voxel size the rigid transform is estimated at.
+    etiv_voxel_mm : float, default=4.0
+        Voxel size the affine (eTIV) transform is estimated at.
+    deepbet_size : int, default=192
         ``network_size`` of :func:`skull_strip`.
     resume : bool, default=True
         Reuse a verified earlier result.
@@ -1126,116 +1399,18 @@ def preprocess_subject(
     dict
         The QC row (:data:`QC_COLUMNS`).
     """
-    t_start = time.perf_counter()
-    pid = _pid(row)
-    sdir = subject_dir(out_dir, pid)
-    paths = _output_paths(sdir, pid)
-    marker = _marker_path(sdir, pid)
-    image_path = row.get("image")
-    mask_path = row.get("mask") if _present(row.get("mask")) else None
-    use = method if method != "auto" else ("mask" if mask_path is not None else "deepbet")
-    ref = reference if reference is not None else Reference.load(voxel_size)
-    params = {
-        "image": _file_fingerprint(image_path) if _present(image_path) else None,
-        "mask": _file_fingerprint(mask_path) if mask_path is not None else None,
-        "voxel_size": float(voxel_size), "method": use, "similarity_threshold": float(similarity_threshold),
-        "zscore_mode": zscore_mode, "etiv": bool(etiv), "mask_ml_range": [float(v) for v in mask_ml_range],
-        "reg_voxel_mm": float(reg_voxel_mm), "etiv_voxel_mm": float(etiv_voxel_mm), "deepbet_size": int(deepbet_size),
-        "reference": ref.fingerprint(), "nonlinear": bool(nonlinear),
-    }
-    if resume:
-        done = _read_marker(marker, params)
-        if done is not None and (done.get("status") == "ok" or not retry_failed):
-            return done
-    _remove_strays(sdir)
-    sdir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        marker.unlink()
-    syn = nonlinear_prefix(out_dir, pid)  # warps are keyed by the image's content: an older one is never reused
-
-    qc: dict[str, Any] = {c: None for c in QC_COLUMNS}
-    qc.update({"participant_id": pid, "method": use, "status": "failed", "reason": ""})
-    times: dict[str, float] = {}
-    written: dict[str, Path] = {}
-
-    def tick(key: str, t0: float) -> float:
-        now = time.perf_counter()
-        times[key] = round(now - t0, 3)
-        return now
-
-    try:
-        if not _present(image_path):
-            raise PreprocessError(f"{pid}: no image path in the participants table")
-        t = time.perf_counter()
-        img = load_t1(image_path, name=f"{pid} ({image_path})")
-        t = tick("t_load_s", t)
-        brain, mask = skull_strip(img, method=use, mask=mask_path, reference=ref, network_size=deepbet_size,
-                                  name=f"{pid} ({image_path})")
-        qc["mask_ml"] = mask_volume_ml(mask)
-        t = tick("t_strip_s", t)
-        lo, hi = mask_ml_range
-        if not lo <= qc["mask_ml"] <= hi:
-            raise PreprocessError(f"{pid}: brain mask volume {qc['mask_ml']:.0f} ml outside the plausible range "
-                                  f"[{lo:.0f}, {hi:.0f}] ml (failed extraction, or wrong voxel sizes in the header)")
-        reg = rigid_register(brain, ref.registration_template, mask=mask, template_mask=ref.registration_mask,
-                             transform_path=paths["rigid_transform"], reg_voxel_mm=reg_voxel_mm,
-                             target=(ref.shape, ref.affine))
-        written["rigid_transform"] = paths["rigid_transform"]
-        qc["similarity"] = reg.similarity
-        # the subject's pose: rotation angle, and displacement of the template brain's centre
-        qc["rotation_deg"], qc["translation_mm"] = rigid_error(reg.matrix, np.eye(4), _centroid(ref.mask))
-        t = tick("t_rigid_s", t)
-        if not np.isfinite(reg.similarity) or reg.similarity < similarity_threshold:
-            raise PreprocessError(f"{pid}: registration diverged (similarity {reg.similarity:.3f} < threshold "
-                                  f"{similarity_threshold})")
-        assert reg.mask is not None
-        if not np.asarray(reg.mask.dataobj).any():
-            raise PreprocessError(f"{pid}: the registered brain mask is empty")
-        z = zscore(reg.image, reg.mask, mode=zscore_mode)
-        t = tick("t_zscore_s", t)
-        if etiv:
-            qc["etiv_ml"] = etiv_affine(brain, ref.registration_template, ref.tiv_ml,
-                                        transform_path=paths["affine_transform"],
-                                        initial_transform=paths["rigid_transform"], reg_voxel_mm=etiv_voxel_mm,
-                                        template_mask=ref.registration_mask)
-            qc["affine_det"] = qc["etiv_ml"] / ref.tiv_ml
-            written["affine_transform"] = paths["affine_transform"]
-        t = tick("t_etiv_s", t)
-        _save_nifti(z, paths["image_pp"])
-        _save_nifti(reg.mask, paths["mask_pp"])
-        _save_nifti(mask, paths["mask_native"])
-        written.update({k: paths[k] for k in ("image_pp", "mask_pp", "mask_native")})
-        t = tick("t_write_s", t)
-        if nonlinear:
-            files = nonlinear_transform(z, ref.template, syn)
-            written.update({f"nonlinear_{i}": f for i, f in enumerate(files)})
-            tick("t_nonlinear_s", t)
-        qc["status"] = "ok"
-    except BrainsexError as exc:
-        qc["reason"] = str(exc) if pid in str(exc) else f"{pid}: {exc}"
-    except (MemoryError, RuntimeError, OSError, ValueError, AssertionError) as exc:  # library failures
-        qc["reason"] = f"{pid}: {type(exc).__name__}: {exc}"
-    if qc["status"] != "ok":
-        for p in written.values():  # nothing half-done is left for a later stage to read
-            with contextlib.suppress(OSError):
-                p.unlink()
-        written = {}
-    qc.update(times)
-    qc["t_total_s"] = round(time.perf_counter() - t_start, 3)
-    outputs = {k: {"file": str(p.relative_to(sdir)), "size": p.stat().st_size, "sha256": sha256_file(p)} for k, p in written.items()}
-    for k in paths:
-        qc[k] = str(written[k]) if k in written else None
-    stored = {k: _clean(v) for k, v in qc.items() if k not in paths}
-    write_json_atomic(marker, {"version": PIPELINE_VERSION, "params": params, "qc": stored, "outputs": outputs})
-    return {k: _clean(v) for k, v in qc.items()}
+    config = PreprocessConfig(voxel_size=voxel_size, method=method, similarity_threshold=similarity_threshold,
+                              zscore_mode=zscore_mode, etiv=etiv, mask_ml_range=mask_ml_range,
+                              reg_voxel_mm=reg_voxel_mm, etiv_voxel_mm=etiv_voxel_mm, deepbet_size=deepbet_size,
+                              nonlinear=nonlinear)
+    return _preprocess_one(row, out_dir, config, reference, resume, retry_failed)
 
 
-def _subject_task(row: dict[str, Any], out_dir: str, kwargs: dict[str, Any], threads: int, seed: int) -> dict[str, Any]:
+def _subject_task(row: dict[str, Any], out_dir: str, config: PreprocessConfig, reference: Reference,
+                  resume: bool, retry_failed: bool, threads: int, seed: int) -> dict[str, Any]:
     set_threads(threads, seed)
-    if kwargs.get("reference") is not None:
-        kwargs = {**kwargs, "reference": _worker_reference(kwargs["reference"])}
     try:
-        return preprocess_subject(row, out_dir, **kwargs)
+        return _preprocess_one(row, out_dir, config, _worker_reference(reference), resume, retry_failed)
     except Exception as exc:  # never let one subject stop the batch
         pid = str(row.get("participant_id"))
         return {**{c: None for c in QC_COLUMNS}, "participant_id": pid, "status": "failed",
@@ -1307,18 +1482,21 @@ def preprocess_cohort(
     out.mkdir(parents=True, exist_ok=True)
     ref = reference if reference is not None else Reference.load(voxel_size)
     ref.fingerprint()  # computed once here, travels with the pickled reference to the workers
-    sub_kwargs = dict(voxel_size=voxel_size, reference=ref, method=method, similarity_threshold=similarity_threshold,
-                      zscore_mode=zscore_mode, etiv=etiv, resume=resume, **kwargs)
+    retry_failed = bool(kwargs.pop("retry_failed", False))
+    config = PreprocessConfig.from_kwargs(voxel_size=voxel_size, method=method,
+                                          similarity_threshold=similarity_threshold, zscore_mode=zscore_mode,
+                                          etiv=etiv, **kwargs)
+    task = (str(out), config, ref, resume, retry_failed, threads_per_worker, seed)
     rows = table.to_dict("records")
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(rows), desc=f"preprocess ({voxel_size:g} mm)", unit="subject", disable=not progress)
     if n_workers <= 1 or len(rows) <= 1:
         set_threads(threads_per_worker, seed)
         for row in rows:
-            results.append(_subject_task(row, str(out), sub_kwargs, threads_per_worker, seed))
+            results.append(_subject_task(row, *task))
             bar.update()
     else:
-        tasks = (delayed(_subject_task)(row, str(out), sub_kwargs, threads_per_worker, seed) for row in rows)
+        tasks = (delayed(_subject_task)(row, *task) for row in rows)
         for res in Parallel(n_jobs=n_workers, backend="loky", return_as="generator_unordered")(tasks):
             results.append(res)
             bar.update()
