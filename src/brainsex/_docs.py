@@ -22,10 +22,10 @@ T = TypeVar("T")
 #: Shared descriptions, by placeholder key.
 DOCS: dict[str, str] = {
     "prob_col": "Column of the predicted probability of male (another model's too, e.g. the TIV baseline).",
-    "threshold": "Probability at or above which a prediction is male.",
-    "n_bootstrap": "Bootstrap resamples for the confidence intervals (0: point estimates only).",
-    "seed_bootstrap": "Seed of the bootstrap resamples.",
-    "ci": "Coverage of the percentile confidence intervals.",
+    "threshold": "A subject is predicted male when its probability of male is ``>= threshold`` (in [0, 1]).",
+    "n_bootstrap": "Bootstrap resamples (subjects drawn with replacement); 0 skips the confidence intervals.",
+    "seed_bootstrap": "Seed of the bootstrap resampling; the same seed gives the same intervals.",
+    "ci": "Confidence level of the percentile intervals, e.g. 0.95 for the 2.5th and 97.5th percentiles.",
     "tiv_col": "Column holding the total intracranial volume in ml (``etiv_ml``: eTIV, paper section 2.3).",
     "progress": "Show a tqdm progress bar.",
     "tiv_female_male": "TIV values (ml) of the female and of the male subjects.",
