@@ -28,9 +28,10 @@ DOCS: dict[str, str] = {
     "ci": "Confidence level of the percentile intervals, e.g. 0.95 for the 2.5th and 97.5th percentiles.",
     "tiv_col": "Column holding the total intracranial volume in ml (``etiv_ml``: eTIV, paper section 2.3).",
     "progress": "Show a tqdm progress bar.",
-    "tiv_female_male": "TIV values (ml) of the female and of the male subjects.",
-    "bw_method": "Bandwidth of :class:`scipy.stats.gaussian_kde` (its ``bw_method``).",
-    "rtiv_low_high": "Bounds (ml, inclusive) of the restricted TIV range (rTIV, paper section 2.3).",
+    "tiv_female_male": "TIV (ml) of the women and of the men.",
+    "kde_threshold": "Fraction of each density's maximum that bounds its interval (the paper: 0.2).",
+    "bw_method": "Passed to :class:`scipy.stats.gaussian_kde` (``None``: Scott's rule).",
+    "rtiv_low_high": "R_tiv's ends in ml (:func:`brainsex.tiv.kde_overlap_range`; the range is closed).",
     "reference_source": (
         "Where the MNI152 template comes from (:func:`brainsex.templates.reference_info`): \"offline\" (the\n"
         "copy shipped with nilearn), \"templateflow\", or \"auto\" (templateflow when available)."
