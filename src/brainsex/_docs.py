@@ -33,8 +33,10 @@ DOCS: dict[str, str] = {
     "bw_method": "Passed to :class:`scipy.stats.gaussian_kde` (``None``: Scott's rule).",
     "rtiv_low_high": "R_tiv's ends in ml (:func:`brainsex.tiv.kde_overlap_range`; the range is closed).",
     "reference_source": (
-        "Where the MNI152 template comes from (:func:`brainsex.templates.reference_info`): \"offline\" (the\n"
-        "copy shipped with nilearn), \"templateflow\", or \"auto\" (templateflow when available)."
+        "Where the MNI152 template, mask and atlas come from: \"templateflow\" (TemplateFlow's\n"
+        "MNI152NLin2009cSym and CerebrA), \"offline\" (nilearn's MNI152 and the Neuromorphometrics atlas\n"
+        "relabelled to CerebrA names) or \"auto\" (templateflow when available, offline otherwise);\n"
+        "see :func:`brainsex.templates.reference_info`."
     ),
 }
 

@@ -221,7 +221,18 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
-        """Build a config from profile parameters (keys that are not fields are ignored)."""
+        """Build a config from profile parameters (keys that are not fields, and None values, are ignored).
+
+        Parameters
+        ----------
+        params : dict
+            Profile or notebook parameters.
+
+        Returns
+        -------
+        TrainConfig
+            The validated config.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in params.items() if k in names and v is not None}
         return cls(**kwargs)
@@ -280,6 +291,16 @@ def _derive_seed(*values: int) -> int:
 def resolve_device(device: str = "auto") -> torch.device:
     """The torch device for a name: ``"auto"`` picks CUDA, then MPS, then CPU.
 
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda", "cuda:N", "mps"}, default="auto"
+        Device name (case-insensitive).
+
+    Returns
+    -------
+    torch.device
+        The device.
+
     Raises
     ------
     BrainsexError
@@ -317,6 +338,16 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def labels_from_table(table: pd.DataFrame) -> np.ndarray:
     """Class labels (1 = male, 0 = female) from a ``y`` column, else from ``sex`` ('M'/'F').
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Subjects with ``y`` or ``sex``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 labels (0.0 or 1.0), one per row.
 
     Raises
     ------
@@ -372,6 +403,18 @@ def rotation_affines(angles: torch.Tensor | np.ndarray, shape: Sequence[int]) ->
 
     ``T(c) @ R @ T(-c)`` with ``R`` from :func:`monai.transforms.utils.create_rotate` (rotation order
     "XYZ") and ``c = (shape - 1) / 2``: the matrix MONAI's ``Rotate`` builds for ``keep_size=True``.
+
+    Parameters
+    ----------
+    angles : torch.Tensor or numpy.ndarray
+        Rotation angles in radians, shape ``(n, 3)`` (about x, y, z).
+    shape : sequence of int
+        The volume's 3-D shape.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 affines, shape ``(n, 4, 4)``.
     """
     from monai.transforms.utils import create_rotate, create_translate
 
