@@ -52,6 +52,7 @@ import pandas as pd
 from scipy import ndimage
 
 from brainsex import BrainsexError
+from brainsex._docs import fill_doc
 from brainsex.io import atomic_path, read_table, sha256_file, write_json_atomic, write_table
 from brainsex.registration import (
     apply_to_map,
@@ -248,15 +249,32 @@ class Reference:
 
     @property
     def registration_template(self) -> nib.Nifti1Image:
+        """The template transforms are estimated on: ``fine_template`` when set, else ``template``."""
         return self.fine_template if self.fine_template is not None else self.template
 
     @property
     def registration_mask(self) -> nib.Nifti1Image:
+        """The brain mask on :attr:`registration_template`'s grid."""
         return self.fine_mask if self.fine_mask is not None else self.mask
 
     @classmethod
+    @fill_doc
     def load(cls, voxel_size: float = 1.0, source: str = "auto") -> Reference:
-        """The MNI152 template, brain mask and TIV from :mod:`brainsex.templates` (cached per process)."""
+        """The MNI152 template, brain mask and TIV from :mod:`brainsex.templates` (cached per process).
+
+        Parameters
+        ----------
+        voxel_size : float, default=1.0
+            Target grid voxel size in mm; above 4 mm the transforms are estimated on a 4 mm copy
+            (``fine_template``, ``fine_mask``).
+        source : {"auto", "templateflow", "offline"}, default="auto"
+            %(reference_source)s
+
+        Returns
+        -------
+        Reference
+            The reference; its ``tiv_ml`` is the volume of the 1 mm brain mask.
+        """
         return _load_reference(float(voxel_size), source)
 
     @classmethod
@@ -273,14 +291,17 @@ class Reference:
 
     @property
     def voxel_size(self) -> float:
+        """Largest voxel size of the target grid in mm."""
         return float(np.max(_voxel_sizes(self.template)))
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """Shape of the target grid."""
         return tuple(self.template.shape[:3])  # type: ignore[return-value]
 
     @property
     def affine(self) -> np.ndarray:
+        """Voxel-to-world matrix of the target grid."""
         return self.template.affine
 
     def fingerprint(self) -> str:
@@ -319,6 +340,7 @@ def load_t1(image: str | os.PathLike | nib.spatialimages.SpatialImage, name: str
     Parameters
     ----------
     image : path or nibabel image
+        The T1-weighted scan.
     name : str, optional
         How to call the image in error messages (default: its path).
 
@@ -633,8 +655,20 @@ def similarity(img: nib.Nifti1Image, template: nib.Nifti1Image, mask: nib.Nifti1
     """Normalised cross-correlation (Pearson r) of two images on one grid, inside ``mask``.
 
     The registration QC score of :func:`rigid_register` (computed there on the coarse registration
-    grid, so that it does not depend on the target voxel size): 1 for identical images; on the phantom
-    about 0.7-0.9 for correct registrations and below 0.4 when a registration failed.
+    grid, so that it does not depend on the target voxel size): 1 for identical images; for the
+    values correct registrations reach see ``similarity_threshold`` of :class:`PreprocessConfig`.
+
+    Parameters
+    ----------
+    img, template : nibabel.Nifti1Image
+        Two images on one grid.
+    mask : nibabel.Nifti1Image, optional
+        Voxels compared (default: all).
+
+    Returns
+    -------
+    float
+        Pearson r; 0 when fewer than two voxels or a constant image.
     """
     a = np.asarray(img.dataobj, dtype=np.float64)
     b = np.asarray(template.dataobj, dtype=np.float64)
@@ -809,11 +843,12 @@ def rigid_register(
 # ------------------------------------------------------------------------------------- intensity
 def zscore(img: nib.Nifti1Image, mask: nib.Nifti1Image | np.ndarray | None = None,
            mode: Literal["brain", "volume"] = "brain") -> nib.Nifti1Image:
-    """z-score the intensities (paper section 2.2: subtract the mean, divide by the standard deviation).
+    """Z-score the intensities (paper section 2.2: subtract the mean, divide by the standard deviation).
 
     Parameters
     ----------
     img : nibabel.Nifti1Image
+        The (registered) image.
     mask : image or array, optional
         Brain mask; default: the non-zero voxels of ``img``.
     mode : {"brain", "volume"}, default="brain"
@@ -851,7 +886,18 @@ def zscore(img: nib.Nifti1Image, mask: nib.Nifti1Image | np.ndarray | None = Non
 
 # --------------------------------------------------------------------------------------------- TIV
 def mask_volume_ml(mask: nib.spatialimages.SpatialImage | str | os.PathLike) -> float:
-    """Volume of a binary mask in ml (voxels > 0 times the voxel volume / 1000)."""
+    """Volume of a binary mask in ml (non-zero voxels times the voxel volume / 1000).
+
+    Parameters
+    ----------
+    mask : nibabel image or path
+        The mask.
+
+    Returns
+    -------
+    float
+        Volume in ml.
+    """
     img = nib.load(mask) if not isinstance(mask, nib.spatialimages.SpatialImage) else mask
     vox_ml = abs(float(np.linalg.det(img.affine[:3, :3]))) / 1000.0
     return float(np.count_nonzero(np.asarray(img.dataobj))) * vox_ml
@@ -879,6 +925,33 @@ def affine_to_template(
     the 4 mm phantom (24 subjects: r = 0.978 with the true TIV, median eTIV / TIV 1.013) as
     (100, 50, 20) x (4, 2, 1) (r = 0.979, 1.012) in 60 % of the time; 5 final iterations were too few
     on 8 mm images.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        Moving image (brain-extracted subject).
+    template : nibabel.Nifti1Image
+        Fixed image (brain-extracted template).
+    transform_path : path, optional
+        Where to keep the affine ``.mat`` file.
+    initial_transform : path, optional
+        ANTs transform to start from (e.g. the rigid one).
+    reg_voxel_mm : float, default=4.0
+        Voxel size of the finest level (at least the template's).
+    iterations : sequence of int, default=(30, 10)
+        Iterations per pyramid level.
+    shrink_factors : sequence of int, default=(2, 1)
+        Downsampling per level.
+    smoothing_sigmas : sequence of float, default=(1, 0)
+        Smoothing per level.
+    sampling : float, default=0.25
+        Share of voxels the metric samples.
+    metric : str, default="mattes"
+        ANTs metric.
+    template_mask : nibabel.Nifti1Image, optional
+        Template brain mask; the metric is sampled within ``metric_margin_mm`` of it.
+    metric_margin_mm : float, default=8.0
+        Margin around ``template_mask``.
 
     Returns
     -------
@@ -958,7 +1031,18 @@ def etiv_affine(
 
 
 def dice(a: nib.spatialimages.SpatialImage | np.ndarray, b: nib.spatialimages.SpatialImage | np.ndarray) -> float:
-    """Dice overlap 2|A and B| / (|A| + |B|) of two masks on one grid."""
+    """Dice overlap 2|A and B| / (|A| + |B|) of two masks on one grid.
+
+    Parameters
+    ----------
+    a, b : nibabel image or numpy.ndarray
+        Masks (non-zero inside) of the same shape.
+
+    Returns
+    -------
+    float
+        Dice in [0, 1]; 1 when both masks are empty.
+    """
     x = (np.asarray(a.dataobj) if isinstance(a, nib.spatialimages.SpatialImage) else np.asarray(a)).astype(bool)
     y = (np.asarray(b.dataobj) if isinstance(b, nib.spatialimages.SpatialImage) else np.asarray(b)).astype(bool)
     if x.shape != y.shape:
@@ -976,7 +1060,20 @@ def _pid(row: Mapping[str, Any]) -> str:
 
 
 def subject_dir(out_dir: str | os.PathLike, participant_id: str) -> Path:
-    """``out_dir/sub-<id>/`` (the id keeps its ``sub-`` prefix once)."""
+    """``out_dir/sub-<id>/`` (the id keeps its ``sub-`` prefix once).
+
+    Parameters
+    ----------
+    out_dir : path
+        The run directory's ``preprocess`` folder.
+    participant_id : str
+        With or without the ``sub-`` prefix.
+
+    Returns
+    -------
+    pathlib.Path
+        The subject's output folder.
+    """
     return PreprocessDir(out_dir).subject(_pid({"participant_id": participant_id}))
 
 
@@ -992,6 +1089,18 @@ def nonlinear_prefix(out_dir: str | os.PathLike, participant_id: str) -> Path:
     The transform maps the subject's preprocessed image (``image_pp``, rigidly registered) to the
     template; a later stage (saliency) computes it on request with
     ``nonlinear_transform(image_pp, template, nonlinear_prefix(out_dir, pid))`` and reuses it.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run directory's ``preprocess`` folder.
+    participant_id : str
+        With or without the ``sub-`` prefix.
+
+    Returns
+    -------
+    pathlib.Path
+        The cache prefix.
     """
     pid = _pid({"participant_id": participant_id})
     return PreprocessDir(out_dir).syn_prefix(pid)
@@ -1058,10 +1167,9 @@ def _save_nifti(img: nib.Nifti1Image, path: Path) -> None:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Settings of one preprocessing run (paper section 2.2), shared by :func:`preprocess_subject`,
-    :func:`preprocess_cohort` and its workers.
+    """Settings of one preprocessing run (paper section 2.2).
 
-    Every field is part of each subject's marker: a subject done with other settings is recomputed.
+    Shared by :func:`preprocess_subject`, :func:`preprocess_cohort` and its workers. Every field is part of each subject's marker: a subject done with other settings is recomputed.
 
     Parameters
     ----------
@@ -1235,7 +1343,7 @@ def _check_registration(job: _Subject, config: PreprocessConfig, reg: RigidResul
 
 def _etiv_step(job: _Subject, config: PreprocessConfig, brain: nib.Nifti1Image, qc: dict[str, Any],
                written: dict[str, Path]) -> None:
-    """eTIV from the affine subject -> template, started from the rigid transform."""
+    """Compute eTIV from the affine subject -> template, started from the rigid transform."""
     ref = job.reference
     qc["etiv_ml"] = etiv_affine(brain, ref.registration_template, ref.tiv_ml,
                                 transform_path=job.paths["affine_transform"],
@@ -1460,7 +1568,9 @@ def preprocess_cohort(
     seed : int, default=1
         ANTs random seed.
     **kwargs
-        More :func:`preprocess_subject` parameters.
+        More settings of :class:`PreprocessConfig` (``reg_voxel_mm``, ``deepbet_size``, ``nonlinear``,
+        ...) and ``retry_failed`` (:func:`preprocess_subject`); another name raises
+        :class:`~brainsex.BrainsexError` before any subject runs.
 
     Returns
     -------
@@ -1531,6 +1641,21 @@ def qc_mosaic_slices(
     look at); the rest of the ``n`` are a seeded random sample. A subject is *flagged* when its
     similarity is below ``similarity_threshold`` or in the lowest ``flag_quantile`` of the cohort.
 
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        ``preprocessed.tsv`` rows: ``participant_id``, ``image_col``, ``similarity``.
+    n : int, default=32
+        Subjects shown at most; the ``max(1, n // 4)`` lowest-similarity ones are always among them.
+    seed : int, default=0
+        Seed of the random sample.
+    image_col : str, default="image_pp"
+        Column of the images.
+    flag_quantile : float, default=0.05
+        Subjects at or below this quantile of similarity are flagged.
+    similarity_threshold : float, optional
+        Subjects below this are flagged too.
+
     Returns
     -------
     slices, names, flagged
@@ -1563,8 +1688,23 @@ def registration_errors(table: pd.DataFrame, cohort_dir: str | os.PathLike,
     Reads ``<cohort_dir>/*/ground_truth/poses.tsv`` (written by :func:`brainsex.synthetic.make_cohort`)
     and compares each subject's ``rigid_transform`` (from ``preprocess/qc.tsv``, joined on
     ``participant_id``; pass ``qc`` when ``table`` lacks that column) with
-    :func:`brainsex.synthetic.pose_matrix` using :func:`rigid_error`. Returns ``None`` when the cohort
-    has no ground truth (real data).
+    :func:`brainsex.synthetic.pose_matrix` using :func:`rigid_error`.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        ``preprocessed.tsv`` (or any table with ``participant_id``, and ``rigid_transform`` unless ``qc``
+        is given).
+    cohort_dir : path
+        The run directory's ``cohort`` folder.
+    qc : pandas.DataFrame, optional
+        ``preprocess/qc.tsv``, for the transform paths.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        Index ``participant_id``; ``rotation_error_deg``, ``translation_error_mm``. None when the cohort
+        has no ground truth (real data) or no subject could be compared.
     """
     from brainsex.synthetic import pose_matrix
 
@@ -1595,6 +1735,21 @@ def strip_agreement(table: pd.DataFrame, n: int = 8, seed: int = 0, method: Meth
 
     When a cohort provides masks (CC-359; the phantom's true masks), preprocessing uses them and the
     extractor never runs. This checks the extractor anyway, on ``n`` randomly chosen subjects.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Participants with ``participant_id``, ``image_col`` and ``mask_col``.
+    n : int, default=8
+        Subjects checked at most.
+    seed : int, default=0
+        Seed of the sample.
+    method : {"deepbet", "template"}, default="deepbet"
+        Extractor (:func:`skull_strip`).
+    image_col : str, default="image"
+        Column of the raw images.
+    mask_col : str, default="mask"
+        Column of the reference masks; rows with an empty one are skipped.
 
     Returns
     -------
