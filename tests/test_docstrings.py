@@ -102,12 +102,21 @@ def test_the_check_sees_missing_and_stale_parameters():
     assert documented_names("Do.\n\nReturns\n-------\nint\n") is None
 
 
+_LEFT_OVER = re.compile(r"^[ \t]*%\(\w+\)s[ \t]*$", re.M)
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in SRC.glob("*.py") if not p.stem.startswith("__")))
 def test_shared_docstring_text_is_filled_in(name):
+    """A ``%(key)s`` line left in a docstring means a missing ``@fill_doc``."""
     module = importlib.import_module(f"brainsex.{name}")
+    objs = []
     for _, obj in inspect.getmembers(module, lambda o: inspect.isfunction(o) or inspect.isclass(o)):
         if getattr(obj, "__module__", None) == module.__name__:
-            assert "%(" not in (obj.__doc__ or ""), f"{name}.{obj.__qualname__}: placeholder left"
+            objs.append(obj)
+            if inspect.isclass(obj):
+                objs += [getattr(m, "__func__", m) for m in vars(obj).values() if callable(getattr(m, "__func__", m))]
+    for obj in objs:
+        assert not _LEFT_OVER.search(obj.__doc__ or ""), f"{name}.{obj.__qualname__}: placeholder left (no @fill_doc?)"
 
 
 def test_fill_doc_indents_shared_text_and_rejects_unknown_keys():
