@@ -138,3 +138,45 @@ def test_fill_doc_indents_shared_text_and_rejects_unknown_keys():
 
     with pytest.raises(KeyError, match="no_such_key"):
         fill_doc(g)
+
+
+def _literal(text: str) -> tuple[bool, object]:
+    try:
+        return True, ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False, None
+
+
+def default_mismatches(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    """``name : type, default=X`` lines whose literal X differs from the signature's literal default."""
+    a = fn.args
+    pos = a.posonlyargs + a.args
+    defaults = dict(zip([x.arg for x in pos[len(pos) - len(a.defaults):]], a.defaults, strict=True))
+    defaults.update({x.arg: d for x, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is not None})
+    body = _section(ast.get_docstring(fn) or "", "Parameters") or ""
+    found = []
+    for line in body.splitlines():
+        m = re.match(r"^(\w[\w, ]*) : .*default[= ]\s*(.+)$", line)
+        if not m:
+            continue
+        names = [n.strip() for n in m.group(1).split(",")]
+        ok_doc, doc_value = _literal(m.group(2).strip())
+        for name in names:
+            if name not in defaults or not ok_doc or len(names) > 1:
+                continue
+            ok_sig, sig_value = _literal(ast.unparse(defaults[name]))
+            if ok_sig and sig_value != doc_value:
+                found.append(f"{fn.name}: {name} documented default={m.group(2).strip()}, signature "
+                             f"{ast.unparse(defaults[name])}")
+    return found
+
+
+def test_documented_defaults_match_the_signature():
+    problems = [f"{where}: {p}" for where, fn in public_functions() for p in default_mismatches(fn)]
+    assert problems == []
+
+
+def test_the_default_check_sees_a_stale_default():
+    fn = ast.parse('def f(size: int = 192):\n    """Do.\n\n    Parameters\n    ----------\n'
+                   '    size : int, default=256\n        Size.\n    """\n').body[0]
+    assert default_mismatches(fn) == ["f: size documented default=256, signature 192"]
