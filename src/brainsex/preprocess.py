@@ -761,21 +761,12 @@ def rigid_register(
     -------
     RigidResult
     """
-    ants = load_ants()
     if type_of_transform not in ("Rigid", "QuickRigid", "DenseRigid"):
         raise BrainsexError(f"type_of_transform must be a rigid type, got {type_of_transform!r}")
     tmpl = template_brain
     tmask = template_mask if template_mask is not None else new_image(
         np.asarray(tmpl.dataobj) > 0, tmpl.affine, np.uint8)
-    if voxel_size is not None:
-        from brainsex import templates
-
-        shape, affine = templates.target_grid(voxel_size)
-    elif target is not None:
-        shape, affine = tuple(int(n) for n in target[0]), np.asarray(target[1], dtype=np.float64)
-    else:
-        shape, affine = tmpl.shape[:3], tmpl.affine
-    grid_vs = float(np.max(_voxel_sizes(_grid_image((1, 1, 1), affine))))
+    shape, affine = _rigid_target(tmpl, voxel_size, target)
     # estimation on coarse copies (on the template's grid if that is coarser; a coarser subject is
     # used as it is); the subject is cropped to its brain first (cheaper smoothing)
     coarse = max(float(reg_voxel_mm), float(np.max(_voxel_sizes(tmpl))))
@@ -783,15 +774,38 @@ def rigid_register(
     brain_c = _crop_nonzero(brain_img, 2 * coarse)
     moving_lo = _downsample(brain_c, coarse)
     kw: dict[str, Any] = {"iterations": iterations, "shrink_factors": shrink_factors,
-                          "smoothing_sigmas": smoothing_sigmas}
+                          "smoothing_sigmas": smoothing_sigmas, "sampling": sampling, "metric": metric}
     if type_of_transform == "QuickRigid":
-        kw = {"iterations": (20, 20, 0, 0), "shrink_factors": (8, 4, 2, 1), "smoothing_sigmas": (3, 2, 1, 0)}
+        kw.update({"iterations": (20, 20, 0, 0), "shrink_factors": (8, 4, 2, 1), "smoothing_sigmas": (3, 2, 1, 0)})
+    fixed_mask = None if metric_margin_mm is None else _metric_mask(tmask, coarse, metric_margin_mm)
+    out_tx = _estimate_rigid(fixed_lo, moving_lo, "DenseRigid" if type_of_transform == "DenseRigid" else "Rigid",
+                             transform_path, fixed_mask, kw)
+    matrix = transform_matrix(out_tx)
+    sim = _coarse_similarity(fixed_lo, moving_lo, _downsample_cached(tmask, coarse), out_tx)
+    image, mask_out = _resample_rigid(brain_c, mask, matrix, out_tx, shape, affine)
+    return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
+                       info={"reg_voxel_mm": coarse})
+
+
+def _rigid_target(tmpl: nib.Nifti1Image, voxel_size: float | None,
+                  target: tuple[Sequence[int], np.ndarray] | None) -> tuple[tuple[int, ...], np.ndarray]:
+    """The grid a rigid registration resamples onto: ``voxel_size``'s, ``target``, or the template's."""
+    if voxel_size is not None:
+        from brainsex import templates
+
+        return templates.target_grid(voxel_size)
+    if target is not None:
+        return tuple(int(n) for n in target[0]), np.asarray(target[1], dtype=np.float64)
+    return tmpl.shape[:3], tmpl.affine
+
+
+def _estimate_rigid(fixed_lo: nib.Nifti1Image, moving_lo: nib.Nifti1Image, kind: str,
+                    transform_path: str | os.PathLike | None, fixed_mask: nib.Nifti1Image | None,
+                    kw: dict[str, Any]) -> Path:
+    """Run ANTs on the coarse copies; keep the transform at ``transform_path`` (or a scratch file)."""
     with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
         try:
-            fwd = register_linear(fixed_lo, moving_lo, "DenseRigid" if type_of_transform == "DenseRigid" else "Rigid",
-                            str(Path(tmp) / "rigid_"), sampling=sampling, metric=metric,
-                            fixed_mask=None if metric_margin_mm is None else _metric_mask(tmask, coarse, metric_margin_mm),
-                            **kw)
+            fwd = register_linear(fixed_lo, moving_lo, kind, str(Path(tmp) / "rigid_"), fixed_mask=fixed_mask, **kw)
         except RuntimeError as exc:
             raise PreprocessError(f"rigid registration failed ({exc})") from exc
         src = Path(fwd[0])
@@ -799,20 +813,32 @@ def rigid_register(
             fd, dst = tempfile.mkstemp(prefix="rigid-", suffix=".mat", dir=_scratch_dir())
             os.close(fd)
             shutil.copyfile(src, dst)
-            out_tx = Path(dst)
-        else:
-            out_tx = Path(transform_path)
-            with atomic_path(out_tx) as t:
-                shutil.copyfile(src, t)
-    matrix = transform_matrix(out_tx)
-    # QC score on the coarse grid (independent of the target voxel size)
+            return Path(dst)
+        out_tx = Path(transform_path)
+        with atomic_path(out_tx) as t:
+            shutil.copyfile(src, t)
+        return out_tx
+
+
+def _coarse_similarity(fixed_lo: nib.Nifti1Image, moving_lo: nib.Nifti1Image, tmask_lo: nib.Nifti1Image,
+                       transform: Path) -> float:
+    """QC score on the coarse grid (independent of the target voxel size)."""
+    ants = load_ants()
     warped_lo = ants.apply_transforms(fixed=to_ants(fixed_lo), moving=to_ants(moving_lo),
-                                      transformlist=[str(out_tx)], interpolator="linear")
-    tmask_lo = _downsample_cached(tmask, coarse)
-    sim = similarity(new_image(warped_lo.numpy(), fixed_lo.affine), fixed_lo,
-                     new_image(np.asarray(tmask_lo.dataobj) >= 0.5, fixed_lo.affine, np.uint8))
-    # resample once: full resolution subject -> target grid (anti-aliased when the grid is coarser),
-    # only over the part of the grid the subject's brain can reach
+                                      transformlist=[str(transform)], interpolator="linear")
+    return similarity(new_image(warped_lo.numpy(), fixed_lo.affine), fixed_lo,
+                      new_image(np.asarray(tmask_lo.dataobj) >= 0.5, fixed_lo.affine, np.uint8))
+
+
+def _resample_rigid(brain_c: nib.Nifti1Image, mask: nib.Nifti1Image | None, matrix: np.ndarray, transform: Path,
+                    shape: Sequence[int], affine: np.ndarray) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None]:
+    """Resample once: full-resolution subject (and mask) -> target grid.
+
+    Anti-aliased when the grid is coarser, and only over the part of the grid the subject's brain can
+    reach; the image is zeroed outside the resampled mask (linear, >= 0.5).
+    """
+    ants = load_ants()
+    grid_vs = float(np.max(_voxel_sizes(_grid_image((1, 1, 1), affine))))
     src_img = brain_c
     if grid_vs > 1.5 * float(np.max(_voxel_sizes(brain_c))):
         src_img = new_image(_smooth_to(brain_c, grid_vs), brain_c.affine)
@@ -821,23 +847,20 @@ def rigid_register(
     sub_aff[:3, 3] = (affine @ np.array([box[0].start, box[1].start, box[2].start, 1.0]))[:3]
     sub_shape = tuple(b.stop - b.start for b in box)
     target = to_ants(_grid_image(sub_shape, sub_aff))
-    moved = ants.apply_transforms(fixed=target, moving=to_ants(src_img), transformlist=[str(out_tx)],
+    moved = ants.apply_transforms(fixed=target, moving=to_ants(src_img), transformlist=[str(transform)],
                                   interpolator="linear")
     data = np.zeros(shape, np.float32)
     data[box] = moved.numpy()
-    mask_out = None
-    if mask is not None:
-        mask_c = new_image(np.asarray(mask.dataobj, np.float32), mask.affine)
-        mask_c = mask_c.slicer[_box_in(brain_c, mask_c)] if mask_c.shape[:3] != brain_c.shape[:3] else mask_c
-        mm = ants.apply_transforms(fixed=target, moving=to_ants(mask_c), transformlist=[str(out_tx)],
-                                   interpolator="linear")
-        m = np.zeros(shape, bool)
-        m[box] = mm.numpy() >= 0.5
-        data = np.where(m, data, 0.0).astype(np.float32)
-        mask_out = new_image(m, affine, np.uint8)
-    image = new_image(data, affine)
-    return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
-                       info={"reg_voxel_mm": coarse})
+    if mask is None:
+        return new_image(data, affine), None
+    mask_c = new_image(np.asarray(mask.dataobj, np.float32), mask.affine)
+    mask_c = mask_c.slicer[_box_in(brain_c, mask_c)] if mask_c.shape[:3] != brain_c.shape[:3] else mask_c
+    mm = ants.apply_transforms(fixed=target, moving=to_ants(mask_c), transformlist=[str(transform)],
+                               interpolator="linear")
+    m = np.zeros(shape, bool)
+    m[box] = mm.numpy() >= 0.5
+    data = np.where(m, data, 0.0).astype(np.float32)
+    return new_image(data, affine), new_image(m, affine, np.uint8)
 
 
 # ------------------------------------------------------------------------------------- intensity
