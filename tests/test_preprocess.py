@@ -367,6 +367,13 @@ def test_cohort_is_resumable_and_gives_identical_outputs(small_cohort, ref8, tmp
     assert pd.read_csv(out / "preprocessed.tsv", sep="\t")["status"].tolist() == ["ok", "ok", "ok"]
 
 
+def test_cohort_names_an_unknown_setting(small_cohort, ref8, tmp_path):
+    with pytest.raises(pp.BrainsexError, match="unknown preprocessing setting.*'reg_voxel'"):
+        pp.preprocess_cohort(small_cohort, tmp_path, voxel_size=8.0, n_workers=1, reference=ref8, progress=False,
+                             reg_voxel=4.0)
+    assert not (tmp_path / "qc.tsv").exists()
+
+
 def test_subject_nonlinear_on_request_and_invalidated_with_its_outputs(small_cohort, ref8, tmp_path):
     row = small_cohort.iloc[0].to_dict()
     qc = pp.preprocess_subject(row, tmp_path, 8.0, reference=ref8, nonlinear=True)

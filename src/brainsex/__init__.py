@@ -3,7 +3,7 @@
 Modules, in the order data flows through them; a module imports only modules listed before it, and
 never another module's private (``_underscore``) names (``tests/test_architecture.py`` checks both):
 
-``io`` -> ``run`` -> ``cache`` -> ``profiles`` -> ``manifest`` -> ``privacy`` (infrastructure) -> ``templates``
+``_docs`` (shared docstring text) -> ``io`` -> ``run`` -> ``cache`` -> ``profiles`` -> ``manifest`` -> ``privacy`` (infrastructure) -> ``templates``
 -> ``synthetic`` -> ``cohorts`` (data) -> ``registration`` -> ``preprocess`` -> ``qc`` -> ``split`` -> ``model`` -> ``memory``
 -> ``train`` -> ``evaluate`` -> ``stages`` -> ``tiv`` -> ``saliency`` -> ``atlas`` -> ``ranking`` -> ``morphometry``
 -> ``validity`` -> ``matched`` -> ``figures`` -> ``book`` -> ``cli``.

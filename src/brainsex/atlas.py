@@ -70,6 +70,13 @@ def resample_atlas_to(atlas_img: Any, target_img: Any) -> Any:
     outermost atlas voxel centres (the outer half voxel of the atlas field of view) get 0; atlases have a
     background margin, so this loses no region.
 
+    Parameters
+    ----------
+    atlas_img : nibabel image
+        The label atlas (integer labels, 0 background).
+    target_img : nibabel image
+        The image whose grid (shape and affine) the atlas is resampled onto.
+
     Returns
     -------
     nibabel.Nifti1Image
@@ -249,6 +256,20 @@ def region_neighbours(atlas_data: Any, background: int = 0, connectivity: int = 
     Each region's mask is dilated by one voxel (``scipy.ndimage.binary_dilation`` with
     ``generate_binary_structure(3, connectivity)``; 3 = the 26-neighbourhood) and the other labels it
     touches are its neighbours. The relation is symmetric.
+
+    Parameters
+    ----------
+    atlas_data : array or nibabel image
+        3D integer label array.
+    background : int, default=0
+        Label ignored (neither a region nor a neighbour).
+    connectivity : {1, 2, 3}, default=3
+        Neighbourhood of the one-voxel dilation (3: 26 neighbours, 1: 6).
+
+    Returns
+    -------
+    dict
+        ``{label: set of neighbouring labels}`` for every non-background label.
     """
     from scipy import ndimage
 
@@ -350,6 +371,13 @@ def precision_at_k(ranking: Any, truth: Iterable, k: int = 10, neighbours: dict 
         a neighbour of a planted region counts as a hit, each planted region at most once (see
         ``_hits_curve``). Without it, precision@k = |top k ∩ truth| / k.
 
+    Returns
+    -------
+    float
+        Precision at ``k``, in [0, 1].
+
+    Notes
+    -----
     Without tolerance the expected value for a random ranking of n regions is |truth|/n (k·|truth|/n
     hits expected in the top k); :func:`permutation_null` gives the chance level of any variant.
     """
@@ -368,6 +396,20 @@ def average_precision(ranking: Any, truth: Iterable, neighbours: dict | None = N
     the ranking count as never found. Without ``neighbours`` this is the usual AP (equal to
     ``sklearn.metrics.average_precision_score`` when every planted region is ranked); with them a
     neighbour of a not-yet-found planted region counts as a hit (tolerant version).
+
+    Parameters
+    ----------
+    ranking : sequence or pandas.DataFrame
+        Region ids best first, or a :func:`region_scores` table (its ``label`` column, in order).
+    truth : iterable
+        The planted region ids.
+    neighbours : dict, optional
+        ``{label: neighbour labels}`` (:func:`region_neighbours`) for the tolerant version.
+
+    Returns
+    -------
+    float
+        Average precision, in [0, 1].
     """
     items = _ranking_ids(ranking)
     t = _check_truth(truth)
@@ -387,11 +429,27 @@ def permutation_null(
     """Chance level and p-value of a ranking metric under random rankings of the same regions.
 
     The ranking is shuffled ``n_perm`` times (``numpy.random.default_rng(seed)``) and the metric
-    recomputed. Returns ``observed``, ``chance`` (mean of the null), ``null_sd``, ``p_value``
-    (one-sided, ``(1 + #{null >= observed}) / (1 + n_perm)``) and ``n_perm``.
+    recomputed.
 
-    ``metric_fn(ranking, truth)``; bind other arguments with ``functools.partial``, e.g.
-    ``partial(precision_at_k, k=10, neighbours=nb)``.
+    Parameters
+    ----------
+    metric_fn : callable
+        ``metric_fn(ranking, truth) -> float``; bind other arguments with ``functools.partial``, e.g.
+        ``partial(precision_at_k, k=10, neighbours=nb)``.
+    ranking : sequence or pandas.DataFrame
+        Region ids best first, or a :func:`region_scores` table.
+    truth : iterable
+        The planted region ids.
+    n_perm : int, default=1000
+        Random rankings drawn (at least 1).
+    seed : int, default=0
+        Seed of the permutations.
+
+    Returns
+    -------
+    dict
+        ``observed``, ``chance`` (mean of the null), ``null_sd``, ``p_value`` (one-sided,
+        ``(1 + #{null >= observed}) / (1 + n_perm)``) and ``n_perm``.
     """
     from tqdm.auto import tqdm
 
@@ -432,13 +490,14 @@ def log_jacobian_region_means(
         Label table (``label`` column) or label ids; default every non-background label in the atlas.
     index
         Row labels (e.g. participant ids); default 0..N-1.
+    background
+        Label left out when ``labels`` is None.
 
     Returns
     -------
     pandas.DataFrame
         N rows x one column per label id (NaN for a label with no voxel).
     """
-
     lab = np.rint(as_array(atlas, "atlas")).astype(np.int64)
     if labels is None:
         ids = [int(v) for v in np.unique(lab) if v != background]

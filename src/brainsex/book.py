@@ -73,6 +73,18 @@ class NotebookFailed(BrainsexError):
 
 @dataclass
 class ChapterResult:
+    """What happened to one chapter in a build.
+
+    Attributes
+    ----------
+    name : str
+        Chapter (notebook stem), or ``"(jupyter-book html)"`` for the HTML step.
+    status : {"ran", "skipped", "failed"}
+        Executed, unchanged since its last run (content hash), or raised.
+    seconds : float
+        Wall time.
+    """
+
     name: str
     status: str
     seconds: float = 0.0
@@ -80,6 +92,26 @@ class ChapterResult:
 
 @dataclass
 class BuildPlan:
+    """Everything a build will run, checked before anything runs (:func:`plan_build`).
+
+    Attributes
+    ----------
+    root : pathlib.Path
+        The book root (the repository root).
+    profile : str
+        Profile name (``profiles.yaml``).
+    params : dict
+        Resolved parameters: the profile plus overrides.
+    run_dir : pathlib.Path
+        Run directory the chapters write into.
+    notebooks : list of pathlib.Path
+        Chapter sources in table-of-contents order.
+    declared : dict
+        Chapter stem -> the parameters its ``parameters`` cell declares, with their defaults.
+    manifest : pathlib.Path or None
+        Data manifest replacing ``<root>/data_manifest.yaml`` (None: that one).
+    """
+
     root: Path
     profile: str
     params: dict[str, Any]
@@ -90,6 +122,7 @@ class BuildPlan:
 
     @property
     def manifest_path(self) -> Path:
+        """The data manifest the chapters read."""
         return self.manifest if self.manifest is not None else self.root / "data_manifest.yaml"
 
 
@@ -101,6 +134,16 @@ def toc_notebooks(root: str | os.PathLike) -> list[Path]:
     """Notebook chapters (``notebooks/*.py``) in the order ``_toc.yml`` lists them.
 
     Every ``file:`` entry under ``notebooks/`` must exist as a ``.py`` (the Jupytext source).
+
+    Parameters
+    ----------
+    root : path
+        The book root (holds ``_toc.yml``).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The chapters' ``.py`` sources.
     """
     root = Path(root)
     toc_path = root / "_toc.yml"
@@ -150,7 +193,18 @@ def _read_source(path: Path) -> nbformat.NotebookNode:
 
 
 def notebook_parameters(path: str | os.PathLike) -> dict[str, Any]:
-    """Parameters a notebook declares in its cell tagged ``parameters`` (name -> default)."""
+    """Parameters a notebook declares in its cell tagged ``parameters`` (papermill's inspection).
+
+    Parameters
+    ----------
+    path : path
+        The notebook's Jupytext ``.py`` source.
+
+    Returns
+    -------
+    dict
+        Name -> default value (a Python literal when it parses as one, else papermill's text).
+    """
     import papermill
 
     nb = _read_source(Path(path))
@@ -172,6 +226,16 @@ def sync_pair(src: Path) -> Path:
     """Write the paired ``.ipynb`` from the ``.py`` source when their cells differ; return its path.
 
     Notebook-level metadata of an existing ``.ipynb`` (Colab's ``accelerator``, say) is kept.
+
+    Parameters
+    ----------
+    src : pathlib.Path
+        The notebook's Jupytext ``.py`` source.
+
+    Returns
+    -------
+    pathlib.Path
+        The paired ``.ipynb``.
     """
     import jupytext
 
@@ -337,7 +401,23 @@ def plan_build(
 ) -> BuildPlan:
     """Check every input and return what would run: notebooks, parameters, run directory.
 
-    ``manifest`` replaces ``<root>/data_manifest.yaml`` (e.g. a copy with a cohort's flags changed).
+    Parameters
+    ----------
+    root : path, default="."
+        The book root (``_toc.yml``, ``data_manifest.yaml``, ``notebooks/``).
+    profile : str, default="demo"
+        Profile of ``profiles.yaml`` (:func:`brainsex.profiles.resolve_profile`).
+    overrides : dict, optional
+        Parameter values replacing the profile's; each must be declared by some chapter.
+    run_dir : path, optional
+        Run directory (relative: to ``root``); default ``<root>/runs/<profile>``.
+    manifest : path, optional
+        Replaces ``<root>/data_manifest.yaml`` (e.g. a copy with a cohort's flags changed).
+
+    Returns
+    -------
+    BuildPlan
+        The checked plan.
     """
     root = Path(root).resolve()
     manifest_path = Path(manifest).resolve() if manifest is not None else root / "data_manifest.yaml"
@@ -408,8 +488,11 @@ def _memory_hint() -> str:
 
 
 def _running_cell(nb_path: Path) -> tuple[int | None, str]:
-    """Index and source of the last cell papermill started in a partly executed notebook (the one that
-    was running when the kernel died; papermill stamps ``start_time`` on each cell it starts)."""
+    """Index and source of the last cell papermill started in a partly executed notebook.
+
+    That is the cell that was running when the kernel died (papermill stamps ``start_time`` on each
+    cell it starts).
+    """
     try:
         nb = json.loads(nb_path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -448,7 +531,26 @@ def _dead_kernel_message(stem: str, nb_path: Path, peak: int, min_available: int
 
 
 def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
-    """Execute each chapter with papermill, skipping those whose content hash did not change."""
+    """Execute each chapter with papermill, skipping those whose content hash did not change.
+
+    Parameters
+    ----------
+    plan : BuildPlan
+        From :func:`plan_build`.
+    force : bool, default=False
+        Run every chapter, changed or not.
+
+    Returns
+    -------
+    list of ChapterResult
+        One per chapter, in order.
+
+    Raises
+    ------
+    NotebookFailed
+        When a chapter raises or its kernel dies (the partly executed notebook is kept as
+        ``<name>.failed.ipynb``).
+    """
     import papermill
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
@@ -609,7 +711,18 @@ def _publishable_copy(executed: Path, dest: Path) -> None:
 def build_html(plan: BuildPlan, out: str | os.PathLike | None = None) -> Path:
     """Stage the book sources with the executed chapters, run ``jupyter-book build``, swap into place.
 
-    Returns the folder holding ``index.html``.
+    Parameters
+    ----------
+    plan : BuildPlan
+        The build whose executed chapters are published.
+    out : path, optional
+        Output folder (relative: to the book root); default ``<root>/_build``. The book goes to
+        ``<out>/html``.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder holding ``index.html``.
     """
     root = plan.root
     out_root = Path(out) if out else root / "_build"
@@ -681,7 +794,21 @@ def build(
 ) -> Path | None:
     """Run every chapter of the book on ``profile`` and build the HTML (the whole of ``make book``).
 
-    ``manifest`` replaces ``<root>/data_manifest.yaml`` for this build.
+    Parameters
+    ----------
+    root, profile, overrides, run_dir, manifest
+        As in :func:`plan_build`.
+    force : bool, default=False
+        Run every chapter, changed or not.
+    out : path, optional
+        HTML output folder (:func:`build_html`).
+    html : bool, default=True
+        Build the HTML after running the chapters.
+
+    Returns
+    -------
+    pathlib.Path or None
+        The folder holding ``index.html`` (None without ``html``).
     """
     t0 = time.perf_counter()
     plan = plan_build(root, profile, overrides, run_dir=run_dir, manifest=manifest)
@@ -702,6 +829,17 @@ def paper_vs_run(run_dir: str | os.PathLike) -> Any:
 
     The paper's values and the recipe for reading each one from the run directory are in the package
     file ``data/paper_reported.yaml``; a quantity whose file is not in the run is shown as missing.
+
+    Parameters
+    ----------
+    run_dir : path
+        The run directory.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per quantity: ``quantity``, ``paper``, ``this run`` (None when missing) and
+        ``paper reports it in``.
     """
     from importlib import resources
 

@@ -18,6 +18,18 @@ def _params(pairs: Sequence[Sequence[str]] | None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``brainsex`` command: ``build``, ``profiles``, ``train`` (:func:`brainsex.stages.main_train`), ``bench``.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Command-line arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit code: 0 success, 1 a chapter failed, 2 bad input (a :class:`~brainsex.BrainsexError`).
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "train":
         # training has its own parser (also reachable as `python -m brainsex.train`)

@@ -100,6 +100,16 @@ def check_image(path: str | os.PathLike) -> str | None:
     trailing singleton 4th dimension is accepted), its voxel sizes are positive, and the file is long
     enough for its data (for ``.nii.gz`` the gzip trailer's length field is compared, which catches
     truncated downloads without decompressing).
+
+    Parameters
+    ----------
+    path : path
+        A NIfTI (or other nibabel-readable) image.
+
+    Returns
+    -------
+    str or None
+        The reason the image is unusable, or None.
     """
     p = Path(path)
     if not p.is_file():
@@ -164,6 +174,16 @@ def normalise_vendor(value: Any) -> str | None:
 
     Vendor is an open category: a manufacturer outside :data:`KNOWN_VENDORS` is kept as written
     (whitespace collapsed). None only when the value is missing.
+
+    Parameters
+    ----------
+    value : object
+        The manufacturer as a cohort or a DICOM/BIDS sidecar spells it.
+
+    Returns
+    -------
+    str or None
+        The normalised name.
     """
     if _is_missing(value):
         return None
@@ -182,6 +202,16 @@ def normalise_field(value: Any) -> float | None:
 
     Other strengths are kept (an open category): '7T' -> 7.0, 0.55 -> 0.55. None when missing or
     not a number.
+
+    Parameters
+    ----------
+    value : object
+        The field strength as a cohort or a sidecar writes it.
+
+    Returns
+    -------
+    float or None
+        Tesla.
     """
     if _is_missing(value):
         return None
@@ -263,7 +293,23 @@ def _natural_key(text: str) -> tuple[tuple[int, Any], ...]:
 
 
 def read_participants(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a participants table: ``.tsv``, ``.csv``, ``.xls`` (xlrd) or ``.xlsx`` (openpyxl)."""
+    """Read a participants table: ``.tsv``, ``.csv``, ``.xls`` (xlrd) or ``.xlsx`` (openpyxl).
+
+    Parameters
+    ----------
+    path : path
+        The table; text tables are read as strings (empty cells missing).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table as it is (no column mapping).
+
+    Raises
+    ------
+    BrainsexError
+        When the file is missing, needs an uninstalled reader, or cannot be parsed.
+    """
     p = Path(path)
     if not p.is_file():
         raise BrainsexError(f"{p}: participants table not found")
@@ -773,8 +819,18 @@ def _copy_local(url: str, output_file: Any, pooch_obj: Any) -> None:
 def table1(participants: pd.DataFrame) -> pd.DataFrame:
     """The paper's Table 1 for any participants table: one row per dataset, plus ``All``.
 
-    Columns: N, Female, Male, Age (F) and Age (M) as ``mean ± sd (min–max)``, subjects per vendor
-    (GE, Philips, Siemens) and per field strength (1.5 T, 3 T).
+    Parameters
+    ----------
+    participants : pandas.DataFrame
+        With columns ``dataset``, ``sex`` (F/M), ``age``, ``vendor`` and ``field`` (tesla).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``dataset``; columns N, Female, Male, Age (F) and Age (M) as ``mean ± sd (min–max)``,
+        subjects per vendor present (GE, Philips, Siemens when the table has none; ``vendor unknown``
+        for missing ones) and per field strength present (1.5 T, 3 T when none; ``field unknown`` when
+        some are missing).
     """
     need = {"dataset", "sex", "age", "vendor", "field"}
     missing = need - set(participants.columns)
@@ -859,6 +915,13 @@ def public_exclusions(exclusions: pd.DataFrame, manifest: Manifest | str | os.Pa
     Subjects of cohorts with ``shareable: false`` (or of cohorts the manifest does not know) are
     counted per reason instead of listed, so that no protected identifier reaches the book; their
     reasons are passed through :func:`brainsex.privacy.scrub_reason` (no ID, file name or path).
+
+    Parameters
+    ----------
+    exclusions : pandas.DataFrame
+        The exclusions table of :func:`load_cohorts` (``cohort``, ``participant_id``, ``reason``).
+    manifest : Manifest or path
+        The data manifest that says which cohorts are shareable.
 
     Returns
     -------

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
+from brainsex._docs import fill_doc
 
 __all__ = [
     "METRICS",
@@ -151,6 +152,7 @@ def check_columns(table: pd.DataFrame, columns: Sequence[str], what: str = "pred
         raise BrainsexError(f"{what} lacks column(s) {missing}; it has {list(table.columns)}")
 
 
+@fill_doc
 def labels_from_table(
     predictions: pd.DataFrame, prob_col: str = "prob_male", threshold: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -158,6 +160,20 @@ def labels_from_table(
 
     ``y_true`` comes from the ``y_true`` column when present, else from ``sex``; ``y_pred`` is always
     recomputed as ``prob >= threshold`` so that one threshold rules every table.
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        A predictions table (:func:`make_predictions_table`).
+    prob_col : str, default="prob_male"
+        %(prob_col)s
+    threshold : float, default=0.5
+        %(threshold)s
+
+    Returns
+    -------
+    y_true, prob, y_pred : numpy.ndarray
+        Boolean truth (male), float probabilities, boolean predictions.
     """
     truth_col = "y_true" if "y_true" in predictions.columns else "sex"
     check_columns(predictions, [truth_col, prob_col])
@@ -389,6 +405,7 @@ def _group_label(variable: str, value: Any) -> str:
     return str(value)
 
 
+@fill_doc
 def metrics_by_groups(
     predictions: pd.DataFrame,
     groups: Sequence[tuple[str, str, np.ndarray]],
@@ -398,7 +415,30 @@ def metrics_by_groups(
     seed: int,
     ci: float,
 ) -> pd.DataFrame:
-    """Long table of :func:`metrics` for each (variable, group, boolean mask)."""
+    """Long table of :func:`metrics` for each (variable, group, boolean mask).
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        A predictions table (:func:`make_predictions_table`).
+    groups : sequence of (str, str, numpy.ndarray)
+        ``(variable, group, mask)``: a boolean row mask per group; empty groups are skipped.
+    prob_col : str
+        %(prob_col)s
+    threshold : float
+        %(threshold)s
+    n_bootstrap : int
+        %(n_bootstrap)s
+    seed : int
+        %(seed_bootstrap)s
+    ci : float
+        %(ci)s
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``variable``, ``group``, ``n_female``, ``n_male`` and the columns of :func:`metrics`.
+    """
     y, p, _ = labels_from_table(predictions, prob_col=prob_col, threshold=threshold)
     parts = []
     for variable, group, mask in groups:
@@ -523,6 +563,13 @@ def format_metrics_table(
 # --------------------------------------------------------------------------------------------------
 def roc_curve_table(y_true: Any, y_prob: Any) -> pd.DataFrame:
     """ROC curve as a table (:func:`sklearn.metrics.roc_curve`), male as the positive class.
+
+    Parameters
+    ----------
+    y_true : array-like
+        True sex, 1 (or ``"M"``) for male and 0 (or ``"F"``) for female.
+    y_prob : array-like
+        Predicted probability of male, in [0, 1].
 
     Returns
     -------
@@ -661,10 +708,18 @@ def make_predictions_table(
     return out[list(PREDICTION_COLUMNS)]
 
 
+@fill_doc
 def exclude_missing_tiv(predictions: pd.DataFrame, tiv_col: str = "etiv_ml") -> tuple[pd.DataFrame, int]:
     """Drop subjects without a TIV before the TIV analysis (paper section 2.6).
 
     The paper excluded one test scan that FreeSurfer could not process (211 -> 210 subjects).
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        A predictions table with ``tiv_col`` (and ``participant_id`` for the list of dropped ids).
+    tiv_col : str, default="etiv_ml"
+        %(tiv_col)s
 
     Returns
     -------

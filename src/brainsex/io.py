@@ -38,6 +38,18 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
     The temporary name keeps the file's suffixes (``.nii.gz``, ``.tsv``) so that libraries that pick a
     format from the extension still work.
+
+    Parameters
+    ----------
+    path : path
+        The final file (its folder is created).
+    suffix : str, optional
+        Suffix of the temporary name; default the suffixes of ``path``.
+
+    Yields
+    ------
+    pathlib.Path
+        The temporary path to write; removed if the block raises.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,19 +66,58 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically and return the path."""
+    """Write ``text`` to ``path`` atomically and return the path.
+
+    Parameters
+    ----------
+    path : path
+        Destination.
+    text : str
+        Content.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
+    """Write ``obj`` as indented JSON (sorted keys; ``str`` for other types) atomically.
+
+    Parameters
+    ----------
+    path : path
+        Destination.
+    obj : object
+        JSON-serialisable content.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a table as TSV (``.tsv``) or CSV (``.csv``) atomically, without the index."""
+    """Write a table as CSV (``.csv``) or TSV (any other suffix) atomically, without the index.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The table.
+    path : path
+        Destination.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     path = Path(path)
     sep = "," if path.suffix == ".csv" else "\t"
     with atomic_path(path) as tmp:
@@ -75,7 +126,25 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def read_table(path: str | os.PathLike, **kwargs: Any) -> pd.DataFrame:
-    """Read a TSV/CSV table written by :func:`write_table` (or by a user), with a clear error."""
+    """Read a TSV/CSV table written by :func:`write_table` (or by a user), with a clear error.
+
+    Parameters
+    ----------
+    path : path
+        A ``.csv`` (comma-separated) or any other suffix (tab-separated).
+    **kwargs
+        Passed to :func:`pandas.read_csv`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table.
+
+    Raises
+    ------
+    BrainsexError
+        When the file is missing or cannot be parsed.
+    """
     from brainsex import BrainsexError
 
     path = Path(path)
@@ -89,7 +158,20 @@ def read_table(path: str | os.PathLike, **kwargs: Any) -> pd.DataFrame:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes.
+
+    Parameters
+    ----------
+    path : path
+        The file.
+    chunk : int, default=1048576
+        Bytes read at a time.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(chunk), b""):

@@ -135,7 +135,18 @@ class Manifest(_Strict):
         return cohorts
 
     def cohort(self, name: str) -> CohortEntry:
-        """The cohort called ``name`` (a clear error listing the known names otherwise)."""
+        """The cohort called ``name`` (a clear error listing the known names otherwise).
+
+        Parameters
+        ----------
+        name : str
+            Cohort name.
+
+        Returns
+        -------
+        CohortEntry
+            Its entry.
+        """
         for c in self.cohorts:
             if c.name == name:
                 return c
@@ -143,7 +154,21 @@ class Manifest(_Strict):
         raise ManifestError(f"{where}no cohort named '{name}'; known cohorts: {[c.name for c in self.cohorts]}")
 
     def resolve_root(self, cohort: CohortEntry | str, base: str | os.PathLike | None = None) -> Path:
-        """The cohort's ``root`` with environment variables expanded, relative to the manifest's folder."""
+        """The cohort's ``root`` with environment variables expanded, relative to the manifest's folder.
+
+        Parameters
+        ----------
+        cohort : CohortEntry or str
+            The cohort or its name.
+        base : path, optional
+            Folder a relative root is resolved against instead (default: the manifest's folder, or the
+            working folder for a manifest not read from a file).
+
+        Returns
+        -------
+        pathlib.Path
+            The root folder (``~`` expanded).
+        """
         entry = self.cohort(cohort) if isinstance(cohort, str) else cohort
         root = Path(expand_env(entry.root, key=f"cohorts[{entry.name}].root", source=self.path)).expanduser()
         if not root.is_absolute():
@@ -156,7 +181,27 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def expand_env(value: str, key: str = "value", source: str | os.PathLike | None = None) -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
+    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error.
+
+    Parameters
+    ----------
+    value : str
+        Text with references to environment variables.
+    key : str, default="value"
+        The manifest key, for the error message.
+    source : path, optional
+        The manifest file, for the error message.
+
+    Returns
+    -------
+    str
+        The expanded text.
+
+    Raises
+    ------
+    ManifestError
+        For an unset variable without a default.
+    """
 
     def repl(m: re.Match[str]) -> str:
         var, default = m.group(1), m.group(2)
@@ -189,6 +234,16 @@ def _format_loc(loc: tuple[Any, ...], data: Any) -> str:
 def load_manifest(path: str | os.PathLike = "data_manifest.yaml") -> Manifest:
     """Read and validate a manifest.
 
+    Parameters
+    ----------
+    path : path, default="data_manifest.yaml"
+        The manifest (YAML).
+
+    Returns
+    -------
+    Manifest
+        The validated manifest, with ``path`` set to the file's absolute path.
+
     Raises
     ------
     ManifestError
@@ -219,7 +274,18 @@ def load_manifest(path: str | os.PathLike = "data_manifest.yaml") -> Manifest:
 
 
 def manifest_table(manifest: Manifest) -> pd.DataFrame:
-    """One row per cohort: name, kind, enabled, shareable, licence, root (unexpanded)."""
+    """One row per cohort: name, kind, enabled, shareable, licence, root (unexpanded).
+
+    Parameters
+    ----------
+    manifest : Manifest
+        A loaded manifest (:func:`load_manifest`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``cohort``, ``kind``, ``enabled``, ``shareable``, ``license``, ``root``.
+    """
     return pd.DataFrame(
         [
             {"cohort": c.name, "kind": c.kind, "enabled": c.enabled, "shareable": c.shareable,

@@ -103,7 +103,23 @@ _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb":
 
 
 def parse_bytes(value: str | int | float) -> int:
-    """Bytes from ``16G``, ``800M``, ``1.5GiB`` or a plain number (binary units)."""
+    """Bytes from ``16G``, ``800M``, ``1.5GiB`` or a plain number (binary units).
+
+    Parameters
+    ----------
+    value : str or int or float
+        A positive size.
+
+    Returns
+    -------
+    int
+        Bytes.
+
+    Raises
+    ------
+    BrainsexError
+        For an unreadable or non-positive size.
+    """
     if isinstance(value, int | float) and not isinstance(value, bool):
         if value <= 0:
             raise BrainsexError(f"memory size must be positive, got {value}")
@@ -115,7 +131,18 @@ def parse_bytes(value: str | int | float) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """``1.2 GB`` style (binary units)."""
+    """``1.2 GB`` style (binary units).
+
+    Parameters
+    ----------
+    n : float
+        Bytes.
+
+    Returns
+    -------
+    str
+        One decimal and a unit (B, kB, MB, GB, TB).
+    """
     for unit, size in (("TB", 1024**4), ("GB", 1024**3), ("MB", 1024**2), ("kB", 1024)):
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
@@ -364,8 +391,9 @@ class MemoryPlan:
 
 
 def fixed_bytes(channels: Sequence[int], in_shape: Sequence[int], batch_size: int, in_channels: int = 1) -> int:
-    """Memory a training run needs whatever its micro-batch: weights, gradients and two Adam moments
-    (float32), plus one batch of float32 inputs.
+    """Memory a training run needs whatever its micro-batch.
+
+    Weights, gradients and two Adam moments (float32), plus one batch of float32 inputs.
 
     Parameters
     ----------
@@ -488,14 +516,33 @@ def choose_batch_size(
 
 
 def peak_rss_bytes(children: bool = False) -> int:
-    """Peak resident memory of this process (or of its waited-for children), from ``getrusage``."""
+    """Peak resident memory of this process (or of its waited-for children), from ``getrusage``.
+
+    Parameters
+    ----------
+    children : bool, default=False
+        Report the children's peak (``RUSAGE_CHILDREN``) instead of this process's.
+
+    Returns
+    -------
+    int
+        Bytes.
+    """
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return int(resource.getrusage(who).ru_maxrss) * 1024  # kilobytes on Linux
 
 
 def memory_limit_bytes() -> int:
-    """The memory a process on this machine can have at most: ``BRAINSEX_MEMORY_LIMIT``, else a cgroup
-    limit, else the physical memory (``psutil.virtual_memory().total``)."""
+    """The memory a process on this machine can have at most.
+
+    ``BRAINSEX_MEMORY_LIMIT``, else a cgroup limit, else the physical memory
+    (``psutil.virtual_memory().total``).
+
+    Returns
+    -------
+    int
+        Bytes.
+    """
     env = os.environ.get(LIMIT_ENV)
     if env:
         return parse_bytes(env)
@@ -513,8 +560,10 @@ def memory_limit_bytes() -> int:
 
 
 class RssWatch:
-    """Samples, in a background thread, the resident memory of a process's descendants (a notebook's
-    kernel, a training run) and the machine's available memory.
+    """Sample, in a background thread, the resident memory of a process's descendants.
+
+    The descendants are a notebook's kernel or a training run; the machine's available memory is
+    sampled too.
 
     Parameters
     ----------

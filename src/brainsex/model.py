@@ -80,6 +80,18 @@ def sfcn_output_grid(in_shape: Sequence[int], n_pools: int = 5) -> tuple[int, in
 
     ``(193, 229, 193)`` gives ``(6, 7, 6)`` (paper section 2.3); the 4 mm grid ``(49, 58, 49)`` and the
     8 mm grid ``(25, 29, 25)`` give ``(1, 1, 1)``.
+
+    Parameters
+    ----------
+    in_shape : sequence of int
+        Input grid (X, Y, Z).
+    n_pools : int, default=5
+        Number of pooling blocks.
+
+    Returns
+    -------
+    tuple of int
+        The grid after the pooling blocks.
     """
     shape = list(_check_shape(in_shape))
     for k in sfcn_pool_kernels(in_shape, n_pools):
@@ -158,7 +170,13 @@ class SFCN(nn.Module):
                 "in_channels": self.in_channels}
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise :class:`BrainsexError` if ``x`` is not ``(B, in_channels, *in_shape)``."""
+        """Raise :class:`BrainsexError` if ``x`` is not ``(B, in_channels, *in_shape)``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            A batch of scans.
+        """
         expected = (self.in_channels, *self.in_shape)
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
             raise BrainsexError(
@@ -178,6 +196,16 @@ class SFCN(nn.Module):
         and are recomputed during the backward pass (:func:`torch.utils.checkpoint.checkpoint`): less
         memory, about a third more compute, the same result. The recomputation does not update batch
         normalisation's running statistics a second time.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Scans, shape ``(B, in_channels, *in_shape)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Logits of male, shape ``(B,)``.
         """
         self.check_input(x)
         k = int(self.checkpoint_blocks) if torch.is_grad_enabled() else 0
@@ -198,6 +226,16 @@ class SFCN(nn.Module):
         """P(male) = sigmoid(logit) for each scan, shape ``(B,)``, computed in eval mode without gradients.
 
         The module's train/eval mode is restored afterwards.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Scans, shape ``(B, in_channels, *in_shape)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Probabilities of male (float32), shape ``(B,)``.
         """
         was_training = self.training
         self.eval()
@@ -231,7 +269,20 @@ class _RunOnceStats:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters of a model."""
+    """Number of (trainable) parameters of a model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    trainable_only : bool, default=True
+        Count only parameters with ``requires_grad``.
+
+    Returns
+    -------
+    int
+        Number of scalar parameters.
+    """
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only))
 
 
@@ -241,6 +292,20 @@ def count_macs(channels: Sequence[int] = PAPER_CHANNELS, in_shape: Sequence[int]
 
     Counts ``voxels x C_out x C_in x kernel volume`` for each convolution; batch norm, pooling and ReLU
     are negligible. The paper's model at 193x229x193 needs about 112 GMAC per scan.
+
+    Parameters
+    ----------
+    channels : sequence of int, default=PAPER_CHANNELS
+        Output channels of the six convolution blocks.
+    in_shape : sequence of int, default=PAPER_IN_SHAPE
+        Input grid.
+    in_channels : int, default=1
+        Input channels.
+
+    Returns
+    -------
+    int
+        Multiply-accumulates per scan.
     """
     channels = [int(c) for c in channels]
     shape = list(_check_shape(in_shape))

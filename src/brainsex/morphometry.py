@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
+from brainsex._docs import fill_doc
 from brainsex.atlas import label_ids, labels_on, region_group_test, region_means
 from brainsex.io import is_image
 from brainsex.ranking import planted_recovery, ranking_report, select_scans
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 def log_jacobian_map(image: Any, template: Any, cache_prefix: str | os.PathLike, warps: str = "tbm") -> np.ndarray:
-    """log det of the Jacobian of one subject's non-linear warp to the template (tensor-based morphometry).
+    """Log det of the Jacobian of one subject's non-linear warp to the template (tensor-based morphometry).
 
     The warp is the SyN part of :func:`tbm_transform` (``warps="tbm"``, the default) or the saliency
     chapter's warp (:func:`brainsex.registration.nonlinear_transform` with its defaults,
@@ -96,11 +97,11 @@ def log_jacobian_map(image: Any, template: Any, cache_prefix: str | os.PathLike,
 
 def _tbm_one(image: str, template: Any, prefix: str, lab: np.ndarray, ids: list[int], warps: str) -> np.ndarray:
     """Region means of one subject's log-Jacobian (a joblib task)."""
-
     set_threads(1)
     return region_means(log_jacobian_map(image, template, prefix, warps=warps), lab, ids)
 
 
+@fill_doc
 def tbm_region_means(
     table: pd.DataFrame,
     template: Any,
@@ -118,6 +119,27 @@ def tbm_region_means(
     back, so memory does not grow with the number of subjects. Transforms are cached per subject in
     ``cache_dir`` (the saliency chapter's ``<run_dir>/preprocess/warps``), in the entries ``<participant_id>_tbm-<key>/``
     for ``warps="tbm"`` (:func:`brainsex.registration.tbm_transform`), the saliency warps themselves for ``warps="shared"``.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Subjects: ``participant_id`` and ``image_col``.
+    template : nibabel image
+        The template (the warps' fixed image).
+    atlas : nibabel image or array
+        Label atlas, resampled to the template grid when needed.
+    labels : pandas.DataFrame or sequence of int or None
+        Label table (``label`` column) or label ids; None: every non-zero label of the atlas.
+    cache_dir : path
+        Folder of the cached transforms.
+    image_col : str, default="image_pp"
+        Column of the subjects' (preprocessed) images.
+    n_jobs : int, default=1
+        Parallel subjects (joblib).
+    progress : bool, default=True
+        %(progress)s
+    warps : {"tbm", "shared"}, default="tbm"
+        Which cached transforms to use (see above).
 
     Returns
     -------
@@ -150,6 +172,7 @@ def tbm_region_means(
     return out
 
 
+@fill_doc
 def tbm_region_test(
     table: pd.DataFrame,
     template: Any,
@@ -166,7 +189,7 @@ def tbm_region_test(
     max_subjects: int | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Tensor-based morphometry: which regions differ in volume between males and females?
+    """Tensor-based morphometry: test which regions differ in volume between males and females.
 
     For every subject the log-Jacobian of its SyN warp to the template (:func:`log_jacobian_map`) is
     averaged within each atlas region (:func:`tbm_region_means`); then each region is tested with
@@ -177,7 +200,7 @@ def tbm_region_test(
     Parameters
     ----------
     table
-        Subjects: ``participant_id``, ``sex`` ('M'/'F'), ``image_col`` and ``tiv_col``
+        Subjects: ``participant_id``, ``sex_col`` ('M'/'F'), ``image_col`` and ``tiv_col``
         (``preprocess/preprocessed.tsv``). Rows whose ``status`` is not ``ok`` and rows without a TIV
         are left out (counted in ``attrs``).
     template, atlas, labels
@@ -189,8 +212,14 @@ def tbm_region_test(
         Covariate column; None for no covariate.
     n_jobs
         Parallel registrations.
+    image_col
+        Column of the preprocessed images.
+    sex_col
+        Column of the sex labels.
     alpha
         FDR level of the ``significant`` column.
+    progress
+        %(progress)s
     warps
         ``"tbm"`` (:func:`tbm_transform`, default) or ``"shared"`` (the saliency warps).
     max_subjects, seed
@@ -228,6 +257,7 @@ def tbm_region_test(
     return result
 
 
+@fill_doc
 def phantom_log_jacobians(
     phantom_dir: str | os.PathLike,
     atlas: Any,
@@ -253,6 +283,8 @@ def phantom_log_jacobians(
         Atlas image on the phantom's template grid (resampled if needed) and its label table.
     participants
         Participant ids to rebuild (default: all).
+    progress
+        %(progress)s
 
     Returns
     -------
@@ -285,8 +317,36 @@ def phantom_log_jacobians(
 def region_test_table(values: pd.DataFrame, table: pd.DataFrame, atlas: Any, labels: pd.DataFrame,
                       template: Any, tiv_col: str | None = "etiv_ml", sex_col: str = "sex",
                       alpha: float = 0.05) -> pd.DataFrame:
-    """:func:`brainsex.atlas.region_group_test` of subjects x regions ``values`` (rows matched to ``table``
-    by ``participant_id``), as a ranking like :func:`tbm_region_test`'s (``n_voxels``, ``rank``)."""
+    """Region-wise sex test of subjects x regions ``values``, as a ranking like :func:`tbm_region_test`'s.
+
+    :func:`brainsex.atlas.region_group_test` (``value ~ 1 + male + TIV``, Benjamini-Hochberg), with
+    ``n_voxels`` on the template grid and ``rank``; regions with no voxel go last.
+
+    Parameters
+    ----------
+    values : pandas.DataFrame
+        Subjects (index: ``participant_id``) x label ids, e.g. :func:`tbm_region_means`.
+    table : pandas.DataFrame
+        Subjects with ``participant_id``, ``sex_col`` and ``tiv_col``; every row of ``values`` must be in it.
+    atlas : nibabel image or array
+        Label atlas (resampled to ``template``'s grid for the voxel counts).
+    labels : pandas.DataFrame
+        Label table of the atlas.
+    template : nibabel image
+        The template grid the voxels are counted on.
+    tiv_col : str or None, default="etiv_ml"
+        Covariate column; None for no covariate.
+    sex_col : str, default="sex"
+        Column of the sex labels.
+    alpha : float, default=0.05
+        FDR level of the ``significant`` column.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The :func:`brainsex.atlas.region_group_test` table plus ``n_voxels`` and ``rank``;
+        ``attrs["n_subjects"]``.
+    """
     t = table.assign(participant_id=table["participant_id"].astype(str)).set_index("participant_id")
     missing = [i for i in values.index if i not in t.index]
     if missing:
@@ -335,7 +395,18 @@ class PositiveControl:
     ratio: float
 
     def summary(self, k: int = 10) -> pd.DataFrame:
-        """One row per version: subjects, planted regions recovered, precision@k and AP with chance."""
+        """One row per version: subjects, planted regions recovered, precision@k and AP with chance.
+
+        Parameters
+        ----------
+        k : int, default=10
+            The cut-off of the precision column's label (the reports were computed with their own ``k``).
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per version, in display order.
+        """
         rows = []
         for name, res in self.tables.items():
             rep, rec = self.reports[name].iloc[0], self.recoveries[name]

@@ -42,7 +42,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ import pandas as pd
 from scipy import ndimage
 
 from brainsex import BrainsexError
+from brainsex._docs import fill_doc
 from brainsex.io import atomic_path, read_table, sha256_file, write_json_atomic, write_table
 from brainsex.registration import (
     apply_to_map,
@@ -86,6 +87,7 @@ __all__ = [
     "dice",
     "subject_dir",
     "nonlinear_prefix",
+    "PreprocessConfig",
     "preprocess_subject",
     "preprocess_cohort",
     "QC_COLUMNS",
@@ -247,15 +249,32 @@ class Reference:
 
     @property
     def registration_template(self) -> nib.Nifti1Image:
+        """The template transforms are estimated on: ``fine_template`` when set, else ``template``."""
         return self.fine_template if self.fine_template is not None else self.template
 
     @property
     def registration_mask(self) -> nib.Nifti1Image:
+        """The brain mask on :attr:`registration_template`'s grid."""
         return self.fine_mask if self.fine_mask is not None else self.mask
 
     @classmethod
+    @fill_doc
     def load(cls, voxel_size: float = 1.0, source: str = "auto") -> Reference:
-        """The MNI152 template, brain mask and TIV from :mod:`brainsex.templates` (cached per process)."""
+        """The MNI152 template, brain mask and TIV from :mod:`brainsex.templates` (cached per process).
+
+        Parameters
+        ----------
+        voxel_size : float, default=1.0
+            Target grid voxel size in mm; above 4 mm the transforms are estimated on a 4 mm copy
+            (``fine_template``, ``fine_mask``).
+        source : {"auto", "templateflow", "offline"}, default="auto"
+            %(reference_source)s
+
+        Returns
+        -------
+        Reference
+            The reference; its ``tiv_ml`` is the volume of the 1 mm brain mask.
+        """
         return _load_reference(float(voxel_size), source)
 
     @classmethod
@@ -272,14 +291,17 @@ class Reference:
 
     @property
     def voxel_size(self) -> float:
+        """Largest voxel size of the target grid in mm."""
         return float(np.max(_voxel_sizes(self.template)))
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """Shape of the target grid."""
         return tuple(self.template.shape[:3])  # type: ignore[return-value]
 
     @property
     def affine(self) -> np.ndarray:
+        """Voxel-to-world matrix of the target grid."""
         return self.template.affine
 
     def fingerprint(self) -> str:
@@ -318,6 +340,7 @@ def load_t1(image: str | os.PathLike | nib.spatialimages.SpatialImage, name: str
     Parameters
     ----------
     image : path or nibabel image
+        The T1-weighted scan.
     name : str, optional
         How to call the image in error messages (default: its path).
 
@@ -632,8 +655,20 @@ def similarity(img: nib.Nifti1Image, template: nib.Nifti1Image, mask: nib.Nifti1
     """Normalised cross-correlation (Pearson r) of two images on one grid, inside ``mask``.
 
     The registration QC score of :func:`rigid_register` (computed there on the coarse registration
-    grid, so that it does not depend on the target voxel size): 1 for identical images; on the phantom
-    about 0.7-0.9 for correct registrations and below 0.4 when a registration failed.
+    grid, so that it does not depend on the target voxel size): 1 for identical images; for the
+    values correct registrations reach see ``similarity_threshold`` of :class:`PreprocessConfig`.
+
+    Parameters
+    ----------
+    img, template : nibabel.Nifti1Image
+        Two images on one grid.
+    mask : nibabel.Nifti1Image, optional
+        Voxels compared (default: all).
+
+    Returns
+    -------
+    float
+        Pearson r; 0 when fewer than two voxels or a constant image.
     """
     a = np.asarray(img.dataobj, dtype=np.float64)
     b = np.asarray(template.dataobj, dtype=np.float64)
@@ -726,21 +761,12 @@ def rigid_register(
     -------
     RigidResult
     """
-    ants = load_ants()
     if type_of_transform not in ("Rigid", "QuickRigid", "DenseRigid"):
         raise BrainsexError(f"type_of_transform must be a rigid type, got {type_of_transform!r}")
     tmpl = template_brain
     tmask = template_mask if template_mask is not None else new_image(
         np.asarray(tmpl.dataobj) > 0, tmpl.affine, np.uint8)
-    if voxel_size is not None:
-        from brainsex import templates
-
-        shape, affine = templates.target_grid(voxel_size)
-    elif target is not None:
-        shape, affine = tuple(int(n) for n in target[0]), np.asarray(target[1], dtype=np.float64)
-    else:
-        shape, affine = tmpl.shape[:3], tmpl.affine
-    grid_vs = float(np.max(_voxel_sizes(_grid_image((1, 1, 1), affine))))
+    shape, affine = _rigid_target(tmpl, voxel_size, target)
     # estimation on coarse copies (on the template's grid if that is coarser; a coarser subject is
     # used as it is); the subject is cropped to its brain first (cheaper smoothing)
     coarse = max(float(reg_voxel_mm), float(np.max(_voxel_sizes(tmpl))))
@@ -748,15 +774,38 @@ def rigid_register(
     brain_c = _crop_nonzero(brain_img, 2 * coarse)
     moving_lo = _downsample(brain_c, coarse)
     kw: dict[str, Any] = {"iterations": iterations, "shrink_factors": shrink_factors,
-                          "smoothing_sigmas": smoothing_sigmas}
+                          "smoothing_sigmas": smoothing_sigmas, "sampling": sampling, "metric": metric}
     if type_of_transform == "QuickRigid":
-        kw = {"iterations": (20, 20, 0, 0), "shrink_factors": (8, 4, 2, 1), "smoothing_sigmas": (3, 2, 1, 0)}
+        kw.update({"iterations": (20, 20, 0, 0), "shrink_factors": (8, 4, 2, 1), "smoothing_sigmas": (3, 2, 1, 0)})
+    fixed_mask = None if metric_margin_mm is None else _metric_mask(tmask, coarse, metric_margin_mm)
+    out_tx = _estimate_rigid(fixed_lo, moving_lo, "DenseRigid" if type_of_transform == "DenseRigid" else "Rigid",
+                             transform_path, fixed_mask, kw)
+    matrix = transform_matrix(out_tx)
+    sim = _coarse_similarity(fixed_lo, moving_lo, _downsample_cached(tmask, coarse), out_tx)
+    image, mask_out = _resample_rigid(brain_c, mask, matrix, out_tx, shape, affine)
+    return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
+                       info={"reg_voxel_mm": coarse})
+
+
+def _rigid_target(tmpl: nib.Nifti1Image, voxel_size: float | None,
+                  target: tuple[Sequence[int], np.ndarray] | None) -> tuple[tuple[int, ...], np.ndarray]:
+    """The grid a rigid registration resamples onto: ``voxel_size``'s, ``target``, or the template's."""
+    if voxel_size is not None:
+        from brainsex import templates
+
+        return templates.target_grid(voxel_size)
+    if target is not None:
+        return tuple(int(n) for n in target[0]), np.asarray(target[1], dtype=np.float64)
+    return tmpl.shape[:3], tmpl.affine
+
+
+def _estimate_rigid(fixed_lo: nib.Nifti1Image, moving_lo: nib.Nifti1Image, kind: str,
+                    transform_path: str | os.PathLike | None, fixed_mask: nib.Nifti1Image | None,
+                    kw: dict[str, Any]) -> Path:
+    """Run ANTs on the coarse copies; keep the transform at ``transform_path`` (or a scratch file)."""
     with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
         try:
-            fwd = register_linear(fixed_lo, moving_lo, "DenseRigid" if type_of_transform == "DenseRigid" else "Rigid",
-                            str(Path(tmp) / "rigid_"), sampling=sampling, metric=metric,
-                            fixed_mask=None if metric_margin_mm is None else _metric_mask(tmask, coarse, metric_margin_mm),
-                            **kw)
+            fwd = register_linear(fixed_lo, moving_lo, kind, str(Path(tmp) / "rigid_"), fixed_mask=fixed_mask, **kw)
         except RuntimeError as exc:
             raise PreprocessError(f"rigid registration failed ({exc})") from exc
         src = Path(fwd[0])
@@ -764,20 +813,32 @@ def rigid_register(
             fd, dst = tempfile.mkstemp(prefix="rigid-", suffix=".mat", dir=_scratch_dir())
             os.close(fd)
             shutil.copyfile(src, dst)
-            out_tx = Path(dst)
-        else:
-            out_tx = Path(transform_path)
-            with atomic_path(out_tx) as t:
-                shutil.copyfile(src, t)
-    matrix = transform_matrix(out_tx)
-    # QC score on the coarse grid (independent of the target voxel size)
+            return Path(dst)
+        out_tx = Path(transform_path)
+        with atomic_path(out_tx) as t:
+            shutil.copyfile(src, t)
+        return out_tx
+
+
+def _coarse_similarity(fixed_lo: nib.Nifti1Image, moving_lo: nib.Nifti1Image, tmask_lo: nib.Nifti1Image,
+                       transform: Path) -> float:
+    """QC score on the coarse grid (independent of the target voxel size)."""
+    ants = load_ants()
     warped_lo = ants.apply_transforms(fixed=to_ants(fixed_lo), moving=to_ants(moving_lo),
-                                      transformlist=[str(out_tx)], interpolator="linear")
-    tmask_lo = _downsample_cached(tmask, coarse)
-    sim = similarity(new_image(warped_lo.numpy(), fixed_lo.affine), fixed_lo,
-                     new_image(np.asarray(tmask_lo.dataobj) >= 0.5, fixed_lo.affine, np.uint8))
-    # resample once: full resolution subject -> target grid (anti-aliased when the grid is coarser),
-    # only over the part of the grid the subject's brain can reach
+                                      transformlist=[str(transform)], interpolator="linear")
+    return similarity(new_image(warped_lo.numpy(), fixed_lo.affine), fixed_lo,
+                      new_image(np.asarray(tmask_lo.dataobj) >= 0.5, fixed_lo.affine, np.uint8))
+
+
+def _resample_rigid(brain_c: nib.Nifti1Image, mask: nib.Nifti1Image | None, matrix: np.ndarray, transform: Path,
+                    shape: Sequence[int], affine: np.ndarray) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None]:
+    """Resample once: full-resolution subject (and mask) -> target grid.
+
+    Anti-aliased when the grid is coarser, and only over the part of the grid the subject's brain can
+    reach; the image is zeroed outside the resampled mask (linear, >= 0.5).
+    """
+    ants = load_ants()
+    grid_vs = float(np.max(_voxel_sizes(_grid_image((1, 1, 1), affine))))
     src_img = brain_c
     if grid_vs > 1.5 * float(np.max(_voxel_sizes(brain_c))):
         src_img = new_image(_smooth_to(brain_c, grid_vs), brain_c.affine)
@@ -786,33 +847,31 @@ def rigid_register(
     sub_aff[:3, 3] = (affine @ np.array([box[0].start, box[1].start, box[2].start, 1.0]))[:3]
     sub_shape = tuple(b.stop - b.start for b in box)
     target = to_ants(_grid_image(sub_shape, sub_aff))
-    moved = ants.apply_transforms(fixed=target, moving=to_ants(src_img), transformlist=[str(out_tx)],
+    moved = ants.apply_transforms(fixed=target, moving=to_ants(src_img), transformlist=[str(transform)],
                                   interpolator="linear")
     data = np.zeros(shape, np.float32)
     data[box] = moved.numpy()
-    mask_out = None
-    if mask is not None:
-        mask_c = new_image(np.asarray(mask.dataobj, np.float32), mask.affine)
-        mask_c = mask_c.slicer[_box_in(brain_c, mask_c)] if mask_c.shape[:3] != brain_c.shape[:3] else mask_c
-        mm = ants.apply_transforms(fixed=target, moving=to_ants(mask_c), transformlist=[str(out_tx)],
-                                   interpolator="linear")
-        m = np.zeros(shape, bool)
-        m[box] = mm.numpy() >= 0.5
-        data = np.where(m, data, 0.0).astype(np.float32)
-        mask_out = new_image(m, affine, np.uint8)
-    image = new_image(data, affine)
-    return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
-                       info={"reg_voxel_mm": coarse})
+    if mask is None:
+        return new_image(data, affine), None
+    mask_c = new_image(np.asarray(mask.dataobj, np.float32), mask.affine)
+    mask_c = mask_c.slicer[_box_in(brain_c, mask_c)] if mask_c.shape[:3] != brain_c.shape[:3] else mask_c
+    mm = ants.apply_transforms(fixed=target, moving=to_ants(mask_c), transformlist=[str(transform)],
+                               interpolator="linear")
+    m = np.zeros(shape, bool)
+    m[box] = mm.numpy() >= 0.5
+    data = np.where(m, data, 0.0).astype(np.float32)
+    return new_image(data, affine), new_image(m, affine, np.uint8)
 
 
 # ------------------------------------------------------------------------------------- intensity
 def zscore(img: nib.Nifti1Image, mask: nib.Nifti1Image | np.ndarray | None = None,
            mode: Literal["brain", "volume"] = "brain") -> nib.Nifti1Image:
-    """z-score the intensities (paper section 2.2: subtract the mean, divide by the standard deviation).
+    """Z-score the intensities (paper section 2.2: subtract the mean, divide by the standard deviation).
 
     Parameters
     ----------
     img : nibabel.Nifti1Image
+        The (registered) image.
     mask : image or array, optional
         Brain mask; default: the non-zero voxels of ``img``.
     mode : {"brain", "volume"}, default="brain"
@@ -850,7 +909,18 @@ def zscore(img: nib.Nifti1Image, mask: nib.Nifti1Image | np.ndarray | None = Non
 
 # --------------------------------------------------------------------------------------------- TIV
 def mask_volume_ml(mask: nib.spatialimages.SpatialImage | str | os.PathLike) -> float:
-    """Volume of a binary mask in ml (voxels > 0 times the voxel volume / 1000)."""
+    """Volume of a binary mask in ml (non-zero voxels times the voxel volume / 1000).
+
+    Parameters
+    ----------
+    mask : nibabel image or path
+        The mask.
+
+    Returns
+    -------
+    float
+        Volume in ml.
+    """
     img = nib.load(mask) if not isinstance(mask, nib.spatialimages.SpatialImage) else mask
     vox_ml = abs(float(np.linalg.det(img.affine[:3, :3]))) / 1000.0
     return float(np.count_nonzero(np.asarray(img.dataobj))) * vox_ml
@@ -878,6 +948,33 @@ def affine_to_template(
     the 4 mm phantom (24 subjects: r = 0.978 with the true TIV, median eTIV / TIV 1.013) as
     (100, 50, 20) x (4, 2, 1) (r = 0.979, 1.012) in 60 % of the time; 5 final iterations were too few
     on 8 mm images.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        Moving image (brain-extracted subject).
+    template : nibabel.Nifti1Image
+        Fixed image (brain-extracted template).
+    transform_path : path, optional
+        Where to keep the affine ``.mat`` file.
+    initial_transform : path, optional
+        ANTs transform to start from (e.g. the rigid one).
+    reg_voxel_mm : float, default=4.0
+        Voxel size of the finest level (at least the template's).
+    iterations : sequence of int, default=(30, 10)
+        Iterations per pyramid level.
+    shrink_factors : sequence of int, default=(2, 1)
+        Downsampling per level.
+    smoothing_sigmas : sequence of float, default=(1, 0)
+        Smoothing per level.
+    sampling : float, default=0.25
+        Share of voxels the metric samples.
+    metric : str, default="mattes"
+        ANTs metric.
+    template_mask : nibabel.Nifti1Image, optional
+        Template brain mask; the metric is sampled within ``metric_margin_mm`` of it.
+    metric_margin_mm : float, default=8.0
+        Margin around ``template_mask``.
 
     Returns
     -------
@@ -957,7 +1054,18 @@ def etiv_affine(
 
 
 def dice(a: nib.spatialimages.SpatialImage | np.ndarray, b: nib.spatialimages.SpatialImage | np.ndarray) -> float:
-    """Dice overlap 2|A and B| / (|A| + |B|) of two masks on one grid."""
+    """Dice overlap 2|A and B| / (|A| + |B|) of two masks on one grid.
+
+    Parameters
+    ----------
+    a, b : nibabel image or numpy.ndarray
+        Masks (non-zero inside) of the same shape.
+
+    Returns
+    -------
+    float
+        Dice in [0, 1]; 1 when both masks are empty.
+    """
     x = (np.asarray(a.dataobj) if isinstance(a, nib.spatialimages.SpatialImage) else np.asarray(a)).astype(bool)
     y = (np.asarray(b.dataobj) if isinstance(b, nib.spatialimages.SpatialImage) else np.asarray(b)).astype(bool)
     if x.shape != y.shape:
@@ -975,7 +1083,20 @@ def _pid(row: Mapping[str, Any]) -> str:
 
 
 def subject_dir(out_dir: str | os.PathLike, participant_id: str) -> Path:
-    """``out_dir/sub-<id>/`` (the id keeps its ``sub-`` prefix once)."""
+    """``out_dir/sub-<id>/`` (the id keeps its ``sub-`` prefix once).
+
+    Parameters
+    ----------
+    out_dir : path
+        The run directory's ``preprocess`` folder.
+    participant_id : str
+        With or without the ``sub-`` prefix.
+
+    Returns
+    -------
+    pathlib.Path
+        The subject's output folder.
+    """
     return PreprocessDir(out_dir).subject(_pid({"participant_id": participant_id}))
 
 
@@ -991,6 +1112,18 @@ def nonlinear_prefix(out_dir: str | os.PathLike, participant_id: str) -> Path:
     The transform maps the subject's preprocessed image (``image_pp``, rigidly registered) to the
     template; a later stage (saliency) computes it on request with
     ``nonlinear_transform(image_pp, template, nonlinear_prefix(out_dir, pid))`` and reuses it.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run directory's ``preprocess`` folder.
+    participant_id : str
+        With or without the ``sub-`` prefix.
+
+    Returns
+    -------
+    pathlib.Path
+        The cache prefix.
     """
     pid = _pid({"participant_id": participant_id})
     return PreprocessDir(out_dir).syn_prefix(pid)
@@ -1055,6 +1188,280 @@ def _save_nifti(img: nib.Nifti1Image, path: Path) -> None:
         nib.save(img, tmp)
 
 
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Settings of one preprocessing run (paper section 2.2).
+
+    Shared by :func:`preprocess_subject`, :func:`preprocess_cohort` and its workers. Every field is part of each subject's marker: a subject done with other settings is recomputed.
+
+    Parameters
+    ----------
+    voxel_size : float, default=1.0
+        Target grid voxel size in mm (1 mm: the paper's 193 x 229 x 193; profiles: paper 1, demo 4,
+        smoke 8).
+    method : {"auto", "deepbet", "mask", "template"}, default="auto"
+        Brain extraction (:func:`skull_strip`); "auto" uses the row's ``mask`` when present, deepbet
+        otherwise.
+    similarity_threshold : float, default=0.1
+        A registration whose :func:`similarity` is below this is recorded as failed (diverged): a
+        floor for registrations that matched nothing. Correct registrations score about 0.55-0.75 on
+        the phantom and 0.39-0.61 on real 2 mm IXI heads, so the cohort-relative check that fails
+        clearly wrong registrations runs after the whole cohort is done
+        (:func:`brainsex.qc.review_registrations`).
+    zscore_mode : {"brain", "volume"}, default="brain"
+        Where the z-score statistics are taken (:func:`zscore`).
+    etiv : bool, default=True
+        Compute :func:`etiv_affine` (otherwise ``etiv_ml`` is NaN).
+    mask_ml_range : (float, float), default=(500.0, 3000.0)
+        Plausible native brain-mask volumes in ml; outside means a failed extraction or a wrong voxel
+        size in the header.
+    reg_voxel_mm : float, default=4.0
+        Voxel size the rigid transform is estimated at (:func:`rigid_register`).
+    etiv_voxel_mm : float, default=4.0
+        Voxel size the affine (eTIV) transform is estimated at (:func:`etiv_affine`).
+    deepbet_size : int, default=192
+        ``network_size`` of :func:`skull_strip` (deepbet's input grid).
+    nonlinear : bool, default=False
+        Also compute the non-linear transform preprocessed image -> template now (cached at
+        :func:`nonlinear_prefix`; otherwise a later stage computes it on request).
+    """
+
+    voxel_size: float = 1.0
+    method: Method = "auto"
+    similarity_threshold: float = 0.1
+    zscore_mode: Literal["brain", "volume"] = "brain"
+    etiv: bool = True
+    mask_ml_range: tuple[float, float] = (500.0, 3000.0)
+    reg_voxel_mm: float = 4.0
+    etiv_voxel_mm: float = 4.0
+    deepbet_size: int = 192
+    nonlinear: bool = False
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> PreprocessConfig:
+        """Build a config from keyword arguments, naming any that is not a setting.
+
+        Parameters
+        ----------
+        **kwargs
+            Fields of :class:`PreprocessConfig`.
+
+        Returns
+        -------
+        PreprocessConfig
+            The settings.
+
+        Raises
+        ------
+        BrainsexError
+            For a keyword that is not a field.
+        """
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise BrainsexError(f"unknown preprocessing setting(s) {unknown}; valid: {[f.name for f in fields(cls)]}")
+        return cls(**kwargs)
+
+    def marker_params(self, method: str, image: Any, mask: Any, reference: Reference) -> dict[str, Any]:
+        """The parameters recorded in a subject's marker (inputs' fingerprints, settings, template).
+
+        Parameters
+        ----------
+        method : str
+            The brain extraction actually used ("auto" resolved).
+        image, mask : path or None
+            The subject's input image and native brain mask (fingerprinted by size and SHA-256).
+        reference : Reference
+            The template (its :meth:`Reference.fingerprint`).
+
+        Returns
+        -------
+        dict
+            JSON-serialisable; a marker is reused only when this matches exactly.
+        """
+        return {
+            "image": _file_fingerprint(image) if _present(image) else None,
+            "mask": _file_fingerprint(mask) if mask is not None else None,
+            "voxel_size": float(self.voxel_size), "method": method,
+            "similarity_threshold": float(self.similarity_threshold), "zscore_mode": self.zscore_mode,
+            "etiv": bool(self.etiv), "mask_ml_range": [float(v) for v in self.mask_ml_range],
+            "reg_voxel_mm": float(self.reg_voxel_mm), "etiv_voxel_mm": float(self.etiv_voxel_mm),
+            "deepbet_size": int(self.deepbet_size), "reference": reference.fingerprint(),
+            "nonlinear": bool(self.nonlinear),
+        }
+
+
+@dataclass
+class _Subject:
+    """One participant's job: its inputs, output paths, the resolved method and the template."""
+
+    pid: str
+    image: Any
+    mask: str | None
+    method: str
+    reference: Reference
+    sdir: Path
+    paths: dict[str, Path]
+    marker: Path
+    syn: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.pid} ({self.image})"
+
+
+class _Clock:
+    """Seconds spent in each step, for the QC row (``t_<step>_s``)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def tick(self, key: str) -> None:
+        now = time.perf_counter()
+        self.times[key] = round(now - self.t, 3)
+        self.t = now
+
+
+def _subject_job(row: Mapping[str, Any], out_dir: str | os.PathLike, config: PreprocessConfig,
+                 reference: Reference | None) -> _Subject:
+    pid = _pid(row)
+    sdir = subject_dir(out_dir, pid)
+    mask = row.get("mask") if _present(row.get("mask")) else None
+    method = config.method if config.method != "auto" else ("mask" if mask is not None else "deepbet")
+    ref = reference if reference is not None else Reference.load(config.voxel_size)
+    return _Subject(pid=pid, image=row.get("image"), mask=mask, method=method, reference=ref, sdir=sdir,
+                    paths=_output_paths(sdir, pid), marker=_marker_path(sdir, pid),
+                    syn=nonlinear_prefix(out_dir, pid))  # warps are keyed by the image's content
+
+
+def _check_mask_volume(job: _Subject, config: PreprocessConfig, mask_ml: float) -> None:
+    lo, hi = config.mask_ml_range
+    if not lo <= mask_ml <= hi:
+        raise PreprocessError(f"{job.pid}: brain mask volume {mask_ml:.0f} ml outside the plausible range "
+                              f"[{lo:.0f}, {hi:.0f}] ml (failed extraction, or wrong voxel sizes in the header)")
+
+
+def _rigid_step(job: _Subject, config: PreprocessConfig, brain: nib.Nifti1Image, mask: nib.Nifti1Image,
+                qc: dict[str, Any], written: dict[str, Path]) -> RigidResult:
+    """Rigid registration onto the target grid; records the pose and the similarity."""
+    ref = job.reference
+    reg = rigid_register(brain, ref.registration_template, mask=mask, template_mask=ref.registration_mask,
+                         transform_path=job.paths["rigid_transform"], reg_voxel_mm=config.reg_voxel_mm,
+                         target=(ref.shape, ref.affine))
+    written["rigid_transform"] = job.paths["rigid_transform"]
+    qc["similarity"] = reg.similarity
+    # the subject's pose: rotation angle, and displacement of the template brain's centre
+    qc["rotation_deg"], qc["translation_mm"] = rigid_error(reg.matrix, np.eye(4), _centroid(ref.mask))
+    return reg
+
+
+def _check_registration(job: _Subject, config: PreprocessConfig, reg: RigidResult) -> None:
+    if not np.isfinite(reg.similarity) or reg.similarity < config.similarity_threshold:
+        raise PreprocessError(f"{job.pid}: registration diverged (similarity {reg.similarity:.3f} < threshold "
+                              f"{config.similarity_threshold})")
+    assert reg.mask is not None
+    if not np.asarray(reg.mask.dataobj).any():
+        raise PreprocessError(f"{job.pid}: the registered brain mask is empty")
+
+
+def _etiv_step(job: _Subject, config: PreprocessConfig, brain: nib.Nifti1Image, qc: dict[str, Any],
+               written: dict[str, Path]) -> None:
+    """Compute eTIV from the affine subject -> template, started from the rigid transform."""
+    ref = job.reference
+    qc["etiv_ml"] = etiv_affine(brain, ref.registration_template, ref.tiv_ml,
+                                transform_path=job.paths["affine_transform"],
+                                initial_transform=job.paths["rigid_transform"], reg_voxel_mm=config.etiv_voxel_mm,
+                                template_mask=ref.registration_mask)
+    qc["affine_det"] = qc["etiv_ml"] / ref.tiv_ml
+    written["affine_transform"] = job.paths["affine_transform"]
+
+
+def _write_step(job: _Subject, z: nib.Nifti1Image, reg: RigidResult, mask: nib.Nifti1Image,
+                written: dict[str, Path]) -> None:
+    assert reg.mask is not None
+    for key, img in (("image_pp", z), ("mask_pp", reg.mask), ("mask_native", mask)):
+        _save_nifti(img, job.paths[key])
+        written[key] = job.paths[key]
+
+
+def _run_steps(job: _Subject, config: PreprocessConfig, qc: dict[str, Any], clock: _Clock,
+               written: dict[str, Path]) -> None:
+    """Load -> skull strip -> rigid -> z-score -> eTIV -> write (-> non-linear); raises on failure."""
+    if not _present(job.image):
+        raise PreprocessError(f"{job.pid}: no image path in the participants table")
+    img = load_t1(job.image, name=job.name)
+    clock.tick("t_load_s")
+    brain, mask = skull_strip(img, method=job.method, mask=job.mask, reference=job.reference,
+                              network_size=config.deepbet_size, name=job.name)
+    qc["mask_ml"] = mask_volume_ml(mask)
+    clock.tick("t_strip_s")
+    _check_mask_volume(job, config, qc["mask_ml"])
+    reg = _rigid_step(job, config, brain, mask, qc, written)
+    clock.tick("t_rigid_s")
+    _check_registration(job, config, reg)
+    z = zscore(reg.image, reg.mask, mode=config.zscore_mode)
+    clock.tick("t_zscore_s")
+    if config.etiv:
+        _etiv_step(job, config, brain, qc, written)
+    clock.tick("t_etiv_s")
+    _write_step(job, z, reg, mask, written)
+    clock.tick("t_write_s")
+    if config.nonlinear:
+        files = nonlinear_transform(z, job.reference.template, job.syn)
+        written.update({f"nonlinear_{i}": f for i, f in enumerate(files)})
+        clock.tick("t_nonlinear_s")
+
+
+def _failure_reason(pid: str, exc: Exception) -> str:
+    if isinstance(exc, BrainsexError):
+        return str(exc) if pid in str(exc) else f"{pid}: {exc}"
+    return f"{pid}: {type(exc).__name__}: {exc}"
+
+
+def _record(job: _Subject, params: dict[str, Any], qc: dict[str, Any], written: dict[str, Path]) -> dict[str, Any]:
+    """Remove a failed subject's partial outputs, write the marker (last), return the QC row."""
+    if qc["status"] != "ok":
+        for p in written.values():  # nothing half-done is left for a later stage to read
+            with contextlib.suppress(OSError):
+                p.unlink()
+        written = {}
+    outputs = {k: {"file": str(p.relative_to(job.sdir)), "size": p.stat().st_size, "sha256": sha256_file(p)}
+               for k, p in written.items()}
+    for k in job.paths:
+        qc[k] = str(written[k]) if k in written else None
+    stored = {k: _clean(v) for k, v in qc.items() if k not in job.paths}
+    write_json_atomic(job.marker, {"version": PIPELINE_VERSION, "params": params, "qc": stored, "outputs": outputs})
+    return {k: _clean(v) for k, v in qc.items()}
+
+
+def _preprocess_one(row: Mapping[str, Any], out_dir: str | os.PathLike, config: PreprocessConfig,
+                    reference: Reference | None, resume: bool, retry_failed: bool) -> dict[str, Any]:
+    """:func:`preprocess_subject` with its settings in ``config``."""
+    t_start = time.perf_counter()
+    job = _subject_job(row, out_dir, config, reference)
+    params = config.marker_params(job.method, job.image, job.mask, job.reference)
+    if resume:
+        done = _read_marker(job.marker, params)
+        if done is not None and (done.get("status") == "ok" or not retry_failed):
+            return done
+    _remove_strays(job.sdir)
+    job.sdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        job.marker.unlink()
+    qc: dict[str, Any] = {c: None for c in QC_COLUMNS}
+    qc.update({"participant_id": job.pid, "method": job.method, "status": "failed", "reason": ""})
+    clock = _Clock()
+    written: dict[str, Path] = {}
+    try:
+        _run_steps(job, config, qc, clock, written)
+        qc["status"] = "ok"
+    except (BrainsexError, MemoryError, RuntimeError, OSError, ValueError, AssertionError) as exc:  # library failures
+        qc["reason"] = _failure_reason(job.pid, exc)
+    qc.update(clock.times)
+    qc["t_total_s"] = round(time.perf_counter() - t_start, 3)
+    return _record(job, params, qc, written)
+
+
 def preprocess_subject(
     row: Mapping[str, Any] | pd.Series,
     out_dir: str | os.PathLike,
@@ -1091,27 +1498,24 @@ def preprocess_subject(
     out_dir : path
         The ``preprocess`` folder of the run directory.
     voxel_size : float, default=1.0
-        Target grid (1 mm: the paper's 193 x 229 x 193).
+        Target grid (see :class:`PreprocessConfig`, which describes every setting below).
     reference : Reference, optional
         Template; default :meth:`Reference.load` (``voxel_size``).
     method : {"auto", "deepbet", "mask", "template"}, default="auto"
         Brain extraction; "auto" uses the row's ``mask`` when present, deepbet otherwise.
     similarity_threshold : float, default=0.1
-        A registration whose :func:`similarity` is below this is recorded as failed (diverged): a
-        floor for registrations that matched nothing. Correct registrations score about 0.55-0.75 on
-        the phantom and 0.39-0.61 on real 2 mm IXI heads, so the cohort-relative check that fails
-        clearly wrong registrations runs after the whole cohort is done
-        (:func:`brainsex.qc.review_registrations`).
+        A registration whose :func:`similarity` is below this is recorded as failed.
     zscore_mode : {"brain", "volume"}, default="brain"
         See :func:`zscore`.
     etiv : bool, default=True
         Compute :func:`etiv_affine` (otherwise ``etiv_ml`` is NaN).
-    mask_ml_range : (float, float), default=(500, 3000)
-        Plausible native brain-mask volumes in ml; outside means a failed extraction or a wrong voxel
-        size in the header.
-    reg_voxel_mm, etiv_voxel_mm : float, default=4.0, 4.0
-        Voxel sizes the rigid and the affine (eTIV) transforms are estimated at.
-    deepbet_size : int, default=256
+    mask_ml_range : (float, float), default=(500.0, 3000.0)
+        Plausible native brain-mask volumes in ml.
+    reg_voxel_mm : float, default=4.0
+        Voxel size the rigid transform is estimated at.
+    etiv_voxel_mm : float, default=4.0
+        Voxel size the affine (eTIV) transform is estimated at.
+    deepbet_size : int, default=192
         ``network_size`` of :func:`skull_strip`.
     resume : bool, default=True
         Reuse a verified earlier result.
@@ -1126,116 +1530,18 @@ def preprocess_subject(
     dict
         The QC row (:data:`QC_COLUMNS`).
     """
-    t_start = time.perf_counter()
-    pid = _pid(row)
-    sdir = subject_dir(out_dir, pid)
-    paths = _output_paths(sdir, pid)
-    marker = _marker_path(sdir, pid)
-    image_path = row.get("image")
-    mask_path = row.get("mask") if _present(row.get("mask")) else None
-    use = method if method != "auto" else ("mask" if mask_path is not None else "deepbet")
-    ref = reference if reference is not None else Reference.load(voxel_size)
-    params = {
-        "image": _file_fingerprint(image_path) if _present(image_path) else None,
-        "mask": _file_fingerprint(mask_path) if mask_path is not None else None,
-        "voxel_size": float(voxel_size), "method": use, "similarity_threshold": float(similarity_threshold),
-        "zscore_mode": zscore_mode, "etiv": bool(etiv), "mask_ml_range": [float(v) for v in mask_ml_range],
-        "reg_voxel_mm": float(reg_voxel_mm), "etiv_voxel_mm": float(etiv_voxel_mm), "deepbet_size": int(deepbet_size),
-        "reference": ref.fingerprint(), "nonlinear": bool(nonlinear),
-    }
-    if resume:
-        done = _read_marker(marker, params)
-        if done is not None and (done.get("status") == "ok" or not retry_failed):
-            return done
-    _remove_strays(sdir)
-    sdir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        marker.unlink()
-    syn = nonlinear_prefix(out_dir, pid)  # warps are keyed by the image's content: an older one is never reused
-
-    qc: dict[str, Any] = {c: None for c in QC_COLUMNS}
-    qc.update({"participant_id": pid, "method": use, "status": "failed", "reason": ""})
-    times: dict[str, float] = {}
-    written: dict[str, Path] = {}
-
-    def tick(key: str, t0: float) -> float:
-        now = time.perf_counter()
-        times[key] = round(now - t0, 3)
-        return now
-
-    try:
-        if not _present(image_path):
-            raise PreprocessError(f"{pid}: no image path in the participants table")
-        t = time.perf_counter()
-        img = load_t1(image_path, name=f"{pid} ({image_path})")
-        t = tick("t_load_s", t)
-        brain, mask = skull_strip(img, method=use, mask=mask_path, reference=ref, network_size=deepbet_size,
-                                  name=f"{pid} ({image_path})")
-        qc["mask_ml"] = mask_volume_ml(mask)
-        t = tick("t_strip_s", t)
-        lo, hi = mask_ml_range
-        if not lo <= qc["mask_ml"] <= hi:
-            raise PreprocessError(f"{pid}: brain mask volume {qc['mask_ml']:.0f} ml outside the plausible range "
-                                  f"[{lo:.0f}, {hi:.0f}] ml (failed extraction, or wrong voxel sizes in the header)")
-        reg = rigid_register(brain, ref.registration_template, mask=mask, template_mask=ref.registration_mask,
-                             transform_path=paths["rigid_transform"], reg_voxel_mm=reg_voxel_mm,
-                             target=(ref.shape, ref.affine))
-        written["rigid_transform"] = paths["rigid_transform"]
-        qc["similarity"] = reg.similarity
-        # the subject's pose: rotation angle, and displacement of the template brain's centre
-        qc["rotation_deg"], qc["translation_mm"] = rigid_error(reg.matrix, np.eye(4), _centroid(ref.mask))
-        t = tick("t_rigid_s", t)
-        if not np.isfinite(reg.similarity) or reg.similarity < similarity_threshold:
-            raise PreprocessError(f"{pid}: registration diverged (similarity {reg.similarity:.3f} < threshold "
-                                  f"{similarity_threshold})")
-        assert reg.mask is not None
-        if not np.asarray(reg.mask.dataobj).any():
-            raise PreprocessError(f"{pid}: the registered brain mask is empty")
-        z = zscore(reg.image, reg.mask, mode=zscore_mode)
-        t = tick("t_zscore_s", t)
-        if etiv:
-            qc["etiv_ml"] = etiv_affine(brain, ref.registration_template, ref.tiv_ml,
-                                        transform_path=paths["affine_transform"],
-                                        initial_transform=paths["rigid_transform"], reg_voxel_mm=etiv_voxel_mm,
-                                        template_mask=ref.registration_mask)
-            qc["affine_det"] = qc["etiv_ml"] / ref.tiv_ml
-            written["affine_transform"] = paths["affine_transform"]
-        t = tick("t_etiv_s", t)
-        _save_nifti(z, paths["image_pp"])
-        _save_nifti(reg.mask, paths["mask_pp"])
-        _save_nifti(mask, paths["mask_native"])
-        written.update({k: paths[k] for k in ("image_pp", "mask_pp", "mask_native")})
-        t = tick("t_write_s", t)
-        if nonlinear:
-            files = nonlinear_transform(z, ref.template, syn)
-            written.update({f"nonlinear_{i}": f for i, f in enumerate(files)})
-            tick("t_nonlinear_s", t)
-        qc["status"] = "ok"
-    except BrainsexError as exc:
-        qc["reason"] = str(exc) if pid in str(exc) else f"{pid}: {exc}"
-    except (MemoryError, RuntimeError, OSError, ValueError, AssertionError) as exc:  # library failures
-        qc["reason"] = f"{pid}: {type(exc).__name__}: {exc}"
-    if qc["status"] != "ok":
-        for p in written.values():  # nothing half-done is left for a later stage to read
-            with contextlib.suppress(OSError):
-                p.unlink()
-        written = {}
-    qc.update(times)
-    qc["t_total_s"] = round(time.perf_counter() - t_start, 3)
-    outputs = {k: {"file": str(p.relative_to(sdir)), "size": p.stat().st_size, "sha256": sha256_file(p)} for k, p in written.items()}
-    for k in paths:
-        qc[k] = str(written[k]) if k in written else None
-    stored = {k: _clean(v) for k, v in qc.items() if k not in paths}
-    write_json_atomic(marker, {"version": PIPELINE_VERSION, "params": params, "qc": stored, "outputs": outputs})
-    return {k: _clean(v) for k, v in qc.items()}
+    config = PreprocessConfig(voxel_size=voxel_size, method=method, similarity_threshold=similarity_threshold,
+                              zscore_mode=zscore_mode, etiv=etiv, mask_ml_range=mask_ml_range,
+                              reg_voxel_mm=reg_voxel_mm, etiv_voxel_mm=etiv_voxel_mm, deepbet_size=deepbet_size,
+                              nonlinear=nonlinear)
+    return _preprocess_one(row, out_dir, config, reference, resume, retry_failed)
 
 
-def _subject_task(row: dict[str, Any], out_dir: str, kwargs: dict[str, Any], threads: int, seed: int) -> dict[str, Any]:
+def _subject_task(row: dict[str, Any], out_dir: str, config: PreprocessConfig, reference: Reference,
+                  resume: bool, retry_failed: bool, threads: int, seed: int) -> dict[str, Any]:
     set_threads(threads, seed)
-    if kwargs.get("reference") is not None:
-        kwargs = {**kwargs, "reference": _worker_reference(kwargs["reference"])}
     try:
-        return preprocess_subject(row, out_dir, **kwargs)
+        return _preprocess_one(row, out_dir, config, _worker_reference(reference), resume, retry_failed)
     except Exception as exc:  # never let one subject stop the batch
         pid = str(row.get("participant_id"))
         return {**{c: None for c in QC_COLUMNS}, "participant_id": pid, "status": "failed",
@@ -1285,7 +1591,9 @@ def preprocess_cohort(
     seed : int, default=1
         ANTs random seed.
     **kwargs
-        More :func:`preprocess_subject` parameters.
+        More settings of :class:`PreprocessConfig` (``reg_voxel_mm``, ``deepbet_size``, ``nonlinear``,
+        ...) and ``retry_failed`` (:func:`preprocess_subject`); another name raises
+        :class:`~brainsex.BrainsexError` before any subject runs.
 
     Returns
     -------
@@ -1307,18 +1615,21 @@ def preprocess_cohort(
     out.mkdir(parents=True, exist_ok=True)
     ref = reference if reference is not None else Reference.load(voxel_size)
     ref.fingerprint()  # computed once here, travels with the pickled reference to the workers
-    sub_kwargs = dict(voxel_size=voxel_size, reference=ref, method=method, similarity_threshold=similarity_threshold,
-                      zscore_mode=zscore_mode, etiv=etiv, resume=resume, **kwargs)
+    retry_failed = bool(kwargs.pop("retry_failed", False))
+    config = PreprocessConfig.from_kwargs(voxel_size=voxel_size, method=method,
+                                          similarity_threshold=similarity_threshold, zscore_mode=zscore_mode,
+                                          etiv=etiv, **kwargs)
+    task = (str(out), config, ref, resume, retry_failed, threads_per_worker, seed)
     rows = table.to_dict("records")
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(rows), desc=f"preprocess ({voxel_size:g} mm)", unit="subject", disable=not progress)
     if n_workers <= 1 or len(rows) <= 1:
         set_threads(threads_per_worker, seed)
         for row in rows:
-            results.append(_subject_task(row, str(out), sub_kwargs, threads_per_worker, seed))
+            results.append(_subject_task(row, *task))
             bar.update()
     else:
-        tasks = (delayed(_subject_task)(row, str(out), sub_kwargs, threads_per_worker, seed) for row in rows)
+        tasks = (delayed(_subject_task)(row, *task) for row in rows)
         for res in Parallel(n_jobs=n_workers, backend="loky", return_as="generator_unordered")(tasks):
             results.append(res)
             bar.update()
@@ -1353,6 +1664,21 @@ def qc_mosaic_slices(
     look at); the rest of the ``n`` are a seeded random sample. A subject is *flagged* when its
     similarity is below ``similarity_threshold`` or in the lowest ``flag_quantile`` of the cohort.
 
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        ``preprocessed.tsv`` rows: ``participant_id``, ``image_col``, ``similarity``.
+    n : int, default=32
+        Subjects shown at most; the ``max(1, n // 4)`` lowest-similarity ones are always among them.
+    seed : int, default=0
+        Seed of the random sample.
+    image_col : str, default="image_pp"
+        Column of the images.
+    flag_quantile : float, default=0.05
+        Subjects at or below this quantile of similarity are flagged.
+    similarity_threshold : float, optional
+        Subjects below this are flagged too.
+
     Returns
     -------
     slices, names, flagged
@@ -1385,8 +1711,23 @@ def registration_errors(table: pd.DataFrame, cohort_dir: str | os.PathLike,
     Reads ``<cohort_dir>/*/ground_truth/poses.tsv`` (written by :func:`brainsex.synthetic.make_cohort`)
     and compares each subject's ``rigid_transform`` (from ``preprocess/qc.tsv``, joined on
     ``participant_id``; pass ``qc`` when ``table`` lacks that column) with
-    :func:`brainsex.synthetic.pose_matrix` using :func:`rigid_error`. Returns ``None`` when the cohort
-    has no ground truth (real data).
+    :func:`brainsex.synthetic.pose_matrix` using :func:`rigid_error`.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        ``preprocessed.tsv`` (or any table with ``participant_id``, and ``rigid_transform`` unless ``qc``
+        is given).
+    cohort_dir : path
+        The run directory's ``cohort`` folder.
+    qc : pandas.DataFrame, optional
+        ``preprocess/qc.tsv``, for the transform paths.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        Index ``participant_id``; ``rotation_error_deg``, ``translation_error_mm``. None when the cohort
+        has no ground truth (real data) or no subject could be compared.
     """
     from brainsex.synthetic import pose_matrix
 
@@ -1417,6 +1758,21 @@ def strip_agreement(table: pd.DataFrame, n: int = 8, seed: int = 0, method: Meth
 
     When a cohort provides masks (CC-359; the phantom's true masks), preprocessing uses them and the
     extractor never runs. This checks the extractor anyway, on ``n`` randomly chosen subjects.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Participants with ``participant_id``, ``image_col`` and ``mask_col``.
+    n : int, default=8
+        Subjects checked at most.
+    seed : int, default=0
+        Seed of the sample.
+    method : {"deepbet", "template"}, default="deepbet"
+        Extractor (:func:`skull_strip`).
+    image_col : str, default="image"
+        Column of the raw images.
+    mask_col : str, default="mask"
+        Column of the reference masks; rows with an empty one are skipped.
 
     Returns
     -------

@@ -243,9 +243,10 @@ _NIFTI_EXT = re.compile(r"(\.nii(\.gz)?|\.mgz|\.mgh|\.img|\.hdr|\.dcm|\.gz)$", r
 
 
 def protected_names(run_dir: str | Path, manifest: str | Path | None = None) -> set[str]:
-    """Everything the guard looks for: protected IDs and the file names (with and without extension)
-    of their images and masks, from ``participants.tsv`` (``image``, ``mask``) and the preprocessing
-    tables (``image_pp``, ``mask_pp``) when present.
+    """Everything the guard looks for: protected IDs and the file names of their images and masks.
+
+    The file names (with and without extension) come from ``participants.tsv`` (``image``, ``mask``)
+    and the preprocessing tables (``image_pp``, ``mask_pp``) when present.
 
     Parameters
     ----------

@@ -27,7 +27,18 @@ def load_profiles(kind: str = "book") -> dict[str, dict[str, Any]]:
 
 
 def parse_override(value: str) -> Any:
-    """Parse a ``-p key value`` value as YAML: ``3`` -> 3, ``0.5`` -> 0.5, ``[1, 2]`` -> list, else a string."""
+    """Parse a ``-p key value`` value as YAML: ``3`` -> 3, ``0.5`` -> 0.5, ``[1, 2]`` -> list, else a string.
+
+    Parameters
+    ----------
+    value : str
+        The value as typed.
+
+    Returns
+    -------
+    object
+        The parsed value (the string itself when it is not valid YAML).
+    """
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError:

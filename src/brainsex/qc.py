@@ -173,7 +173,7 @@ def review_registrations(pre_dir: str | os.PathLike, fail_fraction: float = FAIL
 
 
 def tiv_sanity(table: pd.DataFrame, tiv_col: str = "etiv_ml") -> dict[str, Any]:
-    """eTIV by sex and the female/male ratio, next to :data:`PUBLISHED_TIV_RATIO`.
+    """Mean TIV (``tiv_col``) by sex and the female/male ratio, next to :data:`PUBLISHED_TIV_RATIO`.
 
     Parameters
     ----------

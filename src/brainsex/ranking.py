@@ -297,7 +297,18 @@ def ranking_report(
 def report_long(report: pd.DataFrame, id_cols: Sequence[str] = ()) -> pd.DataFrame:
     """One row per metric from :func:`ranking_report` rows: ``metric``, ``observed``, ``chance``, ``p_value``.
 
-    ``id_cols`` (e.g. ``method``, ``scoring``) are carried along.
+    Parameters
+    ----------
+    report : pandas.DataFrame
+        Rows of :func:`ranking_report` (several stacked, e.g. one per method).
+    id_cols : sequence of str, default=()
+        Columns carried along (e.g. ``method``, ``scoring``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``id_cols``, ``metric`` (``precision_at_k`` named with its k, e.g. ``precision_at_10``),
+        ``observed``, ``chance``, ``p_value``; metrics missing from a row are left out.
     """
     rows = []
     for _, r in report.iterrows():
@@ -317,6 +328,23 @@ def select_scans(table: pd.DataFrame, max_scans: int | None = 24, seed: int = 0,
     Rows with ``y_true`` and ``y_pred`` columns are kept only when they agree (the paper explains
     correctly classified test scans, section 2.4). The draw is deterministic for a ``seed``; the
     result keeps the table's order.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Scans, e.g. the test predictions.
+    max_scans : int or None, default=24
+        At most this many (at least 1); None keeps every correctly classified scan.
+    seed : int, default=0
+        Seed of the draw.
+    sex_col : str, default="sex"
+        Column the draw is balanced on (each sex gets an equal share; a smaller group gives its spare
+        share to the other); without it the draw is uniform.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The chosen rows, index reset.
     """
     t = table.reset_index(drop=True)
     if {"y_true", "y_pred"} <= set(t.columns):

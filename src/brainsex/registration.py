@@ -507,7 +507,7 @@ def labels_to_subject(labels_img: Any, subject_img: Any, transforms: Sequence[st
 
 
 def log_jacobian(template: Any, warp: str | os.PathLike) -> np.ndarray:
-    """log det of the Jacobian of a displacement field on the template grid.
+    """Log det of the Jacobian of a displacement field on the template grid.
 
     Parameters
     ----------

@@ -488,7 +488,20 @@ def group_average(maps: Any, groups: pd.Series | Sequence[Hashable], mask: Any =
 
 
 def spearman_or_nan(a: Any, b: Any, mask: Any) -> tuple[float, float]:
-    """:func:`spearman_maps`, or ``(nan, nan)`` when it is undefined (a constant map), for reports."""
+    """:func:`spearman_maps`, or ``(nan, nan)`` when it is undefined (a constant map), for reports.
+
+    Parameters
+    ----------
+    a, b : array-like or nibabel image
+        Two maps on one grid.
+    mask : array-like or nibabel image
+        Brain mask on the same grid.
+
+    Returns
+    -------
+    rho, p : float
+        Spearman's rho and its p-value, or NaN for both on any input :func:`spearman_maps` rejects.
+    """
     try:
         return spearman_maps(a, b, mask)
     except BrainsexError:
@@ -502,9 +515,22 @@ def spearman_maps(a: Any, b: Any, mask: Any) -> tuple[float, float]:
     p-value is essentially always tiny; voxels are not independent (maps are smooth), so it overstates
     the evidence, and the correlation itself is the number to read.
 
+    Parameters
+    ----------
+    a, b : array-like or nibabel image
+        Two maps on one grid.
+    mask : array-like or nibabel image
+        Brain mask on the same grid (at least 3 voxels).
+
     Returns
     -------
-    (rho, p)
+    rho, p : float
+        Spearman's rho and its p-value.
+
+    Raises
+    ------
+    BrainsexError
+        For different shapes, fewer than 3 voxels, non-finite values or a constant map in the mask.
     """
     from scipy.stats import spearmanr
 
@@ -524,7 +550,22 @@ def spearman_maps(a: Any, b: Any, mask: Any) -> tuple[float, float]:
 
 
 def save_map(array: Any, affine: Any, path: str | os.PathLike) -> Path:
-    """Write a map as NIfTI (float32) atomically and return its path."""
+    """Write a map as NIfTI (float32) atomically and return its path.
+
+    Parameters
+    ----------
+    array : array-like or nibabel image
+        The map.
+    affine : array-like
+        Its 4 x 4 voxel-to-world matrix.
+    path : path
+        Destination (``.nii`` or ``.nii.gz``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     import nibabel as nib
 
     from brainsex.io import atomic_path
@@ -599,6 +640,8 @@ def template_space_maps(
         ``"syn"`` (the paper's non-linear step) or ``"none"`` (maps stay in the rigidly registered space).
     cache_dir
         Folder for the per-subject transforms (required for ``warp="syn"``).
+    image_col
+        Column of the preprocessed images.
     n_jobs
         Parallel warps (joblib).
     progress

@@ -45,6 +45,7 @@ import pandas as pd
 from scipy import ndimage
 
 from brainsex import BrainsexError
+from brainsex._docs import fill_doc
 
 __all__ = [
     "TEMPLATE_SPACE",
@@ -358,14 +359,30 @@ def _libraries_key() -> str:
 
 
 def _cache_folder() -> Path:
-    """``<cache_dir>/references/<version>-<libraries>``: the key is the code version (bump
-    ``_CACHE_VERSION`` when the way a reference is computed changes) and the versions of the libraries
-    that ship the source images and resample them, so an upgrade never reads an older reference."""
+    """``<cache_dir>/references/<version>-<libraries>``, the folder of the cached reference arrays.
+
+    The key is the code version (bump ``_CACHE_VERSION`` when the way a reference is computed changes)
+    and the versions of the libraries that ship the source images and resample them, so an upgrade
+    never reads an older reference.
+    """
     return cache_dir() / "references" / f"{_CACHE_VERSION}-{_libraries_key()}"
 
 
 def cached_array(name: str, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """Load ``name`` from the disk cache, or build and store it (atomically)."""
+    """Load ``name`` from the disk cache, or build and store it (atomically).
+
+    Parameters
+    ----------
+    name : str
+        Cache entry (file ``<name>.npy`` in the references cache folder).
+    build : callable
+        ``build() -> numpy.ndarray``, called when the entry is missing.
+
+    Returns
+    -------
+    numpy.ndarray
+        The cached or freshly built array.
+    """
     from brainsex.io import atomic_path
 
     path = _cache_folder() / f"{name}.npy"
@@ -502,7 +519,22 @@ def _templateflow_atlas_1mm() -> tuple[np.ndarray, pd.DataFrame]:
 
 # ----------------------------------------------------------------------------- cached per (vs, src)
 def smooth_sample(data: np.ndarray, voxel_size: float, order: int = 1) -> np.ndarray:
-    """Smooth a 1 mm image to ``voxel_size`` (Gaussian, FWHM ~ voxel size) and sample the coarse grid."""
+    """Smooth a 1 mm image to ``voxel_size`` (Gaussian, FWHM ~ voxel size) and sample the coarse grid.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        Array on the 1 mm :func:`target_grid`.
+    voxel_size : float
+        Target voxel size in mm (1: ``data`` is returned as is).
+    order : int, default=1
+        Spline order of the sampling (0 for labels).
+
+    Returns
+    -------
+    numpy.ndarray
+        Array on ``target_grid(voxel_size)``.
+    """
     shape, affine = target_grid(voxel_size)
     if voxel_size == 1.0:
         return data
@@ -665,8 +697,14 @@ def _image(data: np.ndarray, voxel_size: float, dtype: type) -> nib.Nifti1Image:
     return img
 
 
+@fill_doc
 def reference_info(source: Source = "auto") -> pd.DataFrame:
     """Which template, brain mask and atlas ``source`` resolves to, with citations.
+
+    Parameters
+    ----------
+    source : {"auto", "templateflow", "offline"}, default="auto"
+        %(reference_source)s
 
     Returns
     -------
@@ -698,6 +736,7 @@ def reference_info(source: Source = "auto") -> pd.DataFrame:
     return pd.DataFrame([i.__dict__ for i in infos])
 
 
+@fill_doc
 def load_template(voxel_size: float = 1.0, source: Source = "auto") -> nib.Nifti1Image:
     """The brain-extracted MNI152 T1 template on :func:`target_grid` (intensities about 0-1).
 
@@ -709,7 +748,7 @@ def load_template(voxel_size: float = 1.0, source: Source = "auto") -> nib.Nifti
     voxel_size : float, default=1.0
         Voxel size of the grid in mm.
     source : {"auto", "templateflow", "offline"}, default="auto"
-        See the module docstring.
+        %(reference_source)s
 
     Returns
     -------
@@ -720,8 +759,22 @@ def load_template(voxel_size: float = 1.0, source: Source = "auto") -> nib.Nifti
     return _image(_template_array(vs, _resolve_source(source)), vs, np.float32)
 
 
+@fill_doc
 def load_brain_mask(voxel_size: float = 1.0, source: Source = "auto") -> nib.Nifti1Image:
-    """The template's brain mask (uint8, 1 inside) on :func:`target_grid`."""
+    """The template's brain mask (uint8, 1 inside) on :func:`target_grid`.
+
+    Parameters
+    ----------
+    voxel_size : float, default=1.0
+        Voxel size of the grid in mm.
+    source : {"auto", "templateflow", "offline"}, default="auto"
+        %(reference_source)s
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        uint8 mask.
+    """
     vs = check_voxel_size(voxel_size)
     return _image(mask_array(vs, _resolve_source(source)), vs, np.uint8)
 
@@ -731,6 +784,11 @@ def load_tissue_maps(voxel_size: float = 1.0) -> dict[str, nib.Nifti1Image]:
 
     CSF is what the brain mask holds beyond grey and white matter (ventricles, sulci). The maps sum to
     the (smoothed) brain mask. Used by the synthetic phantom.
+
+    Parameters
+    ----------
+    voxel_size : float, default=1.0
+        Voxel size of the grid in mm.
 
     Returns
     -------
@@ -826,6 +884,11 @@ def region_label_ids(regions: object, labels: pd.DataFrame) -> list[int]:
 
 def paper_top10_labels(labels: pd.DataFrame) -> pd.DataFrame:
     """The paper's ten top regions (:data:`PAPER_TOP10`) with their label numbers in ``labels``.
+
+    Parameters
+    ----------
+    labels : pandas.DataFrame
+        An atlas label table (:func:`load_atlas`).
 
     Returns
     -------

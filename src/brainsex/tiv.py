@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
+from brainsex._docs import fill_doc
 from brainsex.evaluate import check_columns, labels_from_table, metrics_by_groups
 
 __all__ = [
@@ -214,6 +215,7 @@ def _superlevel_interval(grid: np.ndarray, dens: np.ndarray, level: float, name:
     return cross(idx[0] - 1, idx[0]), cross(idx[-1] + 1, idx[-1]), n_runs
 
 
+@fill_doc
 def kde_curves(
     tiv_female: Any,
     tiv_male: Any,
@@ -231,11 +233,11 @@ def kde_curves(
     Parameters
     ----------
     tiv_female, tiv_male
-        TIV (ml) of the women and of the men.
+        %(tiv_female_male)s
     threshold
-        Fraction of each density's maximum (the paper: 0.2).
+        %(kde_threshold)s
     bw_method
-        Passed to :class:`scipy.stats.gaussian_kde` (``None``: Scott's rule).
+        %(bw_method)s
     grid
         Evaluation points in ml (increasing); default 1024 points spanning the data +- 6 bandwidths. The
         edges of the intervals are interpolated linearly between grid points.
@@ -288,6 +290,7 @@ def _kde_curves(tiv_female: Any, tiv_male: Any, threshold: float, bw_method: Any
     }
 
 
+@fill_doc
 def kde_overlap_range(
     tiv_female: Any,
     tiv_male: Any,
@@ -300,6 +303,17 @@ def kde_overlap_range(
     See :func:`kde_curves` for the method. For a normal density the interval is
     ``mu +- sigma * sqrt(2 ln(1 / threshold))`` (``sqrt(2 ln 5)`` = 1.794 for 0.2), widened slightly by the
     KDE's smoothing. The paper found 1,378-1,666 ml.
+
+    Parameters
+    ----------
+    tiv_female, tiv_male : array-like
+        %(tiv_female_male)s
+    threshold : float, default=0.2
+        %(kde_threshold)s
+    bw_method : str or float or callable, optional
+        %(bw_method)s
+    grid : array-like, optional
+        Evaluation points in ml (see :func:`kde_curves`).
 
     Returns
     -------
@@ -321,6 +335,7 @@ def kde_overlap_range(
     return c["low"], c["high"]
 
 
+@fill_doc
 def bootstrap_rtiv(
     tiv_female: Any,
     tiv_male: Any,
@@ -335,6 +350,23 @@ def bootstrap_rtiv(
 
     Women and men are resampled separately (keeping each sex's size) and R_tiv recomputed on a grid fixed
     from the full data; resamples without overlap are left out and counted.
+
+    Parameters
+    ----------
+    tiv_female, tiv_male : array-like
+        %(tiv_female_male)s
+    n_bootstrap : int, default=1000
+        Resamples (at least 1).
+    seed : int, default=0
+        %(seed_bootstrap)s
+    threshold : float, default=0.2
+        %(kde_threshold)s
+    bw_method : str or float or callable, optional
+        %(bw_method)s
+    ci : float, default=0.95
+        %(ci)s
+    progress : bool, default=False
+        %(progress)s
 
     Returns
     -------
@@ -379,14 +411,31 @@ def bootstrap_rtiv(
 # --------------------------------------------------------------------------------------------------
 # inside / outside R_tiv
 # --------------------------------------------------------------------------------------------------
+@fill_doc
 def in_range(predictions: pd.DataFrame, low: float, high: float, tiv_col: str = "etiv_ml") -> pd.Series:
-    """Boolean Series: ``low <= TIV <= high`` (R_tiv is closed at both ends)."""
+    """Boolean Series: ``low <= TIV <= high`` (R_tiv is closed at both ends).
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        Subjects with ``tiv_col``.
+    low, high : float
+        %(rtiv_low_high)s
+    tiv_col : str, default="etiv_ml"
+        %(tiv_col)s
+
+    Returns
+    -------
+    pandas.Series
+        ``in_rtiv``, on the table's index.
+    """
     if not float(low) <= float(high):
         raise BrainsexError(f"R_tiv must have low <= high, got ({low}, {high})")
     tiv = _tiv_values(predictions, tiv_col)
     return pd.Series((tiv >= float(low)) & (tiv <= float(high)), index=predictions.index, name="in_rtiv")
 
 
+@fill_doc
 def metrics_in_range(
     predictions: pd.DataFrame,
     low: float,
@@ -399,6 +448,25 @@ def metrics_in_range(
     ci: float = 0.95,
 ) -> pd.DataFrame:
     """Metrics of :func:`brainsex.evaluate.metrics` for all subjects, inside and outside R_tiv.
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        A predictions table with ``tiv_col``.
+    low, high : float
+        %(rtiv_low_high)s
+    tiv_col : str, default="etiv_ml"
+        %(tiv_col)s
+    prob_col : str, default="prob_male"
+        %(prob_col)s
+    threshold : float, default=0.5
+        %(threshold)s
+    n_bootstrap : int, default=1000
+        %(n_bootstrap)s
+    seed : int, default=0
+        %(seed_bootstrap)s
+    ci : float, default=0.95
+        %(ci)s
 
     Returns
     -------
@@ -413,6 +481,7 @@ def metrics_in_range(
     return metrics_by_groups(predictions, groups, prob_col, threshold, n_bootstrap, seed, ci)
 
 
+@fill_doc
 def balanced_rtiv_subset(
     predictions: pd.DataFrame,
     low: float,
@@ -427,6 +496,21 @@ def balanced_rtiv_subset(
     All correctly classified subjects of the rarer sex inside R_tiv are kept; as many of the other sex are
     drawn at random without replacement (:func:`numpy.random.default_rng` with ``seed``). Candidates are
     sorted by ``participant_id`` first, so the result does not depend on the table's row order.
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        A predictions table with ``participant_id`` and ``tiv_col``.
+    low, high : float
+        %(rtiv_low_high)s
+    tiv_col : str, default="etiv_ml"
+        %(tiv_col)s
+    prob_col : str, default="prob_male"
+        %(prob_col)s
+    threshold : float, default=0.5
+        %(threshold)s
+    seed : int, default=0
+        Seed of the draw of the more frequent sex.
 
     Returns
     -------

@@ -221,7 +221,18 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
-        """Build a config from profile parameters (keys that are not fields are ignored)."""
+        """Build a config from profile parameters (keys that are not fields, and None values, are ignored).
+
+        Parameters
+        ----------
+        params : dict
+            Profile or notebook parameters.
+
+        Returns
+        -------
+        TrainConfig
+            The validated config.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in params.items() if k in names and v is not None}
         return cls(**kwargs)
@@ -280,6 +291,16 @@ def _derive_seed(*values: int) -> int:
 def resolve_device(device: str = "auto") -> torch.device:
     """The torch device for a name: ``"auto"`` picks CUDA, then MPS, then CPU.
 
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda", "cuda:N", "mps"}, default="auto"
+        Device name (case-insensitive).
+
+    Returns
+    -------
+    torch.device
+        The device.
+
     Raises
     ------
     BrainsexError
@@ -317,6 +338,16 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def labels_from_table(table: pd.DataFrame) -> np.ndarray:
     """Class labels (1 = male, 0 = female) from a ``y`` column, else from ``sex`` ('M'/'F').
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Subjects with ``y`` or ``sex``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 labels (0.0 or 1.0), one per row.
 
     Raises
     ------
@@ -372,6 +403,18 @@ def rotation_affines(angles: torch.Tensor | np.ndarray, shape: Sequence[int]) ->
 
     ``T(c) @ R @ T(-c)`` with ``R`` from :func:`monai.transforms.utils.create_rotate` (rotation order
     "XYZ") and ``c = (shape - 1) / 2``: the matrix MONAI's ``Rotate`` builds for ``keep_size=True``.
+
+    Parameters
+    ----------
+    angles : torch.Tensor or numpy.ndarray
+        Rotation angles in radians, shape ``(n, 3)`` (about x, y, z).
+    shape : sequence of int
+        The volume's 3-D shape.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 affines, shape ``(n, 4, 4)``.
     """
     from monai.transforms.utils import create_rotate, create_translate
 
@@ -838,49 +881,76 @@ class _LoopInputs:
     is_main: bool
 
 
-def _train_loop(run: _LoopInputs) -> TrainResult:
+@dataclass
+class _Fit:
+    """What one training run updates: the model (and its DDP wrapper), optimiser, schedule and scaler."""
+
+    model: SFCN
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    loss_fn: nn.Module
+    memory_format: torch.memory_format
+    autocast: Any
+    plan: MemoryPlan
+    min_part: int  # smallest micro-batch batch normalisation can train on
+
+
+@dataclass
+class _Progress:
+    """The history so far and the selected epoch (restored on resume)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+    best_val_loss: float = math.inf
+    best_val_acc: float = float("nan")
+    best_epoch: int = 0
+
+
+def _memory_plan(run: _LoopInputs) -> tuple[MemoryPlan, int]:
+    """Scans per forward/backward pass (planned with the cache already in memory) and the minimum."""
+    plan = plan_training(run.per_rank_batch, run.channels, run.in_shape, device=run.device, amp_dtype=run.amp_dtype,
+                         micro_batch=run.config.micro_batch, checkpointing=run.config.checkpointing)
+    min_part = 2 if math.prod(sfcn_output_grid(run.in_shape)) == 1 else 1  # BatchNorm needs 2 values per channel
+    if plan.micro_batch < min_part:
+        raise BrainsexError(f"micro_batch {plan.micro_batch}: on the grid {run.in_shape} the last blocks have one "
+                            f"voxel, so batch normalisation needs at least {min_part} scans per pass")
+    if run.is_main:
+        log.info("memory: %s", plan.describe())
+    return plan, min_part
+
+
+def _data_loaders(run: _LoopInputs, store: VolumeStore, plan: MemoryPlan) -> tuple[Any, torch.Generator, Any, Any]:
+    """Sampler, loader generator, training and validation loaders over the store's positions."""
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data.distributed import DistributedSampler
-    from tqdm.auto import tqdm
 
-    table, labels, train_idx, used, in_shape = run.table, run.labels, run.train_idx, run.used, run.in_shape
-    config, out_dir, resume, progress = run.config, run.out_dir, run.resume, run.progress
-    rank, world, device, amp_dtype, is_main = run.rank, run.world, run.device, run.amp_dtype, run.is_main
-    per_rank_batch = run.per_rank_batch
-    distributed = world > 1
-    # Data: one store over train+val rows (positions 0..len(used)-1), decoded once.
-    store = VolumeStore(run.paths, in_shape, cache=config.cache, cache_dtype=config.cache_dtype,
-                        num_workers=config.num_workers, progress=progress)
-    # Memory: how many scans per forward/backward pass, planned with the cache already in memory.
-    plan = plan_training(per_rank_batch, run.channels, in_shape, device=device, amp_dtype=amp_dtype,
-                         micro_batch=config.micro_batch, checkpointing=config.checkpointing)
-    min_part = 2 if math.prod(sfcn_output_grid(in_shape)) == 1 else 1  # BatchNorm needs 2 values per channel
-    if plan.micro_batch < min_part:
-        raise BrainsexError(f"micro_batch {plan.micro_batch}: on the grid {in_shape} the last blocks have one "
-                            f"voxel, so batch normalisation needs at least {min_part} scans per pass")
-    if is_main:
-        log.info("memory: %s", plan.describe())
-    pos_labels = labels[used]
-    n_train = len(train_idx)
-    rotating = config.rotate_prob > 0 and config.rotate_deg > 0
+    config, world, rank = run.config, run.world, run.rank
+    pos_labels = run.labels[run.used]
+    n_train = len(run.train_idx)
     train_ds = ScanDataset(store, range(n_train), pos_labels)
-    val_ds = ScanDataset(store, range(n_train, len(used)), pos_labels)  # never augmented
+    val_ds = ScanDataset(store, range(n_train, len(run.used)), pos_labels)  # never augmented
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     per_rank_n = len(sampler)
-    drop_last = per_rank_n % per_rank_batch == 1 and per_rank_n > 1  # BatchNorm cannot train on one sample
+    drop_last = per_rank_n % run.per_rank_batch == 1 and per_rank_n > 1  # BatchNorm cannot train on one sample
     loader_gen = torch.Generator()
-    pin = device.type == "cuda"
-    train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, drop_last=drop_last,
+    pin = run.device.type == "cuda"
+    train_loader = DataLoader(train_ds, batch_size=run.per_rank_batch, sampler=sampler, drop_last=drop_last,
                               num_workers=config.num_workers, pin_memory=pin, generator=loader_gen)
     val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
     val_loader = DataLoader(val_shard, batch_size=plan.eval_batch, shuffle=False,
                             num_workers=config.num_workers, pin_memory=pin)
+    return sampler, loader_gen, train_loader, val_loader
 
-    # Model, optimiser, schedule (paper section 2.5).
+
+def _new_fit(run: _LoopInputs, plan: MemoryPlan, min_part: int) -> _Fit:
+    """Seeded model, optimiser and schedule (paper section 2.5)."""
+    config, device, amp_dtype = run.config, run.device, run.amp_dtype
     random.seed(config.seed)
     np.random.seed(config.seed)  # noqa: NPY002 - seed the global generators third-party code may use
     torch.manual_seed(config.seed)
-    model = SFCN(channels=run.channels, in_shape=in_shape, dropout=run.dropout)
+    model = SFCN(channels=run.channels, in_shape=run.in_shape, dropout=run.dropout)
     model.checkpoint_blocks = plan.checkpoint_blocks
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
@@ -888,21 +958,20 @@ def _train_loop(run: _LoopInputs) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.scheduler_factor,
                                                            patience=config.scheduler_patience)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    loss_fn = nn.BCEWithLogitsLoss()
-    ids = table["participant_id"].astype(str).to_numpy()[used]
-    signature = _data_signature(ids, table["split"].astype(str).to_numpy()[used], pos_labels, in_shape)
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    return _Fit(model=model, train_model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                loss_fn=nn.BCEWithLogitsLoss(), memory_format=memory_format, autocast=autocast, plan=plan,
+                min_part=min_part)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    layout = TrainDir(out_dir)
-    best_path, last_path, hist_path = layout.best, layout.last, layout.history
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    best_val_loss, best_val_acc, best_epoch = math.inf, float("nan"), 0
+
+def _restore(run: _LoopInputs, fit: _Fit, signature: str, layout: TrainDir) -> _Progress:
+    """Resume from ``last.pt`` when asked and it matches; otherwise clear a previous run's outputs."""
+    config, resume, is_main, last_path = run.config, run.resume, run.is_main, layout.last
     ckpt = None
     if resume and last_path.is_file():
         try:
             ckpt = _torch_load(last_path, map_location="cpu")
-            _check_resume(ckpt, model, config, signature, last_path, world)
+            _check_resume(ckpt, fit.model, config, signature, last_path, run.world)
             if resume == "auto" and int(ckpt["epoch"]) > config.epochs:
                 raise BrainsexError(f"{last_path}: has {ckpt['epoch']} epochs, more than the {config.epochs} asked for")
         except BrainsexError as exc:
@@ -911,136 +980,169 @@ def _train_loop(run: _LoopInputs) -> TrainResult:
             if is_main:
                 log.warning("not resuming (%s); training from scratch", exc)
             ckpt = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-        scheduler.load_state_dict(ckpt["scheduler_state"])
-        if ckpt.get("scaler_state"):
-            scaler.load_state_dict(ckpt["scaler_state"])
-        _set_rng_state(ckpt["rng"])
-        history = [dict(h) for h in ckpt["history"]]
-        start_epoch = int(ckpt["epoch"])
-        best_val_loss, best_val_acc, best_epoch = (float(ckpt["best_val_loss"]), float(ckpt["best_val_acc"]),
-                                                   int(ckpt["best_epoch"]))
-        if is_main:
-            log.info("resuming from %s after epoch %d", last_path, start_epoch)
-    else:
+    if ckpt is None:
         if resume and is_main and not last_path.is_file():
             log.info("resume requested but %s does not exist; starting from scratch", last_path)
         if is_main:  # a fresh run replaces a previous run's outputs, so a crash never leaves a mix
-            for stale in (best_path, last_path, hist_path):
+            for stale in (layout.best, last_path, layout.history):
                 stale.unlink(missing_ok=True)
+        return _Progress()
+    fit.model.load_state_dict(ckpt["model_state"])
+    fit.optimizer.load_state_dict(ckpt["optimizer_state"])
+    fit.scheduler.load_state_dict(ckpt["scheduler_state"])
+    if ckpt.get("scaler_state"):
+        fit.scaler.load_state_dict(ckpt["scaler_state"])
+    _set_rng_state(ckpt["rng"])
+    if is_main:
+        log.info("resuming from %s after epoch %d", last_path, int(ckpt["epoch"]))
+    return _Progress(history=[dict(h) for h in ckpt["history"]], start_epoch=int(ckpt["epoch"]),
+                     best_val_loss=float(ckpt["best_val_loss"]), best_val_acc=float(ckpt["best_val_acc"]),
+                     best_epoch=int(ckpt["best_epoch"]))
 
-    train_model: nn.Module = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+def _train_epoch(run: _LoopInputs, fit: _Fit, loader: Any, epoch: int, lr: float, bar: Any) -> tuple[torch.Tensor, float]:
+    """One pass over the training loader; returns the sums (loss * n, correct, n) and its seconds."""
+    config, device, distributed = run.config, run.device, run.world > 1
+    rotating = config.rotate_prob > 0 and config.rotate_deg > 0
+    fit.train_model.train()
+    sums = torch.zeros(3, dtype=_acc_dtype(device), device=device)  # loss*n, correct, n
+    t_train = time.perf_counter()
+    for step, batch in enumerate(loader):
+        images = batch["image"]
+        y_all = batch["y"].to(device, non_blocking=True)
+        n_batch = len(y_all)
+        angles = None
+        if rotating:  # paper section 2.5: angles drawn for the whole batch, applied on the model's device
+            gen = torch.Generator().manual_seed(_derive_seed(config.seed, _STREAM_AUGMENT, epoch, run.rank, step))
+            angles = random_rotation_angles(n_batch, config.rotate_deg, config.rotate_prob, gen)
+        fit.optimizer.zero_grad(set_to_none=True)
+        parts = split_sizes(n_batch, fit.plan.micro_batch, min_size=fit.min_part)
+        batch_loss = torch.zeros((), dtype=sums.dtype, device=device)
+        start = 0
+        for j, size in enumerate(parts):  # gradient accumulation over micro-batches
+            part = slice(start, start + size)
+            start += size
+            x, y = images[part].to(device, non_blocking=True), y_all[part]
+            if angles is not None:
+                x = rotate_batch(x, angles[part])
+            x = x.contiguous(memory_format=fit.memory_format)
+            last_part = j == len(parts) - 1
+            sync = fit.train_model.no_sync() if distributed and not last_part else contextlib.nullcontext()
+            with sync:
+                with fit.autocast():
+                    logits = fit.train_model(x)
+                    loss = fit.loss_fn(logits.float(), y)
+                # the batch's mean loss is the size-weighted sum of the parts' means
+                fit.scaler.scale(loss if len(parts) == 1 else loss * (size / n_batch)).backward()
+            with torch.no_grad():
+                batch_loss += loss.detach().to(sums.dtype) * size
+                sums += torch.stack([loss.detach().to(sums.dtype) * size,
+                                     ((logits > 0) == (y > 0.5)).sum().to(sums.dtype),
+                                     torch.tensor(float(size), dtype=_acc_dtype(device), device=device)])
+            del x, logits, loss
+        fit.scaler.step(fit.optimizer)
+        fit.scaler.update()
+        bar.update(1)
+        if run.progress and (step % 5 == 0):
+            bar.set_postfix(loss=f"{(batch_loss / n_batch).item():.4f}", lr=f"{lr:.2g}", refresh=False)
+    return sums, time.perf_counter() - t_train
 
-    epochs_run = 0
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
-        loader_gen.manual_seed(_derive_seed(config.seed, _STREAM_LOADER, epoch, rank))
-        torch.manual_seed(_derive_seed(config.seed, _STREAM_DROPOUT, epoch, rank))
-        lr = float(optimizer.param_groups[0]["lr"])
-        train_model.train()
-        sums = torch.zeros(3, dtype=_acc_dtype(device), device=device)  # loss*n, correct, n
-        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
-                   leave=True, unit="batch", dynamic_ncols=True)
-        t_train = time.perf_counter()
-        for step, batch in enumerate(train_loader):
-            images = batch["image"]
-            y_all = batch["y"].to(device, non_blocking=True)
-            n_batch = len(y_all)
-            angles = None
-            if rotating:  # paper section 2.5: angles drawn for the whole batch, applied on the model's device
-                gen = torch.Generator().manual_seed(_derive_seed(config.seed, _STREAM_AUGMENT, epoch, rank, step))
-                angles = random_rotation_angles(n_batch, config.rotate_deg, config.rotate_prob, gen)
-            optimizer.zero_grad(set_to_none=True)
-            parts = split_sizes(n_batch, plan.micro_batch, min_size=min_part)
-            batch_loss = torch.zeros((), dtype=sums.dtype, device=device)
-            start = 0
-            for j, size in enumerate(parts):  # gradient accumulation over micro-batches
-                part = slice(start, start + size)
-                start += size
-                x, y = images[part].to(device, non_blocking=True), y_all[part]
-                if angles is not None:
-                    x = rotate_batch(x, angles[part])
-                x = x.contiguous(memory_format=memory_format)
-                last_part = j == len(parts) - 1
-                sync = train_model.no_sync() if distributed and not last_part else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        logits = train_model(x)
-                        loss = loss_fn(logits.float(), y)
-                    # the batch's mean loss is the size-weighted sum of the parts' means
-                    scaler.scale(loss if len(parts) == 1 else loss * (size / n_batch)).backward()
-                with torch.no_grad():
-                    batch_loss += loss.detach().to(sums.dtype) * size
-                    sums += torch.stack([loss.detach().to(sums.dtype) * size,
-                                         ((logits > 0) == (y > 0.5)).sum().to(sums.dtype),
-                                         torch.tensor(float(size), dtype=_acc_dtype(device), device=device)])
-                del x, logits, loss
-            scaler.step(optimizer)
-            scaler.update()
-            bar.update(1)
-            if progress and (step % 5 == 0):
-                bar.set_postfix(loss=f"{(batch_loss / n_batch).item():.4f}", lr=f"{lr:.2g}", refresh=False)
-        train_seconds = time.perf_counter() - t_train
-        if distributed:  # evaluate every shard with rank 0's BatchNorm statistics, the ones saved
-            import torch.distributed as dist
 
-            for buf in model.buffers():
-                dist.broadcast(buf, 0)
-        val_sums = _evaluate(model, val_loader, loss_fn, device, memory_format, autocast)
-        if distributed:
-            import torch.distributed as dist
+def _validate(run: _LoopInputs, fit: _Fit, loader: Any, sums: torch.Tensor) -> torch.Tensor:
+    """Validation sums; across processes, rank 0's BatchNorm statistics and summed training sums."""
+    distributed = run.world > 1
+    if distributed:  # evaluate every shard with rank 0's BatchNorm statistics, the ones saved
+        import torch.distributed as dist
 
-            dist.all_reduce(sums)
-            dist.all_reduce(val_sums)
-        train_loss, train_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-        val_loss, val_acc = (val_sums[0] / val_sums[2]).item(), (val_sums[1] / val_sums[2]).item()
-        scheduler.step(val_loss)
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-               "val_acc": val_acc, "lr": lr, "seconds": seconds,
-               "samples_per_s": float(sums[2].item()) / max(train_seconds, 1e-9)}
-        history.append(row)
-        improved = val_loss < best_val_loss if config.select == "val_loss" else True
-        if improved:
-            best_val_loss, best_val_acc, best_epoch = val_loss, val_acc, epoch + 1
-        if progress:
-            bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}", val_loss=f"{val_loss:.4f}",
-                            val_acc=f"{val_acc:.3f}", best=best_epoch, refresh=True)
-        bar.close()
-        if is_main:
-            base = {"format": CHECKPOINT_FORMAT, "model_config": model.config, "model_state": model.state_dict(),
-                    "epoch": epoch + 1, "val_loss": val_loss, "val_acc": val_acc, "best_val_loss": best_val_loss,
-                    "best_val_acc": best_val_acc, "best_epoch": best_epoch,
-                    "train_config": dataclasses.asdict(config), "data_signature": signature,
-                    "world_size": world, "torch_version": str(torch.__version__), "augmentation": AUGMENTATION,
-                    "memory": dataclasses.asdict(plan)}
-            if improved:
-                _save(base, best_path)
-            _save({**base, "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
-                   "scaler_state": scaler.state_dict() if scaler.is_enabled() else None, "rng": _rng_state(),
-                   "history": history}, last_path)
-            write_table(pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), hist_path)
-        epochs_run += 1
-
+        for buf in fit.model.buffers():
+            dist.broadcast(buf, 0)
+    val_sums = _evaluate(fit.model, loader, fit.loss_fn, run.device, fit.memory_format, fit.autocast)
     if distributed:
         import torch.distributed as dist
 
+        dist.all_reduce(sums)
+        dist.all_reduce(val_sums)
+    return val_sums
+
+
+def _save_epoch(run: _LoopInputs, fit: _Fit, state: _Progress, layout: TrainDir, signature: str, epoch: int,
+                val_loss: float, val_acc: float, improved: bool) -> None:
+    """Write ``best.pt`` (when this epoch is selected), ``last.pt`` and ``history.tsv`` (rank 0 only)."""
+    base = {"format": CHECKPOINT_FORMAT, "model_config": fit.model.config, "model_state": fit.model.state_dict(),
+            "epoch": epoch + 1, "val_loss": val_loss, "val_acc": val_acc, "best_val_loss": state.best_val_loss,
+            "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
+            "train_config": dataclasses.asdict(run.config), "data_signature": signature,
+            "world_size": run.world, "torch_version": str(torch.__version__), "augmentation": AUGMENTATION,
+            "memory": dataclasses.asdict(fit.plan)}
+    if improved:
+        _save(base, layout.best)
+    _save({**base, "optimizer_state": fit.optimizer.state_dict(), "scheduler_state": fit.scheduler.state_dict(),
+           "scaler_state": fit.scaler.state_dict() if fit.scaler.is_enabled() else None, "rng": _rng_state(),
+           "history": state.history}, layout.last)
+    write_table(pd.DataFrame(state.history, columns=list(HISTORY_COLUMNS)), layout.history)
+
+
+def _train_loop(run: _LoopInputs) -> TrainResult:
+    """Train for the remaining epochs of ``run``: data, model, resume, epochs, checkpoints."""
+    from tqdm.auto import tqdm
+
+    config, device = run.config, run.device
+    # Data: one store over train+val rows (positions 0..len(used)-1), decoded once.
+    store = VolumeStore(run.paths, run.in_shape, cache=config.cache, cache_dtype=config.cache_dtype,
+                        num_workers=config.num_workers, progress=run.progress)
+    plan, min_part = _memory_plan(run)
+    sampler, loader_gen, train_loader, val_loader = _data_loaders(run, store, plan)
+    fit = _new_fit(run, plan, min_part)
+    ids = run.table["participant_id"].astype(str).to_numpy()[run.used]
+    signature = _data_signature(ids, run.table["split"].astype(str).to_numpy()[run.used], run.labels[run.used],
+                                run.in_shape)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    layout = TrainDir(run.out_dir)
+    state = _restore(run, fit, signature, layout)
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fit.train_model = DistributedDataParallel(fit.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    epochs_run = 0
+    for epoch in range(state.start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        loader_gen.manual_seed(_derive_seed(config.seed, _STREAM_LOADER, epoch, run.rank))
+        torch.manual_seed(_derive_seed(config.seed, _STREAM_DROPOUT, epoch, run.rank))
+        lr = float(fit.optimizer.param_groups[0]["lr"])
+        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not run.progress,
+                   leave=True, unit="batch", dynamic_ncols=True)
+        sums, train_seconds = _train_epoch(run, fit, train_loader, epoch, lr, bar)
+        val_sums = _validate(run, fit, val_loader, sums)
+        train_loss, train_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        val_loss, val_acc = (val_sums[0] / val_sums[2]).item(), (val_sums[1] / val_sums[2]).item()
+        fit.scheduler.step(val_loss)
+        state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                              "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - t0,
+                              "samples_per_s": float(sums[2].item()) / max(train_seconds, 1e-9)})
+        improved = val_loss < state.best_val_loss if config.select == "val_loss" else True
+        if improved:
+            state.best_val_loss, state.best_val_acc, state.best_epoch = val_loss, val_acc, epoch + 1
+        if run.progress:
+            bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}", val_loss=f"{val_loss:.4f}",
+                            val_acc=f"{val_acc:.3f}", best=state.best_epoch, refresh=True)
+        bar.close()
+        if run.is_main:
+            _save_epoch(run, fit, state, layout, signature, epoch, val_loss, val_acc, improved)
+        epochs_run += 1
+
+    if run.world > 1:
+        import torch.distributed as dist
+
         dist.barrier()
-    if not best_path.is_file():
-        raise BrainsexError(f"{best_path}: no best checkpoint (resume with epochs <= the finished epochs?)")
-    best = load_model(best_path, device=device)
-    return TrainResult(out_dir=out_dir, best_checkpoint=best_path, last_checkpoint=last_path,
-                       history=pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), best_epoch=best_epoch,
-                       best_val_loss=best_val_loss, best_val_acc=best_val_acc, epochs_run=epochs_run,
-                       device=str(device), in_shape=tuple(in_shape), world_size=world, model=best, memory=plan)
+    if not layout.best.is_file():
+        raise BrainsexError(f"{layout.best}: no best checkpoint (resume with epochs <= the finished epochs?)")
+    best = load_model(layout.best, device=device)
+    return TrainResult(out_dir=run.out_dir, best_checkpoint=layout.best, last_checkpoint=layout.last,
+                       history=pd.DataFrame(state.history, columns=list(HISTORY_COLUMNS)), best_epoch=state.best_epoch,
+                       best_val_loss=state.best_val_loss, best_val_acc=state.best_val_acc, epochs_run=epochs_run,
+                       device=str(device), in_shape=tuple(run.in_shape), world_size=run.world, model=best, memory=plan)
 
 
 def _check_resume(ckpt: dict, model: SFCN, config: TrainConfig, signature: str, path: Path, world: int) -> None:
