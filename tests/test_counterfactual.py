@@ -86,7 +86,7 @@ def test_one_region_changes_only_voxels_near_it(phantom):
 def test_size_switch_moves_the_brain_volume_towards_the_other_sex(phantom):
     root, truth = phantom
     seen = set()
-    for i, row in truth.participants.iterrows():
+    for _, row in truth.participants.iterrows():
         pid, sex = row["participant_id"], row["sex"]
         _, mask = synthetic.render_counterfactual(truth, pid, size="other")
         before = _data(nib.load(PhantomDir(root).mask(pid))).sum()

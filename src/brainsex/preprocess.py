@@ -74,6 +74,7 @@ __all__ = [
     "load_t1",
     "skull_strip",
     "rigid_register",
+    "apply_rigid",
     "transform_matrix",
     "rigid_error",
     "similarity",
@@ -740,7 +741,6 @@ def rigid_register(
         shape, affine = tuple(int(n) for n in target[0]), np.asarray(target[1], dtype=np.float64)
     else:
         shape, affine = tmpl.shape[:3], tmpl.affine
-    grid_vs = float(np.max(_voxel_sizes(_grid_image((1, 1, 1), affine))))
     # estimation on coarse copies (on the template's grid if that is coarser; a coarser subject is
     # used as it is); the subject is cropped to its brain first (cheaper smoothing)
     coarse = max(float(reg_voxel_mm), float(np.max(_voxel_sizes(tmpl))))
@@ -776,6 +776,16 @@ def rigid_register(
     tmask_lo = _downsample_cached(tmask, coarse)
     sim = similarity(new_image(warped_lo.numpy(), fixed_lo.affine), fixed_lo,
                      new_image(np.asarray(tmask_lo.dataobj) >= 0.5, fixed_lo.affine, np.uint8))
+    image, mask_out = _resample_rigid(brain_c, mask, out_tx, matrix, shape, affine)
+    return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
+                       info={"reg_voxel_mm": coarse})
+
+
+def _resample_rigid(brain_c: nib.Nifti1Image, mask: nib.Nifti1Image | None, transform: Path, matrix: np.ndarray,
+                    shape: Sequence[int], affine: np.ndarray) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None]:
+    """Resample a (cropped) brain and its mask once onto the target grid with a rigid transform."""
+    ants = load_ants()
+    grid_vs = float(np.max(_voxel_sizes(_grid_image((1, 1, 1), affine))))
     # resample once: full resolution subject -> target grid (anti-aliased when the grid is coarser),
     # only over the part of the grid the subject's brain can reach
     src_img = brain_c
@@ -786,23 +796,67 @@ def rigid_register(
     sub_aff[:3, 3] = (affine @ np.array([box[0].start, box[1].start, box[2].start, 1.0]))[:3]
     sub_shape = tuple(b.stop - b.start for b in box)
     target = to_ants(_grid_image(sub_shape, sub_aff))
-    moved = ants.apply_transforms(fixed=target, moving=to_ants(src_img), transformlist=[str(out_tx)],
+    moved = ants.apply_transforms(fixed=target, moving=to_ants(src_img), transformlist=[str(transform)],
                                   interpolator="linear")
-    data = np.zeros(shape, np.float32)
+    data = np.zeros(tuple(shape), np.float32)
     data[box] = moved.numpy()
     mask_out = None
     if mask is not None:
         mask_c = new_image(np.asarray(mask.dataobj, np.float32), mask.affine)
         mask_c = mask_c.slicer[_box_in(brain_c, mask_c)] if mask_c.shape[:3] != brain_c.shape[:3] else mask_c
-        mm = ants.apply_transforms(fixed=target, moving=to_ants(mask_c), transformlist=[str(out_tx)],
+        mm = ants.apply_transforms(fixed=target, moving=to_ants(mask_c), transformlist=[str(transform)],
                                    interpolator="linear")
-        m = np.zeros(shape, bool)
+        m = np.zeros(tuple(shape), bool)
         m[box] = mm.numpy() >= 0.5
         data = np.where(m, data, 0.0).astype(np.float32)
         mask_out = new_image(m, affine, np.uint8)
-    image = new_image(data, affine)
-    return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
-                       info={"reg_voxel_mm": coarse})
+    return new_image(data, affine), mask_out
+
+
+def apply_rigid(
+    brain_img: nib.Nifti1Image,
+    transform: str | os.PathLike,
+    target: tuple[Sequence[int], np.ndarray],
+    mask: nib.Nifti1Image | None = None,
+    reference: Reference | None = None,
+    reg_voxel_mm: float = 4.0,
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None]:
+    """Resample a brain (and its mask) onto the target grid with a rigid transform already estimated.
+
+    The resampling step of :func:`rigid_register`, the same code: used to put a changed copy of a
+    scan (a counterfactual, :mod:`brainsex.reliance`) through a subject's recorded transform
+    (``rigid_transform`` of :meth:`brainsex.run.PreprocessDir.subject_outputs`) without estimating it again.
+
+    Parameters
+    ----------
+    brain_img : nibabel.Nifti1Image
+        Brain-extracted subject image (:func:`skull_strip`).
+    transform : path
+        The ANTs ``.mat`` file :func:`rigid_register` wrote.
+    target : (shape, affine)
+        The target grid (the preprocessed image's).
+    mask : nibabel.Nifti1Image, optional
+        Subject brain mask; resampled too (linear, >= 0.5) and zeroing the image outside it.
+    reference : Reference, optional
+        The template the transform was estimated against, and ``reg_voxel_mm``: together they set
+        the crop margin :func:`rigid_register` used (so the output is the same, bit for bit).
+        Default: the margin of a 4 mm registration.
+    reg_voxel_mm : float, default=4.0
+        As given to :func:`rigid_register`.
+
+    Returns
+    -------
+    image, mask : nibabel.Nifti1Image
+        The resampled brain (zero outside the mask) and mask (None without one).
+    """
+    path = Path(transform)
+    if not path.is_file():
+        raise PreprocessError(f"{path}: rigid transform not found")
+    tmpl_vs = float(np.max(_voxel_sizes(reference.registration_template))) if reference is not None else 0.0
+    coarse = max(float(reg_voxel_mm), tmpl_vs)
+    brain_c = _crop_nonzero(brain_img, 2 * coarse)
+    shape, affine = tuple(int(n) for n in target[0]), np.asarray(target[1], dtype=np.float64)
+    return _resample_rigid(brain_c, mask, path, transform_matrix(path), shape, affine)
 
 
 # ------------------------------------------------------------------------------------- intensity
