@@ -225,7 +225,8 @@ def summarise_deltas(per_scan: pd.DataFrame, n_bootstrap: int = 1000, seed: int 
 def _logits(model: Any, volumes: Sequence[np.ndarray], batch_size: int | str, device: Any) -> np.ndarray:
     import torch
 
-    dev = device if device is not None else next(model.parameters()).device
+    first = next(iter(model.parameters()), None)
+    dev = device if device is not None else (first.device if first is not None else torch.device("cpu"))
     n = choose_batch_size(model, batch_size, mode="eval", device=dev, cap=16)
     out = []
     was_training = model.training
