@@ -60,6 +60,7 @@ __all__ = [
     "model_reliance",
     "reliance_shares",
     "explanation_vs_reliance",
+    "tracking_methods",
 ]
 
 #: Columns of ``validity/model_reliance.tsv`` (:attr:`brainsex.run.ValidityDir.model_reliance`).
@@ -404,6 +405,8 @@ def explanation_vs_reliance(
     k: int = 3,
     n_perm: int = 1000,
     seed: int = 0,
+    versus_truth: pd.DataFrame | None = None,
+    truth_metric: str = "precision_at_10",
 ) -> pd.DataFrame:
     """Score every explanation ranking against the model's own per-region reliance.
 
@@ -431,12 +434,19 @@ def explanation_vs_reliance(
         Permutations for the Spearman p-value.
     seed : int, default=0
         Permutation seed.
+    versus_truth : pandas.DataFrame, optional
+        The same rankings scored against the planted truth (the long table of
+        :func:`brainsex.validity.compare_methods`): its ``truth_metric`` rows are put beside, as
+        ``truth_observed``, ``truth_chance`` and ``truth_p_value``.
+    truth_metric : str, default="precision_at_10"
+        Which metric of ``versus_truth``.
 
     Returns
     -------
     pandas.DataFrame
         ``method``, ``scoring``, ``spearman``, ``spearman_p``, ``precision_at_k``,
-        ``precision_chance``, ``k``, ``n_regions``, ``top_reliance``, ``top_method``.
+        ``precision_chance``, ``k``, ``n_regions``, ``top_reliance``, ``top_method`` (and the truth
+        columns with ``versus_truth``).
     """
     one = reliance[reliance["factor"] == ONE_REGION]
     if one.empty:
@@ -466,4 +476,26 @@ def explanation_vs_reliance(
         rows.append({"method": method, "scoring": scoring, "spearman": rho, "spearman_p": p,
                      "precision_at_k": len(set(top_rel) & set(top_method)) / kk, "precision_chance": kk / n,
                      "k": kk, "n_regions": n, "top_reliance": "; ".join(top_rel), "top_method": "; ".join(top_method)})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if versus_truth is not None:
+        t = versus_truth[versus_truth["metric"] == truth_metric]
+        if t.empty:
+            raise BrainsexError(f"versus_truth has no {truth_metric!r} rows (metrics: {sorted(set(versus_truth['metric']))})")
+        t = t[["method", "scoring", "observed", "chance", "p_value"]].rename(
+            columns={"observed": "truth_observed", "chance": "truth_chance", "p_value": "truth_p_value"})
+        out = out.merge(t, on=["method", "scoring"], how="left")
+    return out
+
+
+def tracking_methods(scores: pd.DataFrame, alpha: float = 0.05) -> list[str]:
+    """The explanation rankings whose order follows the model's reliance (Spearman p < ``alpha``).
+
+    Parameters
+    ----------
+    scores : pandas.DataFrame
+        :func:`explanation_vs_reliance`'s table.
+    alpha : float, default=0.05
+        Significance level of the one-sided permutation test.
+    """
+    hit = scores[(scores["spearman_p"] < alpha) & (scores["spearman"] > 0)]
+    return [f"{m} · {sc}" for m, sc in zip(hit["method"], hit["scoring"], strict=True)]
