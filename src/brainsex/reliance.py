@@ -306,7 +306,8 @@ def model_reliance(
     batch_size: int | str = "auto",
     device: str = "cpu",
     progress: bool = True,
-) -> pd.DataFrame:
+    return_per_scan: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """The model's reliance on each factor of the phantom, measured with counterfactual scans.
 
     Test scans of the run (``evaluate/predictions.tsv``, ``split == "test"``; at most ``max_scans``,
@@ -334,11 +335,13 @@ def model_reliance(
         Where the model runs (when loaded here).
     progress : bool, default=True
         Progress bar.
+    return_per_scan : bool, default=False
+        Also return the per-scan rows (:func:`scan_deltas`).
 
     Returns
     -------
     pandas.DataFrame
-        :data:`RELIANCE_COLUMNS`; the per-scan rows are in ``attrs["per_scan"]``.
+        :data:`RELIANCE_COLUMNS` (and the per-scan table with ``return_per_scan``).
     """
     run = RunDir(run_dir)
     if not has_truth(run):
@@ -361,8 +364,7 @@ def model_reliance(
     per_scan = scan_deltas(model, run, scans["participant_id"], age_years=age_years, batch_size=batch_size,
                            truth=truth, progress=progress)
     out = summarise_deltas(per_scan, n_bootstrap=n_bootstrap, seed=seed)
-    out.attrs["per_scan"] = per_scan
-    return out
+    return (out, per_scan) if return_per_scan else out
 
 
 def reliance_shares(table: pd.DataFrame) -> dict[str, float]:
