@@ -47,6 +47,11 @@ whatever ``n_workers`` is, and a draw never depends on how many numbers another 
 ground truth is *read*: :func:`subject_params` gives a subject's scalar draws (written to
 ``ground_truth/poses.tsv``) and :func:`phantom_truth` / :meth:`PhantomTruth.draws` a subject's
 deformation (individual warp, planted sex field, age effect) from the phantom's folder.
+
+Because every draw is named, a subject can be rendered again with exactly one factor switched and all
+else identical (:func:`render_counterfactual`, the generator's own code path): the planted regions, all
+or one at a time (:meth:`PhantomTruth.region_fields`), the head size (:func:`counterfactual_tiv`), or the
+age-related changes. :mod:`brainsex.reliance` puts such scans through a trained model.
 """
 
 from __future__ import annotations
@@ -1127,6 +1132,15 @@ class PhantomTruth:
     ----------
     phantom_dir : path
         The phantom's root (``generation.json``, ``participants.tsv``, ``ground_truth/poses.tsv``).
+
+    Attributes
+    ----------
+    participants, poses, regions : pandas.DataFrame
+        ``participants.tsv``, ``ground_truth/poses.tsv`` (by participant) and the planted regions.
+    tiv_model : pandas.DataFrame
+        TIV mean and sd (ml) per sex, as generated.
+    icv_template_ml : float
+        The template's intracranial volume the TIV scaling is relative to.
     """
 
     def __init__(self, phantom_dir: str | os.PathLike) -> None:
