@@ -31,6 +31,7 @@ own per-region reliance.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -242,10 +243,27 @@ def _logits(model: Any, volumes: Sequence[np.ndarray], batch_size: int | str, de
     return np.concatenate(out).astype(float)
 
 
+@functools.lru_cache(maxsize=1)
+def _worker_truth(root: str) -> PhantomTruth:
+    return PhantomTruth(root)
+
+
+def _scan_volumes(truth: PhantomTruth | str, run_root: str, pid: str, kwargs: Sequence[Mapping[str, Any]],
+                  reference: Reference | None) -> list[np.ndarray]:
+    """The original scan and each counterfactual of one subject, preprocessed (model inputs)."""
+    if isinstance(truth, str):  # a joblib worker: one phantom context per process
+        from brainsex.registration import set_threads
+
+        set_threads(1)
+        truth = _worker_truth(truth)
+    run = RunDir(run_root)
+    return [preprocess_like(*render_counterfactual(truth, pid, **kw), run, pid, reference) for kw in ({}, *kwargs)]
+
+
 def scan_deltas(model: Any, run_dir: str | os.PathLike | RunDir, participant_ids: Sequence[str],
                 age_years: float = 10.0, batch_size: int | str = "auto", device: Any = None,
                 truth: PhantomTruth | None = None, reference: Reference | None = None,
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, n_jobs: int = 1) -> pd.DataFrame:
     """Per-scan oriented logit changes of every counterfactual (:func:`counterfactuals`).
 
     Parameters
@@ -268,6 +286,9 @@ def scan_deltas(model: Any, run_dir: str | os.PathLike | RunDir, participant_ids
         See :func:`preprocess_like`.
     progress : bool, default=True
         Progress bar over scans.
+    n_jobs : int, default=1
+        Worker processes rendering and preprocessing the scans (joblib); the model runs here. The
+        result does not depend on it.
 
     Returns
     -------
@@ -281,18 +302,26 @@ def scan_deltas(model: Any, run_dir: str | os.PathLike | RunDir, participant_ids
     truth = truth if truth is not None else PhantomTruth(run.phantom.root)
     cfs = counterfactuals(truth, age_years)
     sexes = truth.participants.set_index("participant_id")["sex"]
+    pids = [str(p) for p in participant_ids]
+    kwargs = [dict(cf.kwargs) for cf in cfs]
+    if int(n_jobs) == 1 or len(pids) < 2:
+        produced: Any = (_scan_volumes(truth, str(run.root), pid, kwargs, reference) for pid in pids)
+    else:
+        from joblib import Parallel, delayed
+
+        produced = Parallel(n_jobs=int(n_jobs), return_as="generator")(
+            delayed(_scan_volumes)(str(truth.root), str(run.root), pid, kwargs, reference) for pid in pids)
     rows = []
-    for pid in tqdm(list(participant_ids), desc="counterfactual scans", unit="scan", disable=not progress):
-        pid = str(pid)
-        volumes = [preprocess_like(*render_counterfactual(truth, pid), run, pid, reference)]
-        for cf in cfs:
-            volumes.append(preprocess_like(*render_counterfactual(truth, pid, **cf.kwargs), run, pid, reference))
+    bar = tqdm(total=len(pids), desc="counterfactual scans", unit="scan", disable=not progress)
+    for pid, volumes in zip(pids, produced, strict=True):
+        bar.update()
         logits = _logits(model, volumes, batch_size, device)
         sex = str(sexes.loc[pid])
         for cf, lg in zip(cfs, logits[1:], strict=True):
             rows.append({"participant_id": pid, "sex": sex, "factor": cf.factor, "region": cf.region,
                          "label": cf.label, "logit_original": logits[0], "logit_counterfactual": lg,
                          "delta_logit": float(oriented_delta(lg, logits[0], sex))})
+    bar.close()
     return pd.DataFrame(rows)
 
 
@@ -307,6 +336,7 @@ def model_reliance(
     device: str = "cpu",
     progress: bool = True,
     return_per_scan: bool = False,
+    n_jobs: int = 1,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """The model's reliance on each factor of the phantom, measured with counterfactual scans.
 
@@ -337,6 +367,8 @@ def model_reliance(
         Progress bar.
     return_per_scan : bool, default=False
         Also return the per-scan rows (:func:`scan_deltas`).
+    n_jobs : int, default=1
+        Worker processes for the rendering and preprocessing (the result does not depend on it).
 
     Returns
     -------
@@ -362,7 +394,7 @@ def model_reliance(
     pool["sex"] = sexes.reindex(pool["participant_id"]).to_numpy()
     scans = select_scans(pool, max_scans=max_scans, seed=seed)
     per_scan = scan_deltas(model, run, scans["participant_id"], age_years=age_years, batch_size=batch_size,
-                           truth=truth, progress=progress)
+                           truth=truth, progress=progress, n_jobs=n_jobs)
     out = summarise_deltas(per_scan, n_bootstrap=n_bootstrap, seed=seed)
     return (out, per_scan) if return_per_scan else out
 
