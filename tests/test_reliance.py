@@ -160,3 +160,17 @@ def test_counterfactual_list_is_checked(tiny_run):
     assert json.loads(run.phantom.generation.read_text())["args"]["seed"] == 5
     with pytest.raises(BrainsexError, match="age_years"):
         reliance.counterfactuals(truth, age_years=-1)
+
+
+def test_shares_from_a_table_read_back(tmp_path):
+    table = pd.DataFrame({"factor": ["planted regions (all)", "planted region", "head size", "age +10 y", "age -10 y"],
+                          "region": ["", "r1", "", "", ""], "delta_logit": [0.5, 0.2, 1.5, -0.1, 0.0],
+                          "ci_low": 0.0, "ci_high": 1.0, "n_scans": 4})
+    write_table(table, tmp_path / "r.tsv")
+    back = pd.read_csv(tmp_path / "r.tsv", sep="\t")
+    shares = reliance.reliance_shares(back)
+    assert shares["size"] == pytest.approx(1.5 / 2.1) and shares["regions"] == pytest.approx(0.5 / 2.1)
+    assert shares["age_delta"] == -0.1 and shares["sum_single_regions"] == 0.2
+    assert np.isnan(shares["everything_delta"])
+    with pytest.raises(BrainsexError, match="lacks the row"):
+        reliance.reliance_shares(back[back["factor"] != "head size"])

@@ -417,6 +417,7 @@ def reliance_shares(table: pd.DataFrame) -> dict[str, float]:
         ``size_delta``, ``regions_delta``, ``age_delta``, ``everything_delta``, ``sum_single_regions``
         (the mean deltas themselves; the last is the sum of the one-region rows).
     """
+    table = table.assign(region=table["region"].fillna("").astype(str))  # read back from a TSV: "" is NaN
     by = table.set_index(["factor", "region"])["delta_logit"]
     try:
         size, regions = float(by[(SIZE, "")]), float(by[(ALL_REGIONS, "")])
