@@ -126,7 +126,7 @@ def _recorded_params(run: RunDir, participant_id: str) -> dict[str, Any]:
 
 
 def preprocess_like(image: Any, mask: Any, run_dir: str | os.PathLike | RunDir, participant_id: str,
-                    reference: Reference | None = None) -> np.ndarray:
+                    reference: Reference | None = None, reference_source: str = "offline") -> np.ndarray:
     """A scanner-space scan put through a subject's recorded preprocessing; the model's input array.
 
     Brain extraction with the method the subject's marker records (``mask``: the given true mask),
@@ -143,7 +143,9 @@ def preprocess_like(image: Any, mask: Any, run_dir: str | os.PathLike | RunDir, 
         The subject whose transform and settings are used.
     reference : Reference, optional
         The template preprocessing used (checked against the marker's fingerprint); default
-        :meth:`brainsex.preprocess.Reference.load` at the recorded voxel size.
+        :meth:`brainsex.preprocess.Reference.load` at the recorded voxel size from ``reference_source``.
+    reference_source : str, default="offline"
+        Template source when ``reference`` is not given (as the preprocessing chapter's).
 
     Returns
     -------
@@ -155,7 +157,7 @@ def preprocess_like(image: Any, mask: Any, run_dir: str | os.PathLike | RunDir, 
     run = RunDir(run_dir)
     params = _recorded_params(run, participant_id)
     outs = run.preprocess.subject_outputs(participant_id)
-    ref = reference if reference is not None else Reference.load(float(params["voxel_size"]), "offline")
+    ref = reference if reference is not None else Reference.load(float(params["voxel_size"]), reference_source)
     if params.get("reference") and params["reference"] != ref.fingerprint():
         raise BrainsexError(f"{outs['marker']}: preprocessing used template {params['reference']}, the given "
                             f"reference is {ref.fingerprint()}; pass the same Reference")
@@ -249,7 +251,7 @@ def _worker_truth(root: str) -> PhantomTruth:
 
 
 def _scan_volumes(truth: PhantomTruth | str, run_root: str, pid: str, kwargs: Sequence[Mapping[str, Any]],
-                  reference: Reference | None) -> list[np.ndarray]:
+                  reference: Reference | None, source: str) -> list[np.ndarray]:
     """The original scan and each counterfactual of one subject, preprocessed (model inputs)."""
     if isinstance(truth, str):  # a joblib worker: one phantom context per process
         from brainsex.registration import set_threads
@@ -257,13 +259,14 @@ def _scan_volumes(truth: PhantomTruth | str, run_root: str, pid: str, kwargs: Se
         set_threads(1)
         truth = _worker_truth(truth)
     run = RunDir(run_root)
-    return [preprocess_like(*render_counterfactual(truth, pid, **kw), run, pid, reference) for kw in ({}, *kwargs)]
+    return [preprocess_like(*render_counterfactual(truth, pid, **kw), run, pid, reference, source)
+            for kw in ({}, *kwargs)]
 
 
 def scan_deltas(model: Any, run_dir: str | os.PathLike | RunDir, participant_ids: Sequence[str],
                 age_years: float = 10.0, batch_size: int | str = "auto", device: Any = None,
                 truth: PhantomTruth | None = None, reference: Reference | None = None,
-                progress: bool = True, n_jobs: int = 1) -> pd.DataFrame:
+                progress: bool = True, n_jobs: int = 1, reference_source: str = "offline") -> pd.DataFrame:
     """Per-scan oriented logit changes of every counterfactual (:func:`counterfactuals`).
 
     Parameters
@@ -289,6 +292,8 @@ def scan_deltas(model: Any, run_dir: str | os.PathLike | RunDir, participant_ids
     n_jobs : int, default=1
         Worker processes rendering and preprocessing the scans (joblib); the model runs here. The
         result does not depend on it.
+    reference_source : str, default="offline"
+        See :func:`preprocess_like`.
 
     Returns
     -------
@@ -305,12 +310,14 @@ def scan_deltas(model: Any, run_dir: str | os.PathLike | RunDir, participant_ids
     pids = [str(p) for p in participant_ids]
     kwargs = [dict(cf.kwargs) for cf in cfs]
     if int(n_jobs) == 1 or len(pids) < 2:
-        produced: Any = (_scan_volumes(truth, str(run.root), pid, kwargs, reference) for pid in pids)
+        produced: Any = (_scan_volumes(truth, str(run.root), pid, kwargs, reference, reference_source)
+                         for pid in pids)
     else:
         from joblib import Parallel, delayed
 
         produced = Parallel(n_jobs=int(n_jobs), return_as="generator")(
-            delayed(_scan_volumes)(str(truth.root), str(run.root), pid, kwargs, reference) for pid in pids)
+            delayed(_scan_volumes)(str(truth.root), str(run.root), pid, kwargs, reference, reference_source)
+            for pid in pids)
     rows = []
     bar = tqdm(total=len(pids), desc="counterfactual scans", unit="scan", disable=not progress)
     for pid, volumes in zip(pids, produced, strict=True):
@@ -337,6 +344,7 @@ def model_reliance(
     progress: bool = True,
     return_per_scan: bool = False,
     n_jobs: int = 1,
+    reference_source: str = "offline",
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """The model's reliance on each factor of the phantom, measured with counterfactual scans.
 
@@ -369,6 +377,8 @@ def model_reliance(
         Also return the per-scan rows (:func:`scan_deltas`).
     n_jobs : int, default=1
         Worker processes for the rendering and preprocessing (the result does not depend on it).
+    reference_source : str, default="offline"
+        The template source preprocessing used (:func:`preprocess_like`).
 
     Returns
     -------
@@ -394,7 +404,7 @@ def model_reliance(
     pool["sex"] = sexes.reindex(pool["participant_id"]).to_numpy()
     scans = select_scans(pool, max_scans=max_scans, seed=seed)
     per_scan = scan_deltas(model, run, scans["participant_id"], age_years=age_years, batch_size=batch_size,
-                           truth=truth, progress=progress, n_jobs=n_jobs)
+                           truth=truth, progress=progress, n_jobs=n_jobs, reference_source=reference_source)
     out = summarise_deltas(per_scan, n_bootstrap=n_bootstrap, seed=seed)
     return (out, per_scan) if return_per_scan else out
 
