@@ -331,7 +331,7 @@ from brainsex.figures import fig_model_reliance
 from brainsex.reliance import explanation_vs_reliance, model_reliance, reliance_shares, tracking_methods
 
 reliance = model_reliance(run, model=model, max_scans=reliance_scans, n_bootstrap=n_bootstrap, seed=seed,
-                          n_jobs=n_workers, reference_source=atlas_source)
+                          n_jobs=n_workers)
 write_table(reliance, out.model_reliance)
 show(fig_model_reliance(reliance),
      alt="Horizontal bars: mean change of the model's logit for each switched factor, with bootstrap intervals")

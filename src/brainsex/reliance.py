@@ -126,7 +126,7 @@ def _recorded_params(run: RunDir, participant_id: str) -> dict[str, Any]:
 
 
 def preprocess_like(image: Any, mask: Any, run_dir: str | os.PathLike | RunDir, participant_id: str,
-                    reference: Reference | None = None, reference_source: str = "offline") -> np.ndarray:
+                    reference: Reference | None = None, reference_source: str = "auto") -> np.ndarray:
     """A scanner-space scan put through a subject's recorded preprocessing; the model's input array.
 
     Brain extraction with the method the subject's marker records (``mask``: the given true mask),
@@ -144,8 +144,9 @@ def preprocess_like(image: Any, mask: Any, run_dir: str | os.PathLike | RunDir, 
     reference : Reference, optional
         The template preprocessing used (checked against the marker's fingerprint); default
         :meth:`brainsex.preprocess.Reference.load` at the recorded voxel size from ``reference_source``.
-    reference_source : str, default="offline"
-        Template source when ``reference`` is not given (as the preprocessing chapter's).
+    reference_source : str, default="auto"
+        Template source tried first when ``reference`` is not given ("auto", then "offline", are
+        tried next: the one whose template matches the marker's fingerprint is used).
 
     Returns
     -------
@@ -157,7 +158,12 @@ def preprocess_like(image: Any, mask: Any, run_dir: str | os.PathLike | RunDir, 
     run = RunDir(run_dir)
     params = _recorded_params(run, participant_id)
     outs = run.preprocess.subject_outputs(participant_id)
-    ref = reference if reference is not None else Reference.load(float(params["voxel_size"]), reference_source)
+    if reference is None:  # the source preprocessing used: the one whose template has the recorded fingerprint
+        sources = list(dict.fromkeys([reference_source, "auto", "offline"]))
+        refs = [Reference.load(float(params["voxel_size"]), src) for src in sources]
+        ref = next((r for r in refs if r.fingerprint() == params.get("reference")), refs[0])
+    else:
+        ref = reference
     if params.get("reference") and params["reference"] != ref.fingerprint():
         raise BrainsexError(f"{outs['marker']}: preprocessing used template {params['reference']}, the given "
                             f"reference is {ref.fingerprint()}; pass the same Reference")
@@ -266,7 +272,7 @@ def _scan_volumes(truth: PhantomTruth | str, run_root: str, pid: str, kwargs: Se
 def scan_deltas(model: Any, run_dir: str | os.PathLike | RunDir, participant_ids: Sequence[str],
                 age_years: float = 10.0, batch_size: int | str = "auto", device: Any = None,
                 truth: PhantomTruth | None = None, reference: Reference | None = None,
-                progress: bool = True, n_jobs: int = 1, reference_source: str = "offline") -> pd.DataFrame:
+                progress: bool = True, n_jobs: int = 1, reference_source: str = "auto") -> pd.DataFrame:
     """Per-scan oriented logit changes of every counterfactual (:func:`counterfactuals`).
 
     Parameters
@@ -292,7 +298,7 @@ def scan_deltas(model: Any, run_dir: str | os.PathLike | RunDir, participant_ids
     n_jobs : int, default=1
         Worker processes rendering and preprocessing the scans (joblib); the model runs here. The
         result does not depend on it.
-    reference_source : str, default="offline"
+    reference_source : str, default="auto"
         See :func:`preprocess_like`.
 
     Returns
@@ -344,7 +350,7 @@ def model_reliance(
     progress: bool = True,
     return_per_scan: bool = False,
     n_jobs: int = 1,
-    reference_source: str = "offline",
+    reference_source: str = "auto",
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """The model's reliance on each factor of the phantom, measured with counterfactual scans.
 
@@ -377,7 +383,7 @@ def model_reliance(
         Also return the per-scan rows (:func:`scan_deltas`).
     n_jobs : int, default=1
         Worker processes for the rendering and preprocessing (the result does not depend on it).
-    reference_source : str, default="offline"
+    reference_source : str, default="auto"
         The template source preprocessing used (:func:`preprocess_like`).
 
     Returns
