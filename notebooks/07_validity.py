@@ -61,6 +61,8 @@ n_workers = 2
 seed = 0
 device = "auto"
 max_scans = 16
+reliance_scans = 16
+n_bootstrap = 1000
 tbm_subjects = 16
 tbm_warps = ["tbm"]
 n_perm = 1000
@@ -247,10 +249,10 @@ if "split" in pred.columns:
 paths = pre[["participant_id", "image_pp"]]
 scans = pred.merge(paths, on="participant_id").reset_index(drop=True)
 model = load_model(run.train.best, device="cpu" if device == "auto" else device)
-comparison = compare_methods(
+comparison, rankings = compare_methods(
     model, scans, template, atlas, labels, truth, max_scans=max_scans, warp="syn",
     cache_dir=run.preprocess.warps, neighbours=neighbours, n_perm=n_perm, k=K, seed=seed,
-    n_jobs=n_workers)
+    n_jobs=n_workers, return_rankings=True)
 reference = pd.concat([
     report_long(ceiling_rep.assign(method="truth map", scoring="effect"), id_cols=("method", "scoring")),
     *[report_long(rep.assign(method=f"TBM, {name}", scoring="|t|"), id_cols=("method", "scoring"))
@@ -310,6 +312,118 @@ glue("paper_top", paper_way["top_k"].replace("*", " (planted)"), display=False)
 # with {glue:text}`dl_n_combos` tests, about {glue:text}`dl_expected_false` would do so by luck alone, and
 # the same scans and model are behind all of them. One planted region among the ten top regions (marked
 # with * in the table above) is what a random ranking gives about as often as not.
+#
+# ## What the model really uses
+#
+# A ranking at chance has two readings: the model does not use the planted regions, or the explanation
+# fails to show what the model uses. The phantom can tell them apart. Every subject was drawn from named
+# random streams, so a test scan can be **re-rendered with one factor switched** and everything else
+# identical — the same pose, individual warp, bias field and noise (`brainsex.synthetic.render_counterfactual`):
+# every planted region given the other sex's effect; one planted region alone; the head size moved to the
+# other sex's distribution; both together (the phantom's whole sex difference); and the age-related
+# changes (ventricles, grey-matter thinning) moved ten years either way. Each counterfactual goes through
+# the subject's own recorded preprocessing (its brain extraction, its rigid transform, the z-score) and
+# the trained model. The change of the model's logit is what the model really uses; it is signed so that
+# **positive means towards the other sex** (`brainsex.reliance`).
+
+# %% tags=["hide-input"]
+from brainsex.figures import fig_model_reliance
+from brainsex.reliance import explanation_vs_reliance, model_reliance, reliance_shares, tracking_methods
+
+reliance = model_reliance(run, model=model, max_scans=reliance_scans, n_bootstrap=n_bootstrap, seed=seed,
+                          n_jobs=n_workers)
+write_table(reliance, out.model_reliance)
+show(fig_model_reliance(reliance),
+     alt="Horizontal bars: mean change of the model's logit for each switched factor, with bootstrap intervals")
+show_table(reliance.round(3), caption="Mean change of the logit per counterfactual (positive: towards the other sex), "
+           "with 95 % bootstrap intervals over the test scans")
+vs_reliance = explanation_vs_reliance(rankings, reliance, n_perm=n_perm, seed=seed, versus_truth=comparison,
+                                      truth_metric=f"precision_at_{K}")
+write_table(vs_reliance, out.explanation_vs_reliance)
+show_table(vs_reliance[["method", "scoring", "spearman", "spearman_p", "precision_at_k", "precision_chance",
+                        "truth_observed", "truth_chance"]].round(2)
+           .rename(columns={"spearman": "ρ vs reliance", "spearman_p": "p", "precision_at_k": "P@k vs reliance",
+                            "precision_chance": "chance", "truth_observed": f"P@{K} vs truth",
+                            "truth_chance": "chance (truth)"}),
+           caption="Every explanation ranking scored against the model's own per-region reliance (planted regions "
+                   "only) and, beside it, against the planted truth")
+
+shares = reliance_shares(reliance)
+rows = reliance.set_index(["factor", "region"])
+tracking = tracking_methods(vs_reliance)
+one = reliance[reliance["factor"] == "planted region"]
+strongest = one.loc[one["delta_logit"].abs().idxmax()]
+glue("rel_n_scans", int(reliance["n_scans"].max()), display=False)
+glue("rel_size", f"{shares['size_delta']:+.2f}", display=False)
+glue("rel_size_ci", "{:+.2f} to {:+.2f}".format(*rows.loc[("head size", ""), ["ci_low", "ci_high"]]), display=False)
+glue("rel_regions", f"{shares['regions_delta']:+.2f}", display=False)
+glue("rel_regions_ci", "{:+.2f} to {:+.2f}".format(*rows.loc[("planted regions (all)", ""), ["ci_low", "ci_high"]]),
+     display=False)
+glue("rel_everything", f"{shares['everything_delta']:+.2f}", display=False)
+glue("rel_age", f"{shares['age_delta']:+.2f}", display=False)
+glue("rel_single_sum", f"{shares['sum_single_regions']:+.2f}", display=False)
+glue("rel_strongest", f"{strongest['region']} ({strongest['delta_logit']:+.3f})", display=False)
+glue("rel_share_size", f"{100 * shares['size']:.0f}", display=False)
+glue("rel_share_regions", f"{100 * shares['regions']:.0f}", display=False)
+glue("rel_share_age", f"{100 * shares['age']:.0f}", display=False)
+glue("rel_k", int(vs_reliance["k"].max()), display=False)
+glue("rel_n_rankings", len(vs_reliance), display=False)
+glue("rel_rho_range", f"{vs_reliance['spearman'].min():+.2f} to {vs_reliance['spearman'].max():+.2f}", display=False)
+glue("rel_tracking", "; ".join(tracking) if tracking else "none of them", display=False)
+glue("rel_verdict", Markdown(
+    f"**Verdict for this run.** Of the model's response to the three kinds of difference, about "
+    f"{100 * shares['size']:.0f} % comes from head size, {100 * shares['regions']:.0f} % from the planted regions "
+    f"and {100 * shares['age']:.0f} % from age-related change. "
+    + ("The model decides mostly from head size, so the explanations had little of the planted regions to show: "
+       "their failure above is first a fact about the model, not only about the methods. "
+       if shares["size"] > max(shares["regions"], shares["age"]) else
+       "The model does use the planted regions, so an explanation that misses them fails to show what the model uses. "
+       if shares["regions"] > max(shares["size"], shares["age"]) else
+       "The model responds most to age-related change, which is not a sex difference of the phantom at all. ")
+    + (f"Against the model's own per-region reliance, {len(tracking)} of {len(vs_reliance)} rankings follow it "
+       f"(Spearman p < 0.05: {'; '.join(tracking)})." if tracking else
+       f"No ranking follows the model's own per-region reliance (none of {len(vs_reliance)} has a Spearman "
+       "correlation above chance at p < 0.05).")), display=False)
+
+# %% [markdown]
+# Over {glue:text}`rel_n_scans` test scans, giving a subject the other sex's head size moves the logit by
+# {glue:text}`rel_size` (95 % interval {glue:text}`rel_size_ci`) towards the other sex; giving it the other
+# sex's effect in all planted regions moves it by {glue:text}`rel_regions` ({glue:text}`rel_regions_ci`), and
+# both together by {glue:text}`rel_everything`. Ten years of age-related change move it by
+# {glue:text}`rel_age` at most. The one-region switches add up to {glue:text}`rel_single_sum`; the largest
+# single region is {glue:text}`rel_strongest`.
+#
+# Only the planted regions have a one-region counterfactual, so the explanation rankings are scored against
+# the reliance over those regions: the rank correlation (Spearman ρ, with a permutation p-value) between
+# the method's order and the size of each region's logit change, and the overlap of the method's
+# {glue:text}`rel_k` top planted regions with the {glue:text}`rel_k` the model relies on most (chance:
+# {glue:text}`rel_k` / number of planted regions). Across the {glue:text}`rel_n_rankings` rankings ρ ranges
+# over {glue:text}`rel_rho_range`; rankings that follow the model's reliance: {glue:text}`rel_tracking`.
+# When the per-region changes are all tiny, as they are when the model hardly uses the regions, their
+# order is mostly noise and no ranking can follow it: read this score together with the size of the changes.
+#
+# {glue:md}`rel_verdict`
+#
+# ```{exercise}
+# :label: ex-validity-counterfactual
+# Pick a female test subject of the run and predict, before running anything, the sign and rough size of
+# the change in the model's logit when (a) only her head size is switched to the male distribution and (b)
+# only her Right Pallidum (or any planted region) takes the male effect. Then check:
+# `img, mask = brainsex.synthetic.render_counterfactual(run.phantom.root, pid, size="other")`, put it through
+# `brainsex.reliance.preprocess_like(img, mask, run, pid)` and the model, and compare with the original.
+# ```
+#
+# ```{solution} ex-validity-counterfactual
+# :class: dropdown
+# The table above is the prediction for the average scan: the head-size switch moved the logit by
+# {glue:text}`rel_size` towards the other sex, the strongest single planted region by
+# {glue:text}`rel_strongest`. One subject scatters around that mean (the interval is the uncertainty of
+# the mean, not the spread of single scans). A size switch can move the model even though preprocessing is
+# rigid: a rigid, size-keeping registration leaves a larger head larger on the template grid, so the brain's
+# outline and volume are there for the network to read. A planted region changes by a few per cent of its
+# volume, which on a coarse grid moves few voxels, and the per-scan z-score spreads that change over the
+# whole brain.
+# ```
 #
 # ## What this means for reading the paper's region list
 #

@@ -101,3 +101,21 @@ def test_precision_at_k_bars_and_chance_ticks():
     assert list(bars.y) == list(t["label"]) and list(bars.x) == [0.9, 0.1] and list(ticks.x) == [0.12, 0.12]
     assert list(bars.marker.color) == ["#1f77b4", "#aec7e8"]  # dark: p < 0.05
     assert "Precision@10" in fig.layout.title.text and fig.layout.height == 140 + 32 * 2
+
+
+def test_model_reliance_bars_with_cis():
+    from brainsex.figures import fig_model_reliance
+
+    t = pd.DataFrame({"factor": ["planted regions (all)", "planted region", "head size", "age +10 y"],
+                      "region": ["", "Right Pallidum", "", ""], "delta_logit": [0.1, 0.0, 1.2, -0.2],
+                      "ci_low": [0.0, -0.1, 0.9, -0.4], "ci_high": [0.2, 0.1, 1.5, 0.0], "n_scans": 16})
+    fig = fig_model_reliance(t)
+    bars = fig.data[0]
+    assert list(bars.y) == ["planted regions (all)", "region: Right Pallidum", "head size", "age +10 y"]
+    assert list(bars.x) == [0.1, 0.0, 1.2, -0.2]
+    assert list(bars.error_x.array) == pytest.approx([0.1, 0.1, 0.3, 0.2])
+    assert list(bars.error_x.arrayminus) == pytest.approx([0.1, 0.1, 0.3, 0.2])
+    assert bars.marker.color[2] != bars.marker.color[0] != bars.marker.color[3]  # size, regions, age differ
+    assert "16 test scans" in fig.layout.title.text
+    with pytest.raises(BrainsexError, match="lacks"):
+        fig_model_reliance(t.drop(columns=["ci_low"]))

@@ -6,7 +6,7 @@ never another module's private (``_underscore``) names (``tests/test_architectur
 ``_docs`` (shared docstring text) -> ``io`` -> ``run`` -> ``cache`` -> ``profiles`` -> ``manifest`` -> ``privacy`` (infrastructure) -> ``templates``
 -> ``synthetic`` -> ``cohorts`` (data) -> ``registration`` -> ``preprocess`` -> ``qc`` -> ``split`` -> ``model`` -> ``memory``
 -> ``train`` -> ``evaluate`` -> ``stages`` -> ``tiv`` -> ``saliency`` -> ``atlas`` -> ``ranking`` -> ``morphometry``
--> ``validity`` -> ``matched`` -> ``figures`` -> ``book`` -> ``cli``.
+-> ``reliance`` -> ``validity`` -> ``matched`` -> ``figures`` -> ``book`` -> ``cli``.
 """
 
 __version__ = "0.1.0"

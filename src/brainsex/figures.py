@@ -1001,6 +1001,50 @@ def fig_precision_at_k(table: pd.DataFrame, k: int = 10, alpha: float = 0.05,
     return fig
 
 
+def fig_model_reliance(table: pd.DataFrame, title: str | None = None) -> Any:
+    """Horizontal bars: the model's mean logit change per counterfactual factor, with bootstrap CIs.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        ``factor``, ``region``, ``delta_logit``, ``ci_low``, ``ci_high``, ``n_scans``
+        (:func:`brainsex.reliance.model_reliance`'s table). One bar per row, labelled by the region for
+        the one-region rows and by the factor otherwise; colours by kind (head size, planted
+        regions, age, everything together).
+    title : str, optional
+        Figure title (default: says what is drawn and the sign convention).
+    """
+    import plotly.graph_objects as go
+
+    need = {"factor", "region", "delta_logit", "ci_low", "ci_high", "n_scans"}
+    if not need <= set(table.columns):
+        raise BrainsexError(f"fig_model_reliance: the table lacks {sorted(need - set(table.columns))}")
+    region = table["region"].fillna("").astype(str)
+    labels = np.where(region != "", "region: " + region, table["factor"].astype(str))
+
+    def kind(factor: str) -> str:
+        f = factor.lower()
+        return ("age" if f.startswith("age") else "size" if "size" in f else
+                "everything" if "differences" in f else "regions")
+
+    colours = {"size": "#d62728", "regions": "#1f77b4", "age": "#2ca02c", "everything": "#7f7f7f"}
+    kinds = [kind(f) for f in table["factor"].astype(str)]
+    d = table["delta_logit"].to_numpy(float)
+    fig = go.Figure()
+    fig.add_bar(x=d, y=labels, orientation="h", marker_color=[colours[k] for k in kinds],
+                error_x={"type": "data", "symmetric": False, "array": table["ci_high"].to_numpy(float) - d,
+                         "arrayminus": d - table["ci_low"].to_numpy(float)},
+                hovertext=[f"n = {n} scans" for n in table["n_scans"]], showlegend=False)
+    fig.add_vline(x=0, line_color="black", line_width=1)
+    n = int(table["n_scans"].max()) if len(table) else 0
+    fig.update_layout(
+        title=title or f"Change of the model's logit when one factor is switched ({n} test scans; "
+                       "positive: towards the other sex)",
+        xaxis={"title": "mean change of the logit (95 % bootstrap CI)"}, yaxis={"autorange": "reversed"},
+        height=140 + 26 * len(table), margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    return fig
+
+
 def show_note(text: str) -> None:
     """Display a MyST note box in place of a table or figure that this run cannot make.
 

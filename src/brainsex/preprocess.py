@@ -75,6 +75,7 @@ __all__ = [
     "load_t1",
     "skull_strip",
     "rigid_register",
+    "apply_rigid",
     "transform_matrix",
     "rigid_error",
     "similarity",
@@ -849,7 +850,7 @@ def _resample_rigid(brain_c: nib.Nifti1Image, mask: nib.Nifti1Image | None, matr
     target = to_ants(_grid_image(sub_shape, sub_aff))
     moved = ants.apply_transforms(fixed=target, moving=to_ants(src_img), transformlist=[str(transform)],
                                   interpolator="linear")
-    data = np.zeros(shape, np.float32)
+    data = np.zeros(tuple(shape), np.float32)
     data[box] = moved.numpy()
     if mask is None:
         return new_image(data, affine), None
@@ -857,10 +858,56 @@ def _resample_rigid(brain_c: nib.Nifti1Image, mask: nib.Nifti1Image | None, matr
     mask_c = mask_c.slicer[_box_in(brain_c, mask_c)] if mask_c.shape[:3] != brain_c.shape[:3] else mask_c
     mm = ants.apply_transforms(fixed=target, moving=to_ants(mask_c), transformlist=[str(transform)],
                                interpolator="linear")
-    m = np.zeros(shape, bool)
+    m = np.zeros(tuple(shape), bool)
     m[box] = mm.numpy() >= 0.5
     data = np.where(m, data, 0.0).astype(np.float32)
     return new_image(data, affine), new_image(m, affine, np.uint8)
+
+
+def apply_rigid(
+    brain_img: nib.Nifti1Image,
+    transform: str | os.PathLike,
+    target: tuple[Sequence[int], np.ndarray],
+    mask: nib.Nifti1Image | None = None,
+    reference: Reference | None = None,
+    reg_voxel_mm: float = 4.0,
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None]:
+    """Resample a brain (and its mask) onto the target grid with a rigid transform already estimated.
+
+    The resampling step of :func:`rigid_register`, the same code: used to put a changed copy of a
+    scan (a counterfactual, :mod:`brainsex.reliance`) through a subject's recorded transform
+    (``rigid_transform`` of :meth:`brainsex.run.PreprocessDir.subject_outputs`) without estimating it again.
+
+    Parameters
+    ----------
+    brain_img : nibabel.Nifti1Image
+        Brain-extracted subject image (:func:`skull_strip`).
+    transform : path
+        The ANTs ``.mat`` file :func:`rigid_register` wrote.
+    target : (shape, affine)
+        The target grid (the preprocessed image's).
+    mask : nibabel.Nifti1Image, optional
+        Subject brain mask; resampled too (linear, >= 0.5) and zeroing the image outside it.
+    reference : Reference, optional
+        The template the transform was estimated against, and ``reg_voxel_mm``: together they set
+        the crop margin :func:`rigid_register` used (so the output is the same, bit for bit).
+        Default: the margin of a 4 mm registration.
+    reg_voxel_mm : float, default=4.0
+        As given to :func:`rigid_register`.
+
+    Returns
+    -------
+    image, mask : nibabel.Nifti1Image
+        The resampled brain (zero outside the mask) and mask (None without one).
+    """
+    path = Path(transform)
+    if not path.is_file():
+        raise PreprocessError(f"{path}: rigid transform not found")
+    tmpl_vs = float(np.max(_voxel_sizes(reference.registration_template))) if reference is not None else 0.0
+    coarse = max(float(reg_voxel_mm), tmpl_vs)
+    brain_c = _crop_nonzero(brain_img, 2 * coarse)
+    shape, affine = tuple(int(n) for n in target[0]), np.asarray(target[1], dtype=np.float64)
+    return _resample_rigid(brain_c, mask, transform_matrix(path), path, shape, affine)
 
 
 # ------------------------------------------------------------------------------------- intensity

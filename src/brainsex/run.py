@@ -440,6 +440,16 @@ class ValidityDir(_Folder):
         """``validity_summary.tsv``: the comparison with the truth map and TBM rows."""
         return self.root / "validity_summary.tsv"
 
+    @property
+    def model_reliance(self) -> Path:
+        """``model_reliance.tsv``: the model's logit change per counterfactual factor (:mod:`brainsex.reliance`)."""
+        return self.root / "model_reliance.tsv"
+
+    @property
+    def explanation_vs_reliance(self) -> Path:
+        """``explanation_vs_reliance.tsv``: each explanation ranking scored against the model's reliance."""
+        return self.root / "explanation_vs_reliance.tsv"
+
     def tbm_regions(self, warps: str, n_subjects: int) -> Path:
         """Per-region morphometry table of one kind of warp on ``n_subjects``.
 

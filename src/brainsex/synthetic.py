@@ -47,6 +47,11 @@ whatever ``n_workers`` is, and a draw never depends on how many numbers another 
 ground truth is *read*: :func:`subject_params` gives a subject's scalar draws (written to
 ``ground_truth/poses.tsv``) and :func:`phantom_truth` / :meth:`PhantomTruth.draws` a subject's
 deformation (individual warp, planted sex field, age effect) from the phantom's folder.
+
+Because every draw is named, a subject can be rendered again with exactly one factor switched and all
+else identical (:func:`render_counterfactual`, the generator's own code path): the planted regions, all
+or one at a time (:meth:`PhantomTruth.region_fields`), the head size (:func:`counterfactual_tiv`), or the
+age-related changes. :mod:`brainsex.reliance` puts such scans through a trained model.
 """
 
 from __future__ import annotations
@@ -91,6 +96,8 @@ __all__ = [
     "SubjectDraws",
     "PhantomTruth",
     "phantom_truth",
+    "render_counterfactual",
+    "counterfactual_tiv",
 ]
 
 GENERATOR_VERSION = "phantom-3"  # phantom-3: named random streams per purpose
@@ -411,6 +418,23 @@ def jacobian_determinant(disp: np.ndarray, voxel_size: float) -> np.ndarray:
     return a * (e * m - f * k) - b * (d * m - f * h) + c * (d * k - e * h)
 
 
+def _planted_weights(atlas1: np.ndarray, ids: Sequence[int], voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth weights (R, *grid) and centroids (R, 3) of the planted regions (one atlas label each)."""
+    return _region_weights(atlas1, [[int(i)] for i in ids], max(3.0, float(voxel_size)), float(voxel_size))
+
+
+def _planted_parts(weights: np.ndarray, centroids: np.ndarray, signs: Sequence[int], region_effect: float,
+                   sex: str, grid_vs: float) -> list[np.ndarray]:
+    """Each planted region's own displacement field (3, *grid) for one sex.
+
+    Made by :func:`_scaling_field` one region at a time, with the scales :func:`_context` uses, so that
+    adding them in order gives ``ctx["disp_M"]`` / ``ctx["disp_F"]`` exactly.
+    """
+    e, d = float(region_effect), (1 if sex == "M" else -1)
+    return [_scaling_field(weights[r:r + 1], centroids[r:r + 1], [(1 + d * s * e / 2) ** (1 / 3)], grid_vs)
+            for r, s in enumerate(signs)]
+
+
 # ------------------------------------------------------------------------------ context (shared)
 def _context(voxel_size: float, regions: list[tuple[Any, int]], region_effect: float, contrast_effect: float,
              source: str) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict[str, float]]:
@@ -454,12 +478,11 @@ def _context(voxel_size: float, regions: list[tuple[Any, int]], region_effect: f
     region_table = pd.DataFrame(rows, columns=["name", "region", "hemisphere", "label", "atlas", "atlas_source",
                                                "sign", "effect", "contrast", "template_volume_ml"])
 
-    tau = max(3.0, vs)
     # template maps sampled together: grey matter, white matter, CSF, signed distance to the brain, mask
     ctx: dict[str, np.ndarray] = {"tmaps": np.stack([tissue["gm"], tissue["wm"], tissue["csf"], dist, mask]),
                                   "dist": dist[None]}
     e = float(region_effect)
-    weights, centroids = _region_weights(atlas1, [[i] for i in ids], tau, vs)
+    weights, centroids = _planted_weights(atlas1, ids, vs)
     if e != 0.0 and ids:
         disp_m = _scaling_field(weights, centroids, [(1 + s * e / 2) ** (1 / 3) for s in signs], vs)
         disp_f = _scaling_field(weights, centroids, [(1 - s * e / 2) ** (1 / 3) for s in signs], vs)
@@ -695,7 +718,8 @@ def _subtract_affine(field: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 
 def subject_displacement(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], params: Mapping[str, Any],
-                         rng: np.random.Generator, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+                         rng: np.random.Generator, voxel_size: float,
+                         planted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A subject's non-linear deformation of the template (step 2 of the module docstring), in mm.
 
     The backward displacement ``D`` on the template grid (the subject's anatomy at template point
@@ -727,6 +751,9 @@ def subject_displacement(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], 
         The subject's ``"warp"`` stream (:func:`subject_rng`).
     voxel_size : float
         Template grid voxel size (mm).
+    planted : numpy.ndarray of shape (3, *grid), optional
+        The planted sex field to use instead of the subject's sex's (a counterfactual,
+        :func:`render_counterfactual`).
 
     Returns
     -------
@@ -743,16 +770,32 @@ def subject_displacement(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], 
                                [1.0] * 3) for _ in range(3)])
     warp = _subtract_affine(warp, ctx["tmaps"][4])
     vent_a = np.float32(1.0 - float(params["ventricle_factor"]) ** (-1.0 / 3.0))
-    total = warp + np.asarray(ctx["disp_" + str(row["sex"])], np.float32) + vent_a * np.asarray(ctx["disp_vent"],
-                                                                                                np.float32)
+    sex_field = ctx["disp_" + str(row["sex"])] if planted is None else planted
+    total = warp + np.asarray(sex_field, np.float32) + vent_a * np.asarray(ctx["disp_vent"], np.float32)
     return total.astype(np.float32, copy=False), warp
 
 
 def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], draw: tuple[int, int],
                   info: Mapping[str, Any], paths: tuple[str, str], chunk: int = 1 << 20) -> None:
+    """Render one subject (:func:`_render_subject`) and write its image and true brain mask."""
+    image, brain, saffine = _render_subject(ctx, row, subject_params(row, *draw), draw, info, chunk=chunk)
+    _save(image, saffine, paths[0])
+    _save(brain, saffine, paths[1])
+
+
+def _render_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], p: Mapping[str, Any],
+                    draw: tuple[int, int], info: Mapping[str, Any], planted: np.ndarray | None = None,
+                    contrast: np.ndarray | None = None,
+                    chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One subject's scanner-space T1 (int16) and true brain mask (uint8), and the scanner affine.
+
+    The generator's single code path (:func:`_make_subject`) and the counterfactual renderer's
+    (:func:`render_counterfactual`): ``row`` gives the sex and TIV, ``p`` the scalar draws
+    (:func:`subject_params`), ``draw`` = (seed, index) the random streams; ``planted`` / ``contrast``
+    replace the subject's sex's planted fields.
+    """
     vs = float(info["voxel_size"])
     seed, index = draw
-    p = subject_params(row, seed, index)
     tshape, taffine = templates.target_grid(vs)
     t_origin = taffine[:3, 3:4]
     sshape, saffine = _scanner_grid(vs)
@@ -761,7 +804,7 @@ def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], draw: t
     to_template = np.linalg.inv(pose_matrix({**p, "scale": scale}, include_scale=True)) @ saffine
 
     # non-linear part (template grid, mm): individual warp + planted sex effect + ventricles
-    disp, warp = subject_displacement(ctx, row, p, subject_rng(seed, index, "warp"), vs)
+    disp, warp = subject_displacement(ctx, row, p, subject_rng(seed, index, "warp"), vs, planted=planted)
     # bias field in scanner space (fixed to the coil, not to the head)
     bshape = tuple(max(int(math.ceil(n * vs / 40.0)), 2) + 2 for n in sshape)
     bias_coarse = _smooth_noise(subject_rng(seed, index, "bias"), bshape, 1.0)
@@ -776,7 +819,8 @@ def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], draw: t
     field[3] = ctx["dist"][0]
     sex = str(row["sex"])
 
-    contrast = ctx.get("contrast_" + sex)
+    if contrast is None:
+        contrast = ctx.get("contrast_" + sex)
     tmaps = ctx["tmaps"]
     g_ratio, c_ratio, wm_level = float(p["gm_ratio"]), float(p["csf_ratio"]), float(p["wm_level"])
     gm_loss = float(p["gm_loss"])
@@ -836,15 +880,19 @@ def _make_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], draw: t
     imag = sigma * rng.standard_normal(sshape, dtype=np.float32)
     img = np.sqrt(real * real + imag * imag)
     out = np.clip(np.rint(img), 0, 32767).astype(np.int16)
-    _save(out, saffine, paths[0])
-    _save(brain.reshape(sshape), saffine, paths[1])
+    return out, brain.reshape(sshape), saffine
 
 
-def _save(data: np.ndarray, affine: np.ndarray, path: str) -> None:
+def _scanner_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
+    return img
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: str) -> None:
+    img = _scanner_image(data, affine)
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
 
@@ -1084,6 +1132,15 @@ class PhantomTruth:
     ----------
     phantom_dir : path
         The phantom's root (``generation.json``, ``participants.tsv``, ``ground_truth/poses.tsv``).
+
+    Attributes
+    ----------
+    participants, poses, regions : pandas.DataFrame
+        ``participants.tsv``, ``ground_truth/poses.tsv`` (by participant) and the planted regions.
+    tiv_model : pandas.DataFrame
+        TIV mean and sd (ml) per sex, as generated.
+    icv_template_ml : float
+        The template's intracranial volume the TIV scaling is relative to.
     """
 
     def __init__(self, phantom_dir: str | os.PathLike) -> None:
@@ -1104,7 +1161,13 @@ class PhantomTruth:
         self.participants = pd.read_csv(folder.participants, sep="\t", dtype={"participant_id": str})
         poses = pd.read_csv(folder.poses, sep="\t", dtype={"participant_id": str})
         self.poses = poses.set_index("participant_id")
+        self.regions = pd.read_csv(folder.regions, sep="\t") if folder.regions.is_file() else pd.DataFrame(
+            columns=["name", "label", "sign"])
+        self.icv_template_ml = float(content.get("icv_template_ml", float("nan")))
+        self.tiv_model = pd.DataFrame(content.get("tiv_model") or tiv_distribution(bool(args.get("tiv_effect", True)))
+                                      .to_dict("records")).set_index("sex")
         self._ctx: dict[str, np.ndarray] | None = None
+        self._parts: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def context(self) -> dict[str, np.ndarray]:
@@ -1115,6 +1178,73 @@ class PhantomTruth:
             self._ctx, _, _ = _context(self.voxel_size, regions, float(a["region_effect"]),
                                        float(a.get("contrast_effect", 0.0)), a.get("reference_source", "offline"))
         return self._ctx
+
+    def _planted_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The planted regions' weights and centroids, as :func:`_context` makes them (cached)."""
+        if self._parts is None:
+            atlas_img, _ = templates.load_atlas(1.0, self.args.get("reference_source", "offline"))
+            ids = [int(v) for v in self.regions["label"]]
+            self._parts = _planted_weights(np.asarray(atlas_img.dataobj), ids, self.voxel_size)
+        return self._parts
+
+    def region_fields(self, sex: str) -> dict[int, np.ndarray]:
+        """Each planted region's own displacement field (3, *grid, mm) for one sex, by atlas label.
+
+        Built by the code that builds the context's ``disp_M`` / ``disp_F``, one region at a time:
+        added in the order of ``ground_truth/regions.tsv`` they give the sex's whole planted field.
+
+        Parameters
+        ----------
+        sex : {"F", "M"}
+            The sex whose planted effect is wanted.
+        """
+        if sex not in ("F", "M"):
+            raise BrainsexError(f"sex must be 'F' or 'M', got {sex!r}")
+        labels = [int(v) for v in self.regions["label"]]
+        e = float(self.args["region_effect"])
+        if e == 0.0 or not labels:
+            shape, _ = templates.target_grid(self.voxel_size)
+            return {lab: np.zeros((3, *shape), np.float32) for lab in labels}
+        weights, centroids = self._planted_weights()
+        parts = _planted_parts(weights, centroids, [int(v) for v in self.regions["sign"]], e, sex, self.voxel_size)
+        return dict(zip(labels, parts, strict=True))
+
+    def planted_fields(self, sex: str, switched: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray | None]:
+        """Planted displacement (and contrast) fields of a ``sex`` subject with some regions switched.
+
+        Parameters
+        ----------
+        sex : {"F", "M"}
+            The subject's sex.
+        switched : sequence of int
+            Atlas labels of planted regions that take the other sex's effect; empty gives the
+            context's own fields (the same arrays the generator used).
+
+        Returns
+        -------
+        displacement : numpy.ndarray of shape (3, *grid)
+            Planted backward displacement (mm).
+        contrast : numpy.ndarray of shape (1, *grid) or None
+            Planted intensity factor (None when the phantom has no contrast effect).
+        """
+        ctx = self.context
+        if not switched:
+            return np.asarray(ctx["disp_" + sex], np.float32), ctx.get("contrast_" + sex)
+        other = "M" if sex == "F" else "F"
+        own, theirs = self.region_fields(sex), self.region_fields(other)
+        disp = np.array(ctx["disp_" + sex], np.float32, copy=True)
+        for lab in switched:
+            disp -= own[int(lab)]
+            disp += theirs[int(lab)]
+        contrast = None
+        c = float(self.args.get("contrast_effect", 0.0))
+        if "contrast_" + sex in ctx:
+            weights, _ = self._planted_weights()
+            labels = [int(v) for v in self.regions["label"]]
+            direction = np.array([(1 if sex == "M" else -1) * (-1 if lab in {int(x) for x in switched} else 1) * int(sg)
+                                  for lab, sg in zip(labels, self.regions["sign"], strict=True)], np.float32)
+            contrast = (1.0 + np.tensordot(direction, weights, axes=1) * c / 2).astype(np.float32)[None]
+        return disp, contrast
 
     def draws(self, participant_id: str) -> SubjectDraws:
         """Subject ``participant_id``'s draws: its recorded scalars and its deformation by part.
@@ -1135,6 +1265,121 @@ class PhantomTruth:
         planted = np.asarray(ctx["disp_" + str(row["sex"])], np.float32)
         return SubjectDraws(participant_id=str(participant_id), index=index, params=params, displacement=total,
                             warp=warp, planted=planted, ventricles=total - warp - planted, voxel_size=vs)
+
+
+def _counterfactual_args(truth: PhantomTruth, participant_id: str, regions: Any, size: str | None,
+                         age_shift_years: float) -> tuple[int, tuple[int, ...], bool, float]:
+    """Check the arguments of :func:`render_counterfactual`; (index, switched labels, size, age shift)."""
+    ids = truth.participants["participant_id"].astype(str).tolist()
+    if str(participant_id) not in ids:
+        raise BrainsexError(f"participant {participant_id!r} is not in the phantom at {truth.root}")
+    planted = [(int(lab), str(name)) for lab, name in zip(truth.regions["label"], truth.regions["name"], strict=True)]
+    valid = ", ".join(f"{lab} ({name})" for lab, name in planted) or "none (this phantom plants no region)"
+    if regions is None:
+        chosen: list[Any] = []
+    elif isinstance(regions, str) and regions == "all":
+        chosen = [lab for lab, _ in planted]
+    else:
+        chosen = [regions] if isinstance(regions, str | int | np.integer) else list(regions)
+    by_name = {name: lab for lab, name in planted}
+    switched = []
+    for r in chosen:
+        lab = by_name.get(r) if isinstance(r, str) else (int(r) if isinstance(r, int | np.integer) else None)
+        if lab is None or lab not in {x for x, _ in planted}:
+            raise BrainsexError(f"regions: {r!r} is not a planted region of {truth.root}; planted regions "
+                                f"(atlas label (name)) are: {valid}, or 'all'")
+        if lab not in switched:
+            switched.append(lab)
+    if size not in (None, "other"):
+        raise BrainsexError(f"size must be None (keep the head size) or 'other' (the other sex's), got {size!r}")
+    try:
+        shift = float(age_shift_years)
+    except (TypeError, ValueError):
+        shift = float("nan")
+    if not math.isfinite(shift) or abs(shift) > 50:
+        raise BrainsexError(f"age_shift_years must be a number of years within +-50, got {age_shift_years!r}")
+    return ids.index(str(participant_id)), tuple(switched), size == "other", shift
+
+
+def counterfactual_tiv(truth: PhantomTruth, sex: str, tiv_ml: float) -> float:
+    """A subject's TIV moved to the other sex's distribution, keeping its place in its own (ml).
+
+    The phantom draws TIV from a normal distribution per sex (``generation.json``'s ``tiv_model``,
+    :data:`TIV_MODEL`); the subject's z-score in its sex's distribution is kept in the other sex's
+    (``mu_o + sd_o (tiv - mu_s) / sd_s``), so over a group the mean moves to the other sex's mean.
+    With ``tiv_effect=False`` both sexes share one distribution and the TIV does not change.
+
+    Parameters
+    ----------
+    truth : PhantomTruth
+        The phantom.
+    sex : {"F", "M"}
+        The subject's sex.
+    tiv_ml : float
+        Its TIV (ml).
+    """
+    model = truth.tiv_model
+    other = "M" if sex == "F" else "F"
+    mu_s, sd_s = float(model.loc[sex, "mean_ml"]), float(model.loc[sex, "sd_ml"])
+    mu_o, sd_o = float(model.loc[other, "mean_ml"]), float(model.loc[other, "sd_ml"])
+    return round(float(np.clip(mu_o + sd_o * (float(tiv_ml) - mu_s) / sd_s, *_TIV_LIMITS)), 1)
+
+
+def render_counterfactual(
+    phantom: str | os.PathLike | PhantomTruth,
+    participant_id: str,
+    *,
+    regions: None | str | int | Sequence[int | str] = None,
+    size: str | None = None,
+    age_shift_years: float = 0.0,
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """Re-render a phantom subject with some factors switched and every random draw kept.
+
+    The generator's own code path renders the subject (same pose, individual warp, scanner settings,
+    bias field, skull and noise draws, :func:`subject_rng`); only the named factors change:
+
+    * ``regions``: planted regions that take the **other sex's** planted effect (volume and, when the
+      phantom has one, contrast), each region's field built as in :meth:`PhantomTruth.region_fields`;
+    * ``size="other"``: the TIV moved to the other sex's distribution (:func:`counterfactual_tiv`);
+    * ``age_shift_years``: the age-related changes (ventricle enlargement, grey-matter loss,
+      :func:`subject_params`) recomputed at ``age + shift`` with the same ``"age"`` draws.
+
+    With nothing switched the result is, bit for bit, the image and mask the generator wrote.
+
+    Parameters
+    ----------
+    phantom : path or PhantomTruth
+        The phantom's root (or its :class:`PhantomTruth`, to reuse its cached fields).
+    participant_id : str
+        The subject (a row of the phantom's ``participants.tsv``).
+    regions : None, "all", int, str or sequence, default=None
+        Planted regions to switch: atlas labels or names of ``ground_truth/regions.tsv``; "all" for
+        every planted region.
+    size : {None, "other"}, default=None
+        "other" gives the subject the other sex's head size.
+    age_shift_years : float, default=0.0
+        Years added to the age for the age-related changes.
+
+    Returns
+    -------
+    image : nibabel.Nifti1Image
+        Scanner-space T1 (int16), as ``sub-*_T1w.nii.gz``.
+    mask : nibabel.Nifti1Image
+        Its true brain mask (uint8).
+    """
+    truth = phantom if isinstance(phantom, PhantomTruth) else PhantomTruth(phantom)
+    index, switched, other_size, shift = _counterfactual_args(truth, participant_id, regions, size, age_shift_years)
+    row = truth.participants.iloc[index].to_dict()
+    sex = str(row["sex"])
+    seed = int(truth.args["seed"])
+    if other_size:
+        row["tiv_ml"] = counterfactual_tiv(truth, sex, float(row["tiv_ml"]))
+    p = subject_params({**row, "age": float(row["age"]) + shift}, seed, index)
+    planted, contrast = truth.planted_fields(sex, switched)
+    info = {"voxel_size": truth.voxel_size, "icv_template_ml": truth.icv_template_ml}
+    image, brain, saffine = _render_subject(truth.context, row, p, (seed, index), info, planted=planted,
+                                            contrast=contrast)
+    return _scanner_image(image, saffine), _scanner_image(brain, saffine)
 
 
 def phantom_truth(phantom_dir: str | os.PathLike) -> PhantomTruth:
