@@ -587,6 +587,103 @@ def _outline(labels2d: np.ndarray) -> np.ndarray:
     return np.where((lab > 0) & ~inner, lab, 0)
 
 
+def _viewer_volumes(map_data: Any, background: Any, regions: Any,
+                    max_size: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The viewer's map, background and regions on one RAS+ grid, at most ``max_size`` voxels a side."""
+    from scipy import ndimage
+
+    if not (hasattr(map_data, "affine") and hasattr(map_data, "get_fdata")):
+        map_data = np.asarray(map_data)
+    bg_obj = _to_map_grid(map_data, background, "background", nearest=False)
+    reg_obj = _to_map_grid(map_data, regions, "regions", nearest=True)
+    m = _canonical(map_data).astype(np.float32)
+    if m.ndim != 3:
+        raise BrainsexError(f"map_data: expected a 3D map, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise BrainsexError("map_data: contains NaN or infinite values")
+    bg = _canonical(bg_obj)
+    reg = _canonical(reg_obj)
+
+    factor = min(1.0, max_size / max(m.shape))
+    if factor < 1.0:
+        m = ndimage.zoom(m, factor, order=1)
+        bg = ndimage.zoom(bg.astype(np.float32), factor, order=1) if bg is not None else None
+        reg = ndimage.zoom(np.rint(reg).astype(np.int32), factor, order=0) if reg is not None else None
+    return m, bg, reg
+
+
+def _viewer_regions(reg: np.ndarray | None, region_names: Mapping[int, str] | None
+                    ) -> tuple[np.ndarray | None, list[int], list[list[Any]] | None]:
+    """Region labels renumbered 1..K in legend order, their ids and a discrete colour scale (None: none)."""
+    # region ids -> 1..K for a discrete colour scale
+    reg_ids: list[int] = []
+    if reg is not None:
+        reg = np.rint(reg).astype(np.int64)
+        present = [int(v) for v in np.unique(reg) if v != 0]
+        reg_ids = [int(k) for k in region_names if int(k) in present] if region_names else present
+        reg_ids += [r for r in present if r not in reg_ids]
+        dense = np.zeros(reg.shape, dtype=np.uint8)
+        for i, r in enumerate(reg_ids):
+            dense[reg == r] = i + 1
+        reg = dense
+    k_reg = len(reg_ids)
+    reg_scale = None
+    if k_reg:
+        colors = [REGION_COLORS[i % len(REGION_COLORS)] for i in range(k_reg)]
+        reg_scale = [[0.0, "rgba(0,0,0,0)"], [0.5 / (k_reg + 0.5), "rgba(0,0,0,0)"]]
+        for i, c in enumerate(colors):
+            lo_, hi_ = (i + 0.5) / (k_reg + 0.5), min((i + 1.5) / (k_reg + 0.5), 1.0)
+            reg_scale += [[lo_, c], [hi_, c]]
+    return reg, reg_ids, reg_scale
+
+
+def _viewer_plane(fig: Any, col: int, plane: str, axis: int, extent: np.ndarray, n_slices: int,
+                  layers: dict[str, Any]) -> dict[str, Any]:
+    """Add one plane's slice traces (one slice visible) to :func:`fig_slice_viewer`'s figure; its slider."""
+    import plotly.graph_objects as go
+
+    bg_u8, shown, reg, k_reg = layers["bg_u8"], layers["shown"], layers["reg"], layers["k_reg"]
+    other = tuple(a for a in range(3) if a != axis)
+    nonempty = np.flatnonzero(extent.any(axis=other))
+    lo_i, hi_i = (int(nonempty[0]), int(nonempty[-1])) if nonempty.size else (0, shown.shape[axis] - 1)
+    idx = np.unique(np.linspace(lo_i, hi_i, min(n_slices, hi_i - lo_i + 1)).round().astype(int))
+    start = int(np.argmin(np.abs(idx - (lo_i + hi_i) / 2)))
+    trace_ids = []
+    per_slice = []
+    for s_i, s in enumerate(idx):
+        visible = s_i == start
+        ids = []
+        if bg_u8 is not None:
+            fig.add_trace(go.Heatmap(z=_slice(bg_u8, axis, s), colorscale="gray", zmin=0, zmax=255,
+                                     showscale=False, hoverinfo="skip", visible=visible), row=1, col=col)
+            ids.append(len(fig.data) - 1)
+        fig.add_trace(go.Heatmap(
+            z=_slice(shown, axis, s).astype(np.float32), colorscale=layers["colorscale"],
+            zmin=layers["bottom"], zmax=layers["top"],
+            showscale=(col == 3), colorbar={"title": {"text": "value"}, "len": 0.8},  # one visible at a time
+            hovertemplate=f"{plane} slice {s}<br>value %{{z:.3f}}<extra></extra>", visible=visible,
+        ), row=1, col=col)
+        ids.append(len(fig.data) - 1)
+        if k_reg:
+            fig.add_trace(go.Heatmap(z=_outline(_slice(reg, axis, s)).astype(np.uint8),
+                                     colorscale=layers["reg_scale"], zmin=0, zmax=k_reg, showscale=False,
+                                     hoverinfo="skip", visible=visible),
+                          row=1, col=col)
+            ids.append(len(fig.data) - 1)
+        per_slice.append(ids)
+        trace_ids += ids
+    steps = []
+    for s_i, s in enumerate(idx):
+        vis = [tid in per_slice[s_i] for tid in trace_ids]
+        steps.append({"method": "restyle", "label": str(int(s)), "args": [{"visible": vis}, trace_ids]})
+    x0 = (col - 1) / 3
+    fig.update_xaxes(visible=False, constrain="domain", row=1, col=col)
+    fig.update_yaxes(visible=False, scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)
+    return {"active": start, "steps": steps, "x": x0 + 0.01, "len": 1 / 3 - 0.03, "y": 0,
+            "yanchor": "top", "pad": {"t": 30}, "currentvalue": {"prefix": f"{plane} slice "},
+            "font": {"size": 9}}
+
+
 @fill_doc
 def fig_slice_viewer(
     map_data: Any,
@@ -644,96 +741,29 @@ def fig_slice_viewer(
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    from scipy import ndimage
 
     if max_size < 4 or n_slices < 1:
         raise BrainsexError(f"max_size={max_size}, n_slices={n_slices}: need max_size >= 4 and n_slices >= 1")
-    if not (hasattr(map_data, "affine") and hasattr(map_data, "get_fdata")):
-        map_data = np.asarray(map_data)
-    bg_obj = _to_map_grid(map_data, background, "background", nearest=False)
-    reg_obj = _to_map_grid(map_data, regions, "regions", nearest=True)
-    m = _canonical(map_data).astype(np.float32)
-    if m.ndim != 3:
-        raise BrainsexError(f"map_data: expected a 3D map, got shape {m.shape}")
-    if not np.isfinite(m).all():
-        raise BrainsexError("map_data: contains NaN or infinite values")
-    bg = _canonical(bg_obj)
-    reg = _canonical(reg_obj)
-
-    factor = min(1.0, max_size / max(m.shape))
-    if factor < 1.0:
-        m = ndimage.zoom(m, factor, order=1)
-        bg = ndimage.zoom(bg.astype(np.float32), factor, order=1) if bg is not None else None
-        reg = ndimage.zoom(np.rint(reg).astype(np.int32), factor, order=0) if reg is not None else None
+    m, bg, reg = _viewer_volumes(map_data, background, regions, max_size)
 
     top = float(vmax if vmax is not None else (m.max() if m.max() > 0 else 1.0))
     bottom = float(min(0.0, m.min()))
     shown = m.copy()
     if threshold is not None:
         shown[shown <= threshold] = np.nan
+    bg_u8 = None
     if bg is not None:
         lo, hi = np.percentile(bg, [1, 99.5])
         bg_u8 = np.clip((bg - lo) / (hi - lo if hi > lo else 1.0) * 255, 0, 255).astype(np.uint8)
-    # region ids -> 1..K for a discrete colour scale
-    reg_ids: list[int] = []
-    if reg is not None:
-        reg = np.rint(reg).astype(np.int64)
-        present = [int(v) for v in np.unique(reg) if v != 0]
-        reg_ids = [int(k) for k in region_names if int(k) in present] if region_names else present
-        reg_ids += [r for r in present if r not in reg_ids]
-        dense = np.zeros(reg.shape, dtype=np.uint8)
-        for i, r in enumerate(reg_ids):
-            dense[reg == r] = i + 1
-        reg = dense
+    reg, reg_ids, reg_scale = _viewer_regions(reg, region_names)
     k_reg = len(reg_ids)
-    if k_reg:
-        colors = [REGION_COLORS[i % len(REGION_COLORS)] for i in range(k_reg)]
-        reg_scale = [[0.0, "rgba(0,0,0,0)"], [0.5 / (k_reg + 0.5), "rgba(0,0,0,0)"]]
-        for i, c in enumerate(colors):
-            lo_, hi_ = (i + 0.5) / (k_reg + 0.5), min((i + 1.5) / (k_reg + 0.5), 1.0)
-            reg_scale += [[lo_, c], [hi_, c]]
+    layers = {"bg_u8": bg_u8, "shown": shown, "reg": reg, "k_reg": k_reg, "reg_scale": reg_scale,
+              "colorscale": colorscale, "bottom": bottom, "top": top}
 
     extent = (np.abs(m) > 0) | (bg > 0 if bg is not None else False)
     fig = make_subplots(rows=1, cols=3, subplot_titles=[p for p, _ in _PLANES], horizontal_spacing=0.04)
-    sliders = []
-    for col, (plane, axis) in enumerate(_PLANES, start=1):
-        other = tuple(a for a in range(3) if a != axis)
-        nonempty = np.flatnonzero(extent.any(axis=other))
-        lo_i, hi_i = (int(nonempty[0]), int(nonempty[-1])) if nonempty.size else (0, m.shape[axis] - 1)
-        idx = np.unique(np.linspace(lo_i, hi_i, min(n_slices, hi_i - lo_i + 1)).round().astype(int))
-        start = int(np.argmin(np.abs(idx - (lo_i + hi_i) / 2)))
-        trace_ids = []
-        per_slice = []
-        for s_i, s in enumerate(idx):
-            visible = s_i == start
-            ids = []
-            if bg is not None:
-                fig.add_trace(go.Heatmap(z=_slice(bg_u8, axis, s), colorscale="gray", zmin=0, zmax=255,
-                                         showscale=False, hoverinfo="skip", visible=visible), row=1, col=col)
-                ids.append(len(fig.data) - 1)
-            fig.add_trace(go.Heatmap(
-                z=_slice(shown, axis, s).astype(np.float32), colorscale=colorscale, zmin=bottom, zmax=top,
-                showscale=(col == 3), colorbar={"title": {"text": "value"}, "len": 0.8},  # one visible at a time
-                hovertemplate=f"{plane} slice {s}<br>value %{{z:.3f}}<extra></extra>", visible=visible,
-            ), row=1, col=col)
-            ids.append(len(fig.data) - 1)
-            if k_reg:
-                fig.add_trace(go.Heatmap(z=_outline(_slice(reg, axis, s)).astype(np.uint8), colorscale=reg_scale,
-                                         zmin=0, zmax=k_reg, showscale=False, hoverinfo="skip", visible=visible),
-                              row=1, col=col)
-                ids.append(len(fig.data) - 1)
-            per_slice.append(ids)
-            trace_ids += ids
-        steps = []
-        for s_i, s in enumerate(idx):
-            vis = [tid in per_slice[s_i] for tid in trace_ids]
-            steps.append({"method": "restyle", "label": str(int(s)), "args": [{"visible": vis}, trace_ids]})
-        x0 = (col - 1) / 3
-        sliders.append({"active": start, "steps": steps, "x": x0 + 0.01, "len": 1 / 3 - 0.03, "y": 0,
-                        "yanchor": "top", "pad": {"t": 30}, "currentvalue": {"prefix": f"{plane} slice "},
-                        "font": {"size": 9}})
-        fig.update_xaxes(visible=False, constrain="domain", row=1, col=col)
-        fig.update_yaxes(visible=False, scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)
+    sliders = [_viewer_plane(fig, col, plane, axis, extent, n_slices, layers)
+               for col, (plane, axis) in enumerate(_PLANES, start=1)]
     for i, r in enumerate(reg_ids):
         name = (region_names or {}).get(r, str(r))
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
