@@ -982,7 +982,7 @@ def fig_age_by_dataset(participants: pd.DataFrame) -> Any:
 
 @fill_doc
 def fig_tiv_by_sex(participants: pd.DataFrame, tiv_col: str = "tiv_ml", title: str | None = None) -> Any:
-    """Overlaid histograms of TIV by sex (40 bins).
+    """Overlaid histograms of TIV by sex (up to 40 bins each).
 
     Parameters
     ----------
