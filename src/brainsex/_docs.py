@@ -32,6 +32,19 @@ DOCS: dict[str, str] = {
     "kde_threshold": "Fraction of each density's maximum that bounds its interval (the paper: 0.2).",
     "bw_method": "Passed to :class:`scipy.stats.gaussian_kde` (``None``: Scott's rule).",
     "rtiv_low_high": "R_tiv's ends in ml (:func:`brainsex.tiv.kde_overlap_range`; the range is closed).",
+    # brainsex.figures
+    "fig_title": "Title of the figure (plotly accepts HTML tags such as ``<sub>``).",
+    "local_only": (
+        "Subject-level detail of a restricted cohort: kept in the executed notebook of the run directory,\n"
+        "removed from the published book (:func:`brainsex.privacy.strip_local_outputs`)."
+    ),
+    "k_shown": (
+        "The minimum group size the counts were suppressed with; only written in the figure's text (the\n"
+        "suppression itself is done by :mod:`brainsex.privacy`)."
+    ),
+    # brainsex.run
+    "participant_id": "The subject's id, with its ``sub-`` prefix (``sub-0001``).",
+    "chapter": "The chapter's notebook stem (``02_training``).",
     "reference_source": (
         "Where the MNI152 template, mask and atlas come from: \"templateflow\" (TemplateFlow's\n"
         "MNI152NLin2009cSym and CerebrA), \"offline\" (nilearn's MNI152 and the Neuromorphometrics atlas\n"

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
+from brainsex._docs import fill_doc
 
 __all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex", "fig_qc_mosaic", "fig_tiv_agreement", "fig_step_times", "fig_binned_histogram", "fig_binned_scatter", "fig_qc_summary", "fig_box_summary", "fig_tbm_coefficients", "fig_precision_at_k"]
 
@@ -28,20 +29,28 @@ def _in_book_build() -> bool:
     return os.environ.get("BRAINSEX_BOOK_BUILD") == "1"
 
 
+@fill_doc
 def show(fig: Any, alt: str | None = None, local_only: bool = False) -> None:
     """Display a plotly figure so that it works both in the offline book and in live notebooks.
 
+    In a book build (``BRAINSEX_BOOK_BUILD=1``) the figure is displayed as an HTML fragment without
+    plotly.js, wrapped in a ``<div role="img">`` with an ``aria-label``; anywhere else ``fig.show()``.
+
     Parameters
     ----------
-    fig
-        A ``plotly.graph_objects.Figure``.
-    alt
-        A text description for screen readers (``aria-label`` of the figure's container).
-    local_only
-        Subject-level detail of a restricted cohort: kept in the executed notebook in the run directory,
-        removed from the published book (:func:`brainsex.privacy.strip_local_outputs`).
+    fig : plotly.graph_objects.Figure
+        The figure.
+    alt : str, optional
+        A text description for screen readers (``aria-label`` of the figure's container; default: the
+        figure's title, else "interactive figure"). Only used in a book build.
+    local_only : bool, default=False
+        %(local_only)s
+        Only used in a book build.
 
-    Returns ``None`` so that a call on a cell's last line does not display the figure twice.
+    Returns
+    -------
+    None
+        So that a call on a cell's last line does not display the figure twice.
     """
     from IPython.display import HTML, display
 
@@ -63,12 +72,30 @@ def _local_metadata(local_only: bool) -> dict[str, Any] | None:
     return {LOCAL_ONLY_KEY: True} if local_only else None
 
 
+@fill_doc
 def show_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 200, local_only: bool = False,
                **style: Any) -> None:
     """Display a table as static HTML (sortable in the page, readable without JavaScript).
 
-    ``local_only=True`` keeps the table in the executed notebook of the run directory and out of the
-    published book (subject-level rows of a restricted cohort).
+    A named index becomes a column; missing values are shown as ``n/a``.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The table.
+    caption : str, optional
+        Shown in italics above the table.
+    max_rows : int, default=200
+        Rows shown at most; a line under the table says how many more the run directory holds.
+    local_only : bool, default=False
+        %(local_only)s
+    **style
+        Passed to :meth:`pandas.DataFrame.to_html` (e.g. ``float_format``, ``escape``).
+
+    Returns
+    -------
+    None
+        So that a call on a cell's last line displays nothing more.
     """
     from IPython.display import HTML, display
 
@@ -98,7 +125,18 @@ STUDY_STEPS = [
 
 
 def fig_study_design(steps: list[tuple[str, str, str]] | None = None) -> Any:
-    """The study design as a left-to-right flow of boxes (the paper's Figure 1, redrawn)."""
+    """The study design as a left-to-right flow of boxes (the paper's Figure 1, redrawn).
+
+    Parameters
+    ----------
+    steps : list of (str, str, str), optional
+        One box per step: its name, a detail text (its newlines become line breaks) and the chapter
+        that runs it (shown under the box and on hover); default :data:`STUDY_STEPS`.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     import plotly.graph_objects as go
 
     steps = steps or STUDY_STEPS
@@ -130,7 +168,18 @@ def fig_study_design(steps: list[tuple[str, str, str]] | None = None) -> Any:
 
 
 def fig_cohort_status(table: pd.DataFrame) -> Any:
-    """Cohorts declared in the manifest: enabled or not, shareable or not."""
+    """Cohorts declared in the manifest: enabled or not, shareable or not.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per cohort with ``cohort``, ``kind``, ``enabled`` and ``shareable``
+        (:func:`brainsex.manifest.manifest_table`). Enabled cohorts are drawn green, the others grey.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     import plotly.graph_objects as go
 
     colors = ["#009E73" if e else "#999999" for e in table["enabled"]]
@@ -148,7 +197,20 @@ def fig_cohort_status(table: pd.DataFrame) -> Any:
 
 
 def fig_learning_curves(history: pd.DataFrame, best_epoch: int | None = None) -> Any:
-    """Loss and accuracy per epoch for training and validation (from ``train/history.tsv``)."""
+    """Loss and accuracy per epoch for training and validation (from ``train/history.tsv``).
+
+    Parameters
+    ----------
+    history : pandas.DataFrame
+        One row per epoch with ``epoch``, ``train_loss``, ``train_acc``, ``val_loss`` and ``val_acc``
+        (:data:`brainsex.train.HISTORY_COLUMNS`).
+    best_epoch : int, optional
+        Epoch of the kept checkpoint, drawn as a dotted vertical line in both panels.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -173,14 +235,21 @@ def fig_learning_curves(history: pd.DataFrame, best_epoch: int | None = None) ->
 _SEX_NAMES = {"F": "female", "M": "male"}
 
 
+@fill_doc
 def fig_roc(roc: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "ROC curve (male = positive class)") -> Any:
     """ROC curve(s) from :func:`brainsex.evaluate.roc_curve_table`.
 
     Parameters
     ----------
-    roc
+    roc : pandas.DataFrame or mapping of str to pandas.DataFrame
         One table, or ``{name: table}`` to compare models (e.g. the CNN and the TIV-only baseline). The
         AUC in each table's ``attrs["auc"]`` goes into the legend.
+    title : str, default="ROC curve (male = positive class)"
+        %(fig_title)s
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
 
@@ -204,8 +273,22 @@ def fig_roc(roc: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "ROC cu
     return fig
 
 
+@fill_doc
 def fig_confusion(table: pd.DataFrame, title: str = "Confusion matrix (test set)") -> Any:
-    """Heatmap of :func:`brainsex.evaluate.confusion`: counts and the fraction of each true sex."""
+    """Heatmap of :func:`brainsex.evaluate.confusion`: counts and the fraction of each true sex.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Counts, true sex (``F``, ``M``) as rows and predicted sex as columns. Cells are coloured by
+        their fraction of the row (of the true sex).
+    title : str, default="Confusion matrix (test set)"
+        %(fig_title)s
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     import plotly.graph_objects as go
 
     counts = table.to_numpy()
@@ -225,6 +308,7 @@ def fig_confusion(table: pd.DataFrame, title: str = "Confusion matrix (test set)
     return fig
 
 
+@fill_doc
 def fig_tiv_tertile_hist(
     assigned: pd.DataFrame,
     tiv_col: str = "etiv_ml",
@@ -235,6 +319,22 @@ def fig_tiv_tertile_hist(
 
     Bars are stacked on common bins; hover gives the count of each tertile. Boundaries between tertiles
     are drawn as dotted lines.
+
+    Parameters
+    ----------
+    assigned : pandas.DataFrame
+        Output of :func:`brainsex.tiv.assign_tertiles`: ``tiv_col`` and the ordered categorical
+        ``tertile``.
+    tiv_col : str, default="etiv_ml"
+        %(tiv_col)s
+    nbins : int, default=30
+        Number of equal-width bins between the smallest and the largest TIV.
+    title : str, default="TIV distribution in three equal-count bins (paper Figure 2)"
+        %(fig_title)s
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
     from plotly.colors import sample_colorscale
@@ -263,6 +363,7 @@ def fig_tiv_tertile_hist(
     return fig
 
 
+@fill_doc
 def fig_prob_vs_tiv(
     predictions: pd.DataFrame,
     tiv_col: str = "etiv_ml",
@@ -276,15 +377,26 @@ def fig_prob_vs_tiv(
 
     Parameters
     ----------
-    predictions
+    predictions : pandas.DataFrame
         The predictions table (``sex``, ``prob_col``, ``tiv_col``; ``participant_id`` shown on hover).
-    threshold
+    tiv_col : str, default="etiv_ml"
+        %(tiv_col)s
+    prob_col : str, default="prob_male"
+        %(prob_col)s
+    threshold : float, default=0.5
+        %(threshold)s
         Drawn as a dashed horizontal line.
-    rtiv
-        (low, high) of R_tiv, shaded when given.
-    curves
+    rtiv : (float, float), optional
+        (low, high) of R_tiv in ml, shaded when given.
+    curves : dict, optional
         Output of :func:`brainsex.tiv.kde_curves`; its KDEs are the top marginal. Without it the top marginal
         is a density-normalised histogram.
+    title : str, default="Predicted probability of male against TIV (paper Figure 4)"
+        %(fig_title)s
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
 
@@ -336,6 +448,7 @@ def fig_prob_vs_tiv(
     return fig
 
 
+@fill_doc
 def fig_kde_overlap(
     curves: Mapping[str, Any],
     tiv_female: Any = None,
@@ -346,10 +459,19 @@ def fig_kde_overlap(
 
     Parameters
     ----------
-    curves
-        Output of :func:`brainsex.tiv.kde_curves`.
-    tiv_female, tiv_male
-        Optional raw TIVs, drawn as a rug under the curves.
+    curves : dict
+        Output of :func:`brainsex.tiv.kde_curves`; without an overlap (``curves["overlap"]`` false) a note
+        says there is no R_tiv.
+    tiv_female, tiv_male : array-like, optional
+        %(tiv_female_male)s
+        Drawn as a rug under the curves when given (the book leaves them out for a restricted cohort:
+        they would put each subject's TIV in the page).
+    title : str, default="TIV densities by sex and the overlap range R<sub>tiv</sub> (paper Figure 5)"
+        %(fig_title)s
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
 
@@ -465,56 +587,11 @@ def _outline(labels2d: np.ndarray) -> np.ndarray:
     return np.where((lab > 0) & ~inner, lab, 0)
 
 
-def fig_slice_viewer(
-    map_data: Any,
-    background: Any = None,
-    regions: Any = None,
-    region_names: Mapping[int, str] | None = None,
-    title: str = "Average saliency map",
-    threshold: float | None = 0.1,
-    vmax: float | None = None,
-    colorscale: str = "Jet",
-    max_size: int = 48,
-    n_slices: int = 20,
-    height: int = 430,
-) -> Any:
-    """Interactive three-plane viewer of a map over a background, one slider per plane.
-
-    Parameters
-    ----------
-    map_data
-        The map (nibabel image or 3D array). Images are shown in RAS+ orientation; arrays are assumed
-        to be RAS+ already (i: left -> right, j: posterior -> anterior, k: inferior -> superior).
-    background
-        Template / anatomical image or array (resampled to the map's grid when both are images).
-    regions
-        Optional integer label image/array (e.g. the atlas restricted to the top-10 regions, Figure 7)
-        drawn as coloured outlines; ``region_names`` maps label id -> legend name.
-    title
-        Figure title.
-    threshold
-        Map values at or below it are transparent (None: show every value).
-    vmax
-        Top of the colour scale (default: the map's maximum).
-    colorscale
-        Plotly colour scale of the map (the paper uses blue -> red, "Jet").
-    max_size
-        The volume is downsampled so that its longest side has at most this many voxels.
-    n_slices
-        Slices per plane offered by each slider (evenly spaced where the volume is non-zero).
-    height
-        Figure height in pixels.
-
-    Returns
-    -------
-    plotly.graph_objects.Figure
-    """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+def _viewer_volumes(map_data: Any, background: Any, regions: Any,
+                    max_size: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The viewer's map, background and regions on one RAS+ grid, at most ``max_size`` voxels a side."""
     from scipy import ndimage
 
-    if max_size < 4 or n_slices < 1:
-        raise BrainsexError(f"max_size={max_size}, n_slices={n_slices}: need max_size >= 4 and n_slices >= 1")
     if not (hasattr(map_data, "affine") and hasattr(map_data, "get_fdata")):
         map_data = np.asarray(map_data)
     bg_obj = _to_map_grid(map_data, background, "background", nearest=False)
@@ -532,15 +609,12 @@ def fig_slice_viewer(
         m = ndimage.zoom(m, factor, order=1)
         bg = ndimage.zoom(bg.astype(np.float32), factor, order=1) if bg is not None else None
         reg = ndimage.zoom(np.rint(reg).astype(np.int32), factor, order=0) if reg is not None else None
+    return m, bg, reg
 
-    top = float(vmax if vmax is not None else (m.max() if m.max() > 0 else 1.0))
-    bottom = float(min(0.0, m.min()))
-    shown = m.copy()
-    if threshold is not None:
-        shown[shown <= threshold] = np.nan
-    if bg is not None:
-        lo, hi = np.percentile(bg, [1, 99.5])
-        bg_u8 = np.clip((bg - lo) / (hi - lo if hi > lo else 1.0) * 255, 0, 255).astype(np.uint8)
+
+def _viewer_regions(reg: np.ndarray | None, region_names: Mapping[int, str] | None
+                    ) -> tuple[np.ndarray | None, list[int], list[list[Any]] | None]:
+    """Region labels renumbered 1..K in legend order, their ids and a discrete colour scale (None: none)."""
     # region ids -> 1..K for a discrete colour scale
     reg_ids: list[int] = []
     if reg is not None:
@@ -553,54 +627,143 @@ def fig_slice_viewer(
             dense[reg == r] = i + 1
         reg = dense
     k_reg = len(reg_ids)
+    reg_scale = None
     if k_reg:
         colors = [REGION_COLORS[i % len(REGION_COLORS)] for i in range(k_reg)]
         reg_scale = [[0.0, "rgba(0,0,0,0)"], [0.5 / (k_reg + 0.5), "rgba(0,0,0,0)"]]
         for i, c in enumerate(colors):
             lo_, hi_ = (i + 0.5) / (k_reg + 0.5), min((i + 1.5) / (k_reg + 0.5), 1.0)
             reg_scale += [[lo_, c], [hi_, c]]
+    return reg, reg_ids, reg_scale
+
+
+def _viewer_plane(fig: Any, col: int, plane: str, axis: int, extent: np.ndarray, n_slices: int,
+                  layers: dict[str, Any]) -> dict[str, Any]:
+    """Add one plane's slice traces (one slice visible) to :func:`fig_slice_viewer`'s figure; its slider."""
+    import plotly.graph_objects as go
+
+    bg_u8, shown, reg, k_reg = layers["bg_u8"], layers["shown"], layers["reg"], layers["k_reg"]
+    other = tuple(a for a in range(3) if a != axis)
+    nonempty = np.flatnonzero(extent.any(axis=other))
+    lo_i, hi_i = (int(nonempty[0]), int(nonempty[-1])) if nonempty.size else (0, shown.shape[axis] - 1)
+    idx = np.unique(np.linspace(lo_i, hi_i, min(n_slices, hi_i - lo_i + 1)).round().astype(int))
+    start = int(np.argmin(np.abs(idx - (lo_i + hi_i) / 2)))
+    trace_ids = []
+    per_slice = []
+    for s_i, s in enumerate(idx):
+        visible = s_i == start
+        ids = []
+        if bg_u8 is not None:
+            fig.add_trace(go.Heatmap(z=_slice(bg_u8, axis, s), colorscale="gray", zmin=0, zmax=255,
+                                     showscale=False, hoverinfo="skip", visible=visible), row=1, col=col)
+            ids.append(len(fig.data) - 1)
+        fig.add_trace(go.Heatmap(
+            z=_slice(shown, axis, s).astype(np.float32), colorscale=layers["colorscale"],
+            zmin=layers["bottom"], zmax=layers["top"],
+            showscale=(col == 3), colorbar={"title": {"text": "value"}, "len": 0.8},  # one visible at a time
+            hovertemplate=f"{plane} slice {s}<br>value %{{z:.3f}}<extra></extra>", visible=visible,
+        ), row=1, col=col)
+        ids.append(len(fig.data) - 1)
+        if k_reg:
+            fig.add_trace(go.Heatmap(z=_outline(_slice(reg, axis, s)).astype(np.uint8),
+                                     colorscale=layers["reg_scale"], zmin=0, zmax=k_reg, showscale=False,
+                                     hoverinfo="skip", visible=visible),
+                          row=1, col=col)
+            ids.append(len(fig.data) - 1)
+        per_slice.append(ids)
+        trace_ids += ids
+    steps = []
+    for s_i, s in enumerate(idx):
+        vis = [tid in per_slice[s_i] for tid in trace_ids]
+        steps.append({"method": "restyle", "label": str(int(s)), "args": [{"visible": vis}, trace_ids]})
+    x0 = (col - 1) / 3
+    fig.update_xaxes(visible=False, constrain="domain", row=1, col=col)
+    fig.update_yaxes(visible=False, scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)
+    return {"active": start, "steps": steps, "x": x0 + 0.01, "len": 1 / 3 - 0.03, "y": 0,
+            "yanchor": "top", "pad": {"t": 30}, "currentvalue": {"prefix": f"{plane} slice "},
+            "font": {"size": 9}}
+
+
+@fill_doc
+def fig_slice_viewer(
+    map_data: Any,
+    background: Any = None,
+    regions: Any = None,
+    region_names: Mapping[int, str] | None = None,
+    title: str = "Average saliency map",
+    threshold: float | None = 0.1,
+    vmax: float | None = None,
+    colorscale: str = "Jet",
+    max_size: int = 48,
+    n_slices: int = 20,
+    height: int = 430,
+) -> Any:
+    """Interactive three-plane viewer of a map over a background, one slider per plane.
+
+    Parameters
+    ----------
+    map_data : nibabel.Nifti1Image or numpy.ndarray
+        The map (a 3D image or array, finite values). Images are shown in RAS+ orientation; arrays are
+        assumed to be RAS+ already (i: left -> right, j: posterior -> anterior, k: inferior -> superior).
+    background : nibabel.Nifti1Image or numpy.ndarray, optional
+        Template / anatomical image or array (resampled to the map's grid when both are images, else of
+        the map's shape), drawn in grey under the map.
+    regions : nibabel.Nifti1Image or numpy.ndarray, optional
+        Integer label image/array (e.g. the atlas restricted to the top-10 regions, Figure 7), drawn as
+        coloured outlines (resampled by nearest neighbour when both are images).
+    region_names : mapping of int to str, optional
+        Label id -> legend name; its order is the order of the legend (and of the colours), labels it
+        lacks come after under their number.
+    title : str, default="Average saliency map"
+        %(fig_title)s
+    threshold : float or None, default=0.1
+        Map values at or below it are transparent (None: show every value).
+    vmax : float, optional
+        Top of the colour scale (default: the map's maximum, or 1 when the map has no positive value).
+    colorscale : str, default="Jet"
+        Plotly colour scale of the map (the paper uses blue -> red, "Jet").
+    max_size : int, default=48
+        The volume is downsampled so that its longest side has at most this many voxels (at least 4).
+    n_slices : int, default=20
+        Slices per plane offered by each slider (evenly spaced where the map or the background is non-zero).
+    height : int, default=430
+        Figure height in pixels.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+
+    Raises
+    ------
+    BrainsexError
+        For ``max_size < 4`` or ``n_slices < 1``, a map that is not 3D or has non-finite values, or an
+        array background or regions whose shape differs from the map's.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if max_size < 4 or n_slices < 1:
+        raise BrainsexError(f"max_size={max_size}, n_slices={n_slices}: need max_size >= 4 and n_slices >= 1")
+    m, bg, reg = _viewer_volumes(map_data, background, regions, max_size)
+
+    top = float(vmax if vmax is not None else (m.max() if m.max() > 0 else 1.0))
+    bottom = float(min(0.0, m.min()))
+    shown = m.copy()
+    if threshold is not None:
+        shown[shown <= threshold] = np.nan
+    bg_u8 = None
+    if bg is not None:
+        lo, hi = np.percentile(bg, [1, 99.5])
+        bg_u8 = np.clip((bg - lo) / (hi - lo if hi > lo else 1.0) * 255, 0, 255).astype(np.uint8)
+    reg, reg_ids, reg_scale = _viewer_regions(reg, region_names)
+    k_reg = len(reg_ids)
+    layers = {"bg_u8": bg_u8, "shown": shown, "reg": reg, "k_reg": k_reg, "reg_scale": reg_scale,
+              "colorscale": colorscale, "bottom": bottom, "top": top}
 
     extent = (np.abs(m) > 0) | (bg > 0 if bg is not None else False)
     fig = make_subplots(rows=1, cols=3, subplot_titles=[p for p, _ in _PLANES], horizontal_spacing=0.04)
-    sliders = []
-    for col, (plane, axis) in enumerate(_PLANES, start=1):
-        other = tuple(a for a in range(3) if a != axis)
-        nonempty = np.flatnonzero(extent.any(axis=other))
-        lo_i, hi_i = (int(nonempty[0]), int(nonempty[-1])) if nonempty.size else (0, m.shape[axis] - 1)
-        idx = np.unique(np.linspace(lo_i, hi_i, min(n_slices, hi_i - lo_i + 1)).round().astype(int))
-        start = int(np.argmin(np.abs(idx - (lo_i + hi_i) / 2)))
-        trace_ids = []
-        per_slice = []
-        for s_i, s in enumerate(idx):
-            visible = s_i == start
-            ids = []
-            if bg is not None:
-                fig.add_trace(go.Heatmap(z=_slice(bg_u8, axis, s), colorscale="gray", zmin=0, zmax=255,
-                                         showscale=False, hoverinfo="skip", visible=visible), row=1, col=col)
-                ids.append(len(fig.data) - 1)
-            fig.add_trace(go.Heatmap(
-                z=_slice(shown, axis, s).astype(np.float32), colorscale=colorscale, zmin=bottom, zmax=top,
-                showscale=(col == 3), colorbar={"title": {"text": "value"}, "len": 0.8},  # one visible at a time
-                hovertemplate=f"{plane} slice {s}<br>value %{{z:.3f}}<extra></extra>", visible=visible,
-            ), row=1, col=col)
-            ids.append(len(fig.data) - 1)
-            if k_reg:
-                fig.add_trace(go.Heatmap(z=_outline(_slice(reg, axis, s)).astype(np.uint8), colorscale=reg_scale,
-                                         zmin=0, zmax=k_reg, showscale=False, hoverinfo="skip", visible=visible),
-                              row=1, col=col)
-                ids.append(len(fig.data) - 1)
-            per_slice.append(ids)
-            trace_ids += ids
-        steps = []
-        for s_i, s in enumerate(idx):
-            vis = [tid in per_slice[s_i] for tid in trace_ids]
-            steps.append({"method": "restyle", "label": str(int(s)), "args": [{"visible": vis}, trace_ids]})
-        x0 = (col - 1) / 3
-        sliders.append({"active": start, "steps": steps, "x": x0 + 0.01, "len": 1 / 3 - 0.03, "y": 0,
-                        "yanchor": "top", "pad": {"t": 30}, "currentvalue": {"prefix": f"{plane} slice "},
-                        "font": {"size": 9}})
-        fig.update_xaxes(visible=False, constrain="domain", row=1, col=col)
-        fig.update_yaxes(visible=False, scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)
+    sliders = [_viewer_plane(fig, col, plane, axis, extent, n_slices, layers)
+               for col, (plane, axis) in enumerate(_PLANES, start=1)]
     for i, r in enumerate(reg_ids):
         name = (region_names or {}).get(r, str(r))
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
@@ -611,6 +774,7 @@ def fig_slice_viewer(
     return fig
 
 
+@fill_doc
 def fig_top_regions(
     scores: pd.DataFrame,
     k: int = 10,
@@ -622,6 +786,30 @@ def fig_top_regions(
 
     Bars are labelled with the score as a percentage (as in the paper's Figure 7); ``highlight`` (e.g.
     the planted regions of the phantom) colours those labels differently.
+
+    Parameters
+    ----------
+    scores : pandas.DataFrame
+        A region scores table with ``label``, ``name`` and ``value`` (``hemisphere`` is added to a name
+        that lacks it; ``saliency_score``, ``mean_saliency_norm`` and ``n_voxels`` are shown on hover).
+    k : int, default=10
+        Regions shown (at least 1), the best at the top.
+    value : str, default="weighted_score"
+        The column that ranks the regions and sets the bars' length.
+    highlight : iterable of int, optional
+        Atlas labels whose bars are drawn in another colour.
+    title : str, optional
+        %(fig_title)s
+        Default: "Top <k> regions by <value>".
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+
+    Raises
+    ------
+    BrainsexError
+        When ``scores`` is not a table with those columns, or ``k < 1``.
     """
     import plotly.graph_objects as go
 
@@ -668,13 +856,47 @@ def plot_map_static(
 ) -> Any:
     """Static nilearn figure of a map over a template (paper Figures 3, 6, 7, 8).
 
-    ``nilearn.plotting.plot_stat_map`` with axial cuts (``display_mode="z"``, ``cut_coords`` a number
-    of cuts or their mm positions), colours from blue (0) to red (1). ``regions_img`` (a label image,
-    e.g. the top-10 regions) adds one contour per label.
+    :func:`nilearn.plotting.plot_stat_map` with axial cuts by default, a colour bar and no symmetric
+    colour scale. ``regions_img`` (a label image, e.g. the top-10 regions) adds one contour per label.
+
+    Parameters
+    ----------
+    map_img : nibabel.Nifti1Image or str
+        The map, an image or the path of a NIfTI file.
+    bg_img : nibabel.Nifti1Image or str, optional
+        The background; default: nilearn's own (its MNI152 template).
+    title : str, optional
+        Title written on the figure.
+    cut_coords : int or sequence of float, default=6
+        A number of cuts or their positions in mm (``plot_stat_map``'s ``cut_coords``).
+    display_mode : str, default="z"
+        Direction of the cuts (``"z"``: axial; ``plot_stat_map``'s ``display_mode``).
+    threshold : float or None, default=0.1
+        Values whose absolute value is below it are transparent (None: no threshold).
+    vmax : float, optional
+        Top of the colour scale (default: the map's largest absolute value).
+    cmap : str, default="jet"
+        Matplotlib colour map (blue for low, red for high, as in the paper).
+    regions_img : nibabel.Nifti1Image, optional
+        Integer label image; each non-zero label gets a contour.
+    region_colors : sequence of str, optional
+        Contour colours in the order of the sorted labels, reused cyclically (default
+        :data:`REGION_COLORS`).
+    output_file : str or path-like, optional
+        Save the figure there and close it.
+    **kwargs
+        Passed to :func:`nilearn.plotting.plot_stat_map`.
 
     Returns
     -------
-    The nilearn display (``None`` when ``output_file`` is given: nilearn saves and closes it).
+    nilearn display or None
+        The nilearn slicer of ``display_mode`` (``ZSlicer`` by default); ``None`` when ``output_file``
+        is given (the figure is saved and closed).
+
+    Raises
+    ------
+    BrainsexError
+        When ``map_img`` is neither an image nor a path.
     """
     from nilearn import plotting
     from nilearn.image import math_img
@@ -704,7 +926,18 @@ def plot_map_static(
 
 
 def fig_cohort_composition(participants: pd.DataFrame) -> Any:
-    """Subjects per dataset by sex, vendor and field strength (the paper's Table 1 as bars)."""
+    """Subjects per dataset by sex, vendor and field strength (the paper's Table 1 as bars).
+
+    Parameters
+    ----------
+    participants : pandas.DataFrame
+        One row per subject with ``dataset``, ``sex``, ``vendor`` and ``field`` (tesla; missing:
+        "unknown").
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -725,7 +958,17 @@ def fig_cohort_composition(participants: pd.DataFrame) -> Any:
 
 
 def fig_age_by_dataset(participants: pd.DataFrame) -> Any:
-    """Age distributions per dataset and sex (box plots with points)."""
+    """Age distributions per dataset and sex (box plots, outliers drawn as points).
+
+    Parameters
+    ----------
+    participants : pandas.DataFrame
+        One row per subject with ``dataset``, ``sex`` (``F``, ``M``) and ``age`` (years).
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -737,8 +980,24 @@ def fig_age_by_dataset(participants: pd.DataFrame) -> Any:
     return fig
 
 
+@fill_doc
 def fig_tiv_by_sex(participants: pd.DataFrame, tiv_col: str = "tiv_ml", title: str | None = None) -> Any:
-    """Overlaid histograms of TIV by sex."""
+    """Overlaid histograms of TIV by sex (up to 40 bins each).
+
+    Parameters
+    ----------
+    participants : pandas.DataFrame
+        One row per subject with ``sex`` (``F``, ``M``) and ``tiv_col``.
+    tiv_col : str, default="tiv_ml"
+        Column of the TIV in ml (``tiv_ml``: a phantom's true TIV).
+    title : str, optional
+        %(fig_title)s
+        Default: "Total intracranial volume by sex".
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -753,6 +1012,7 @@ def fig_tiv_by_sex(participants: pd.DataFrame, tiv_col: str = "tiv_ml", title: s
 # --- preprocessing chapter (QC) -------------------------------------------------------------------
 
 
+@fill_doc
 def fig_qc_mosaic(
     slices: Sequence[np.ndarray],
     names: Sequence[str],
@@ -760,7 +1020,30 @@ def fig_qc_mosaic(
     ncols: int = 8,
     title: str = "Registered brains, mid-axial slice (red titles: flagged by low similarity)",
 ) -> Any:
-    """A mosaic of 2D slices (one per subject) as small heatmaps; flagged subjects get red titles."""
+    """A mosaic of 2D slices (one per subject) as small heatmaps; flagged subjects get red titles.
+
+    Parameters
+    ----------
+    slices : sequence of numpy.ndarray
+        One 2D slice per subject, x by y (:func:`brainsex.preprocess.qc_mosaic_slices`).
+    names : sequence of str
+        The subjects' titles, one per slice.
+    flagged : sequence of bool, optional
+        Per slice, whether its title is drawn red (default: none).
+    ncols : int, default=8
+        Slices per row.
+    title : str, default="Registered brains, mid-axial slice (red titles: flagged by low similarity)"
+        %(fig_title)s
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+
+    Raises
+    ------
+    BrainsexError
+        When ``slices`` is empty.
+    """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -786,7 +1069,22 @@ def fig_qc_mosaic(
 
 def fig_tiv_agreement(table: pd.DataFrame, x: str = "tiv_ml", y: str = "etiv_ml",
                       x_title: str = "true TIV (ml)", y_title: str = "estimated TIV (ml)") -> Any:
-    """Scatter of one TIV estimate against another, coloured by sex, with the identity line."""
+    """Scatter of one TIV estimate against another, coloured by sex, with the identity line.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per subject with ``x``, ``y`` and ``sex`` (``F``, ``M``); ``participant_id`` is shown on
+        hover when present.
+    x, y : str, default="tiv_ml", "etiv_ml"
+        Columns on the horizontal and the vertical axis.
+    x_title, y_title : str, default="true TIV (ml)", "estimated TIV (ml)"
+        Axis titles (the figure's title is "<y_title> against <x_title>").
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -805,7 +1103,19 @@ def fig_tiv_agreement(table: pd.DataFrame, x: str = "tiv_ml", y: str = "etiv_ml"
 
 def fig_step_times(qc: pd.DataFrame, steps: Sequence[str] = ("t_load_s", "t_strip_s", "t_rigid_s", "t_zscore_s",
                                                             "t_etiv_s", "t_write_s")) -> Any:
-    """Median seconds per preprocessing step (bars) over the subjects that ran."""
+    """Median seconds per preprocessing step (bars) over the subjects that ran.
+
+    Parameters
+    ----------
+    qc : pandas.DataFrame
+        ``qc.tsv`` rows (:attr:`brainsex.run.PreprocessDir.qc`) of the subjects to summarise.
+    steps : sequence of str, default=("t_load_s", "t_strip_s", "t_rigid_s", "t_zscore_s", "t_etiv_s", "t_write_s")
+        Step-time columns (``t_<step>_s``), in the order of the bars; those ``qc`` lacks are left out.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     import plotly.graph_objects as go
 
     cols = [s for s in steps if s in qc.columns]
@@ -816,16 +1126,23 @@ def fig_step_times(qc: pd.DataFrame, steps: Sequence[str] = ("t_load_s", "t_stri
     return fig
 
 
+@fill_doc
 def fig_tbm_coefficients(coef: pd.DataFrame, names: Sequence[str] | pd.Series | None = None,
                          title: str = "Male − female difference in mean log-Jacobian of each planted region") -> Any:
     """Grouped bars: each planted region's TIV-adjusted sex difference, one bar per morphometry version.
 
     Parameters
     ----------
-    coef
+    coef : pandas.DataFrame
         Planted regions (rows) x versions (columns), as :attr:`brainsex.validity.PositiveControl.coef`.
-    names
+    names : sequence of str or pandas.Series, optional
         Region names in the order of ``coef``'s rows (default: the index).
+    title : str, default="Male − female difference in mean log-Jacobian of each planted region"
+        %(fig_title)s
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
 
@@ -839,6 +1156,7 @@ def fig_tbm_coefficients(coef: pd.DataFrame, names: Sequence[str] | pd.Series | 
 # --- aggregate views for restricted cohorts (see brainsex.privacy) ---------------------------------
 
 
+@fill_doc
 def fig_binned_histogram(groups: Mapping[str, pd.DataFrame], title: str, x_title: str,
                          colors: Mapping[str, str] | None = None, k: int | None = None) -> Any:
     """Histogram bars drawn from pre-binned counts (:func:`brainsex.privacy.binned_counts`), one trace per group.
@@ -848,14 +1166,19 @@ def fig_binned_histogram(groups: Mapping[str, pd.DataFrame], title: str, x_title
 
     Parameters
     ----------
-    groups
-        Group name -> binned counts (``left``, ``right``, ``center``, ``n``, ``suppressed``).
-    title, x_title
+    groups : mapping of str to pandas.DataFrame
+        Group name -> binned counts (``left``, ``right``, ``center``, ``n``, ``suppressed``), drawn
+        overlaid.
+    title, x_title : str
         Figure and x-axis titles.
-    colors
-        Group name -> colour.
-    k
-        The minimum group size (for the legend entry of suppressed bins).
+    colors : mapping of str to str, optional
+        Group name -> colour (default: :data:`PALETTE` in order).
+    k : int, optional
+        %(k_shown)s
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
 
@@ -879,6 +1202,7 @@ def fig_binned_histogram(groups: Mapping[str, pd.DataFrame], title: str, x_title
     return fig
 
 
+@fill_doc
 def fig_binned_scatter(binned: Mapping[str, Any], x_title: str, y_title: str, title: str, k: int | None = None,
                        identity: bool = False, hline: float | None = None) -> Any:
     """The public form of a scatter plot: subjects counted per cell (:func:`brainsex.privacy.binned_counts_2d`).
@@ -887,16 +1211,21 @@ def fig_binned_scatter(binned: Mapping[str, Any], x_title: str, y_title: str, ti
 
     Parameters
     ----------
-    binned
-        Output of :func:`brainsex.privacy.binned_counts_2d`.
-    x_title, y_title, title
+    binned : dict
+        Output of :func:`brainsex.privacy.binned_counts_2d` (``x_edges``, ``y_edges``, ``counts``,
+        ``n_suppressed``).
+    x_title, y_title, title : str
         Axis and figure titles.
-    k
-        The minimum group size.
-    identity
+    k : int, optional
+        %(k_shown)s
+    identity : bool, default=False
         Draw the line y = x.
-    hline
-        Draw a dashed horizontal line (a decision threshold).
+    hline : float, optional
+        Draw a dashed horizontal line there (a decision threshold).
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
 
@@ -916,18 +1245,25 @@ def fig_binned_scatter(binned: Mapping[str, Any], x_title: str, y_title: str, ti
     return fig
 
 
+@fill_doc
 def fig_qc_summary(mean: np.ndarray | None, sd: np.ndarray | None, n: int, note: str = "",
                    title: str = "Registered brains, mid-axial slice: mean and standard deviation") -> Any:
     """Mean and SD of the registered brains side by side (the QC view of a restricted cohort).
 
     Parameters
     ----------
-    mean, sd
+    mean, sd : numpy.ndarray or None
         2D arrays (x by y) from :func:`brainsex.privacy.qc_aggregate`; ``None`` when suppressed.
-    n
-        Number of subjects averaged.
-    note
-        Shown instead of the images when they are suppressed.
+    n : int
+        Number of subjects averaged (in the left panel's title).
+    note : str, default=""
+        Shown instead of the images when they are suppressed (default: "suppressed").
+    title : str, default="Registered brains, mid-axial slice: mean and standard deviation"
+        %(fig_title)s
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -952,13 +1288,17 @@ def fig_box_summary(stats: pd.DataFrame, x: str, title: str, y_title: str) -> An
 
     Parameters
     ----------
-    stats
+    stats : pandas.DataFrame
         Columns ``x``, ``sex``, ``q10``, ``q25``, ``median``, ``q75``, ``q90``, ``n`` (rows with a
-        missing ``median`` are suppressed groups and left out).
-    x
+        missing ``median`` are suppressed groups and left out). The whiskers end at ``q10`` and ``q90``.
+    x : str
         The grouping column drawn on the x axis.
-    title, y_title
-        Figure and axis titles.
+    title, y_title : str
+        Figure and y-axis titles.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
 
@@ -971,21 +1311,27 @@ def fig_box_summary(stats: pd.DataFrame, x: str, title: str, y_title: str) -> An
     return fig
 
 
+@fill_doc
 def fig_precision_at_k(table: pd.DataFrame, k: int = 10, alpha: float = 0.05,
                        title: str | None = None) -> Any:
     """Horizontal bars: precision@k of every ranking, with its chance level as a tick.
 
     Parameters
     ----------
-    table
+    table : pandas.DataFrame
         One row per ranking with ``label``, ``observed``, ``chance`` and ``p_value`` (the
         ``precision_at_k`` rows of :func:`brainsex.validity.report_long`, as the validity chapter makes them).
-    k
+    k : int, default=10
         The k of precision@k (for the titles).
-    alpha
+    alpha : float, default=0.05
         Rankings with ``p_value < alpha`` are drawn dark, the others light.
-    title
-        Figure title (default: says what is drawn).
+    title : str, optional
+        %(fig_title)s
+        Default: says what is drawn.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
     """
     import plotly.graph_objects as go
 

@@ -29,6 +29,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from brainsex._docs import fill_doc
+
 __all__ = [
     "RunDir",
     "CohortDir",
@@ -69,7 +71,7 @@ class PhantomDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The phantom's root folder (``<run_dir>/cohort/phantom`` in the book).
     """
 
@@ -88,13 +90,14 @@ class PhantomDir(_Folder):
         """``dataset_description.json`` (BIDS)."""
         return self.root / "dataset_description.json"
 
+    @fill_doc
     def image(self, participant_id: str) -> Path:
         """The scanner-space T1w image of a subject: ``<pid>/anat/<pid>_T1w.nii.gz``.
 
         Parameters
         ----------
-        participant_id
-            The subject's id (``sub-0001``).
+        participant_id : str
+            %(participant_id)s
         """
         pid = str(participant_id)
         return self.root / pid / "anat" / f"{pid}_T1w.nii.gz"
@@ -109,13 +112,14 @@ class PhantomDir(_Folder):
         """``ground_truth/masks/``: the true brain masks."""
         return self.truth_dir / "masks"
 
+    @fill_doc
     def mask(self, participant_id: str) -> Path:
-        """The true brain mask of a subject in scanner space.
+        """The true brain mask of a subject in scanner space: ``ground_truth/masks/<pid>_desc-brain_mask.nii.gz``.
 
         Parameters
         ----------
-        participant_id
-            The subject's id (``sub-0001``).
+        participant_id : str
+            %(participant_id)s
         """
         return self.masks_dir / f"{participant_id}_desc-brain_mask.nii.gz"
 
@@ -144,8 +148,13 @@ class PhantomDir(_Folder):
 
         Parameters
         ----------
-        effect
+        effect : {"volume", "contrast"}, default="volume"
             ``"volume"`` (:attr:`effect_map`) or ``"contrast"`` (:attr:`contrast_map`).
+
+        Raises
+        ------
+        BrainsexError
+            For any other ``effect``.
         """
         if effect not in ("volume", "contrast"):
             from brainsex import BrainsexError
@@ -164,7 +173,7 @@ class CohortDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The folder.
     """
 
@@ -183,7 +192,7 @@ class CohortDir(_Folder):
 
         Parameters
         ----------
-        name
+        name : str
             The cohort's name in the manifest.
         """
         return self.root / name
@@ -199,7 +208,7 @@ class PreprocessDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The folder.
     """
 
@@ -223,23 +232,25 @@ class PreprocessDir(_Folder):
         """``warps/``: cached non-linear transforms to the template (saliency and validity chapters)."""
         return self.root / "warps"
 
+    @fill_doc
     def subject(self, participant_id: str) -> Path:
         """A subject's folder, ``<pid>/`` (the id as given: ``sub-0001``).
 
         Parameters
         ----------
-        participant_id
-            The subject's id, with its ``sub-`` prefix.
+        participant_id : str
+            %(participant_id)s
         """
         return self.root / str(participant_id)
 
+    @fill_doc
     def subject_outputs(self, participant_id: str) -> dict[str, Path]:
         """The files preprocessing writes for a subject (BIDS-derivative names), by column name.
 
         Parameters
         ----------
-        participant_id
-            The subject's id, with its ``sub-`` prefix.
+        participant_id : str
+            %(participant_id)s
 
         Returns
         -------
@@ -257,13 +268,14 @@ class PreprocessDir(_Folder):
             "marker": d / f"{pid}_preprocess.json",
         }
 
+    @fill_doc
     def syn_prefix(self, participant_id: str) -> Path:
-        """Prefix of a subject's cached non-linear (SyN) transform files.
+        """Prefix of a subject's cached non-linear (SyN) transform files, inside its folder.
 
         Parameters
         ----------
-        participant_id
-            The subject's id, with its ``sub-`` prefix.
+        participant_id : str
+            %(participant_id)s
         """
         pid = str(participant_id)
         return self.subject(pid) / f"{pid}_from-rigid_to-template_mode-syn_"
@@ -274,7 +286,7 @@ class TrainDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The folder.
     """
 
@@ -304,7 +316,7 @@ class EvaluateDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The folder.
     """
 
@@ -329,7 +341,7 @@ class TivDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The folder.
     """
 
@@ -359,7 +371,7 @@ class SaliencyDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The folder.
     """
 
@@ -368,7 +380,7 @@ class SaliencyDir(_Folder):
 
         Parameters
         ----------
-        group
+        group : str
             ``correct_F``, ``correct_M``, ``correct_all``, ``rtiv_subset`` or a TIV bin and sex
             (spaces and ``·`` are removed).
         """
@@ -380,7 +392,7 @@ class SaliencyDir(_Folder):
 
         Parameters
         ----------
-        sex
+        sex : {"F", "M", "all"}, default="all"
             ``"F"``, ``"M"`` or ``"all"``.
         """
         return self.mean_map(f"correct_{sex}")
@@ -406,7 +418,7 @@ class AtlasDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The folder.
     """
 
@@ -421,7 +433,7 @@ class ValidityDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The folder.
     """
 
@@ -455,9 +467,10 @@ class ValidityDir(_Folder):
 
         Parameters
         ----------
-        warps
-            The warp's name as in :attr:`brainsex.validity.PositiveControl.tables` (its first word is used).
-        n_subjects
+        warps : str
+            The warp's name as in :attr:`brainsex.validity.PositiveControl.tables` (its first word, before
+            a comma or a space, goes into the file name).
+        n_subjects : int
             Subjects in the test.
         """
         return self.root / f"tbm_regions_{str(warps).split(',')[0].split(' ')[0]}_{int(n_subjects)}.tsv"
@@ -478,7 +491,7 @@ class RunDir(_Folder):
 
     Parameters
     ----------
-    root
+    root : str or os.PathLike
         The run directory (``runs/<profile>`` by default in the book).
 
     Examples
@@ -551,13 +564,14 @@ class RunDir(_Folder):
         """``notebooks/``: the executed chapters."""
         return self.root / "notebooks"
 
+    @fill_doc
     def executed(self, chapter: str) -> Path:
-        """The executed notebook of a chapter.
+        """The executed notebook of a chapter, ``notebooks/<chapter>.ipynb``.
 
         Parameters
         ----------
-        chapter
-            The chapter's stem (``02_training``).
+        chapter : str
+            %(chapter)s
         """
         return self.notebooks / f"{chapter}.ipynb"
 
@@ -566,13 +580,14 @@ class RunDir(_Folder):
         """``.build/``: one stamp per executed chapter (content hash and wall time)."""
         return self.root / ".build"
 
+    @fill_doc
     def stamp(self, chapter: str) -> Path:
         """The build stamp of a chapter, ``.build/<chapter>.json``.
 
         Parameters
         ----------
-        chapter
-            The chapter's stem.
+        chapter : str
+            %(chapter)s
         """
         return self.stamps / f"{chapter}.json"
 
@@ -588,8 +603,14 @@ class RunDir(_Folder):
 
         Parameters
         ----------
-        key
+        key : str
             ``<folder>.<file>``: an attribute of :class:`RunDir` and one of that folder's.
+
+        Raises
+        ------
+        BrainsexError
+            When a part of ``key`` is not a public attribute of the layout, or ``key`` names a folder or
+            a function instead of a file.
         """
         from brainsex import BrainsexError
 
