@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -511,3 +513,96 @@ def test_study_at_smoke_size(tmp_path):
     assert dl["accuracy"].iloc[0] == pytest.approx(evaluate_predictions(pred).loc["accuracy", "value"])
     info = __import__("json").loads(out.study_info.read_text())
     assert info["args"]["select"] == "val_loss" and info["args"]["epochs"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# is it just head size? size-only and region-only phantoms
+# --------------------------------------------------------------------------------------------------
+def _tiny_run(root, n=48):
+    """A smoke-sized phantom run: phantom, preprocessing, split, one epoch of training, test predictions."""
+    from brainsex.io import write_table
+    from brainsex.preprocess import preprocess_cohort
+    from brainsex.run import RunDir
+    from brainsex.stages import predict_split, split_subjects, train_model
+    from brainsex.synthetic import make_cohort
+
+    run = RunDir(root)
+    params = {"channels": [4, 8, 8, 8, 8, 4], "epochs": 1, "batch_size": 8, "lr": 0.01, "select": "last",
+              "device": "cpu", "seed": 0}
+    participants = make_cohort(run.phantom.root, n=n, voxel_size=8.0, seed=0, progress=False)
+    pre = preprocess_cohort(participants, run.preprocess, voxel_size=8.0, n_workers=1, progress=False)
+    split = split_subjects(pre, seed=0, out=run.train)
+    res = train_model(split, params, run.train, resume="auto", progress=False)
+    write_table(predict_split(res.model, split, split="test", device="cpu"), run.evaluate.predictions)
+    return run, params
+
+
+@pytest.mark.slow
+def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
+    """Size-only and region-only phantoms: same people and draws, the run's split, a table with every row; cached."""
+    import brainsex.stages
+    from brainsex.io import read_table
+
+    run, params = _tiny_run(tmp_path / "run")
+    table = v.size_experiments(run.root, params, rtiv=(1000.0, 2000.0), n_bootstrap=20, progress=False)
+    on_disk = pd.read_csv(run.validity.size_experiments, sep="\t")
+    assert list(on_disk.columns) == ["phantom", "subset", "metric", "value", "ci_low", "ci_high", "n"]
+    assert len(on_disk) == len(table) == 12  # 3 phantoms x 2 subsets x 2 metrics
+    assert set(zip(table["phantom"], table["subset"], table["metric"], strict=True)) == {
+        (p, s, m) for p in ("default", "size_only", "regions_only") for s in ("all", "inside_rtiv")
+        for m in ("accuracy", "balanced_accuracy")}
+    assert table["value"].between(0, 1).all() and (table["ci_low"] <= table["ci_high"]).all()
+    n_test = int((read_table(run.train.split)["split"] == "test").sum())
+    assert (table.loc[table["subset"] == "all", "n"] == n_test).all()
+    assert (table.loc[table["subset"] == "inside_rtiv", "n"] <= n_test).all()
+    # the default row is the run's own predictions
+    from brainsex.stages import evaluate_predictions
+
+    own = evaluate_predictions(read_table(run.evaluate.predictions))
+    default_acc = table.query("phantom == 'default' and subset == 'all' and metric == 'accuracy'")["value"].item()
+    assert default_acc == pytest.approx(own.loc["accuracy", "value"])
+    # each variant: the run's participants, split and draws; only what it changes differs
+    size_only = RunDir(run.validity.size_variant("size_only"))
+    regions_only = RunDir(run.validity.size_variant("regions_only"))
+    for variant in (size_only, regions_only):
+        assert read_table(variant.train.split)["participant_id"].tolist() == \
+            read_table(run.train.split)["participant_id"].tolist()
+        assert read_table(variant.train.split)["split"].tolist() == read_table(run.train.split)["split"].tolist()
+        poses = read_table(variant.phantom.poses).drop(columns="scale")
+        assert poses.equals(read_table(run.phantom.poses).drop(columns="scale"))
+    tiv = read_table(run.phantom.participants)["tiv_ml"]
+    assert read_table(size_only.phantom.participants)["tiv_ml"].equals(tiv)
+    assert not read_table(regions_only.phantom.participants)["tiv_ml"].equals(tiv)
+    assert json.loads(size_only.phantom.generation.read_text())["args"]["region_effect"] == 0.0
+    assert json.loads(regions_only.phantom.generation.read_text())["args"]["tiv_effect"] is False
+    # a re-run reuses the cached table: no training, the same numbers
+    def no_training(*a, **k):
+        raise AssertionError("the cached table should have been reused")
+
+    monkeypatch.setattr(brainsex.stages, "train_model", no_training)
+    run.validity.size_experiments.unlink()
+    again = v.size_experiments(run.root, params, rtiv=(1000.0, 2000.0), n_bootstrap=20, progress=False)
+    pd.testing.assert_frame_equal(again, table)
+    assert run.validity.size_experiments.is_file()
+    # another setting is another entry (and would train)
+    with pytest.raises(AssertionError, match="cached table"):
+        v.size_experiments(run.root, {**params, "lr": 0.02}, rtiv=(1000.0, 2000.0), n_bootstrap=20, progress=False)
+
+
+def test_size_experiments_names_what_is_missing(tmp_path):
+    with pytest.raises(BrainsexError, match="generation record"):
+        v.size_experiments(tmp_path, {})
+    with pytest.raises(BrainsexError, match="unknown"):
+        v.size_experiments(tmp_path, {}, phantoms=["shape_only"])
+
+
+def test_size_metrics_subsets_and_chance():
+    pred = pd.DataFrame({"y_true": [0, 0, 0, 1, 1, 1], "prob_male": [0.1, 0.2, 0.9, 0.8, 0.7, 0.4],
+                         "etiv_ml": [1300.0, 1450.0, 1500.0, 1550.0, 1600.0, 1800.0],
+                         "sex": ["F", "F", "F", "M", "M", "M"]})
+    t = v.size_metrics(pred, (1400.0, 1650.0), "default", n_bootstrap=0)
+    assert list(t.columns) == list(v.SIZE_COLUMNS)
+    acc = t.set_index(["subset", "metric"])["value"]
+    assert acc[("all", "accuracy")] == pytest.approx(4 / 6)
+    assert acc[("inside_rtiv", "accuracy")] == pytest.approx(3 / 4)  # 1450 ok, 1500 wrong, 1550 ok, 1600 ok
+    assert t.set_index(["subset", "metric"])["n"][("inside_rtiv", "accuracy")] == 4
