@@ -484,6 +484,13 @@ def test_study_precision_table_notes_weak_models():
     assert t["note"].tolist() == ["", "", "model near chance: its maps explain little"]
     assert t.attrs["n_weak"] == 1
     assert v.study_precision_table(study, min_accuracy=0.5).attrs["n_weak"] == 0
+    assert t["width"].tolist() == ["-", "study", "study"]  # a table from before the widths
+    # two widths on one grid: each trained model counts once
+    wide = pd.concat([study.assign(width=np.where(study["zscore"] == "-", "-", "demo")),
+                      study[study["zscore"] != "-"].assign(width="paper", accuracy=0.95)], ignore_index=True)
+    tw = v.study_precision_table(wide, k=10)
+    assert len(tw) == 5 and tw["width"].tolist() == ["-", "demo", "demo", "paper", "paper"]
+    assert tw.attrs["n_weak"] == 1
 
 
 @pytest.mark.slow
@@ -606,3 +613,33 @@ def test_size_metrics_subsets_and_chance():
     assert acc[("all", "accuracy")] == pytest.approx(4 / 6)
     assert acc[("inside_rtiv", "accuracy")] == pytest.approx(3 / 4)  # 1450 ok, 1500 wrong, 1550 ok, 1600 ok
     assert t.set_index(["subset", "metric"])["n"][("inside_rtiv", "accuracy")] == 4
+
+
+def test_size_summary_texts_and_chance():
+    t = pd.DataFrame({"phantom": ["size_only", "size_only", "regions_only"], "subset": ["all", "inside_rtiv", "all"],
+                      "metric": "balanced_accuracy", "value": [0.86, 0.55, 0.7], "ci_low": [0.8, 0.4, 0.52],
+                      "ci_high": [0.92, 0.7, 0.85], "n": [32, 12, 32]})
+    s = v.size_summary(t)
+    assert s["size_only_all"] == "86 % (95 % CI 80–92 %, n = 32)"
+    assert s["size_only_all_vs_chance"] == "above chance"
+    assert s["size_only_inside_rtiv_vs_chance"] == "not distinguishable from chance"
+    assert v.size_summary(t, chance=0.6)["regions_only_all_vs_chance"] == "not distinguishable from chance"
+    assert "regions_only_inside_rtiv" not in s
+
+
+def test_study_width_table_puts_grids_and_widths_side_by_side():
+    def rows(width, zscore, method, observed, accuracy, vs=2.0):
+        return {"effect": "volume", "voxel_size": vs, "zscore": zscore, "width": width, "method": method,
+                "scoring": "s", "metric": "precision_at_10", "observed": observed, "chance": 0.09,
+                "p_value": 0.5, "accuracy": accuracy, "n_scans": 8}
+
+    study = pd.DataFrame([rows("-", "-", "truth_map", 0.9, np.nan), rows("-", "-", "tbm", 0.5, np.nan),
+                          rows("demo", "brain", "saliency", 0.1, 0.81), rows("paper", "brain", "saliency", 0.3, 0.9),
+                          rows("paper", "reference", "saliency", 0.7, 0.9),
+                          rows("-", "-", "truth_map", 0.8, np.nan, vs=4.0), rows("demo", "brain", "saliency", 0.2, 0.72, vs=4.0)])
+    t = v.study_width_table(study, k=10).set_index(["method"])
+    assert list(t.columns) == ["effect", "scoring", "2 mm · demo", "2 mm · paper", "4 mm · demo", "4 mm · paper"]
+    assert t.loc["saliency", "2 mm · demo"] == "0.10 (chance 0.09)" and t.loc["saliency", "2 mm · paper"] == "0.30 (chance 0.09)"
+    assert t.loc["truth_map", "2 mm · paper"] == "0.90 (chance 0.09)" and t.loc["tbm", "4 mm · demo"] == ""
+    assert t.loc["model accuracy", "2 mm · paper"] == "0.90" and t.loc["model accuracy", "4 mm · paper"] == ""
+    assert "0.70" not in " ".join(t.astype(str).to_numpy().ravel())  # the reference z-score is another view

@@ -76,6 +76,7 @@ __all__ = [
     "SIZE_PHANTOMS",
     "size_metrics",
     "size_experiments",
+    "size_summary",
     "study",
     "study_widths",
     "main",
@@ -109,6 +110,7 @@ __all__ = [
     "format_p",
     "comparison_table",
     "study_precision_table",
+    "study_width_table",
 ]
 
 #: Code version of the cached reference z-scores (:func:`study`).
@@ -587,21 +589,68 @@ def study_precision_table(study: pd.DataFrame, k: int = 10, min_accuracy: float 
     Returns
     -------
     pandas.DataFrame
-        ``effect``, ``voxel_size``, ``zscore``, ``method``, ``scoring``, ``accuracy``, ``n_scans``,
-        ``observed``, ``chance``, ``p_value`` (formatted) and ``note``; ``attrs["n_weak"]`` is the
-        number of configurations whose model is near chance.
+        ``effect``, ``voxel_size``, ``width`` (the model's width; ``-`` for rows without a model),
+        ``zscore``, ``method``, ``scoring``, ``accuracy``, ``n_scans``, ``observed``, ``chance``,
+        ``p_value`` (formatted) and ``note``, in the order of ``study``; ``attrs["n_weak"]`` is the
+        number of trained models near chance.
     """
+    if "width" not in study.columns:  # a table from before the study trained several widths
+        study = study.assign(width=np.where(study["zscore"] == "-", "-", "study"))
     s10 = study[study["metric"] == f"precision_at_{k}"].copy()
     s10["observed"] = s10["observed"].round(2)
     s10["chance"] = s10["chance"].round(2)
     s10["p_value"] = s10["p_value"].map(format_p)
     s10["note"] = np.where(s10["accuracy"] < min_accuracy, "model near chance: its maps explain little", "")
     s10["accuracy"] = s10["accuracy"].round(2)
-    out = s10[["effect", "voxel_size", "zscore", "method", "scoring", "accuracy", "n_scans", "observed", "chance",
-               "p_value", "note"]]
-    configs = study.drop_duplicates(["effect", "voxel_size", "zscore"])
+    out = s10[["effect", "voxel_size", "width", "zscore", "method", "scoring", "accuracy", "n_scans", "observed",
+               "chance", "p_value", "note"]]
+    configs = study[study["zscore"] != "-"].drop_duplicates(["effect", "voxel_size", "zscore", "width"])
     out.attrs["n_weak"] = int((configs["accuracy"] < min_accuracy).sum())
     return out
+
+
+def study_width_table(study: pd.DataFrame, k: int = 10, zscore: str = "brain") -> pd.DataFrame:
+    """Precision@k of every method side by side for each grid and model width (the study's main view).
+
+    Parameters
+    ----------
+    study
+        The study table (:func:`study`).
+    k
+        The k of precision@k.
+    zscore
+        The z-score variant of the trained models shown (rows without a model -- truth map,
+        morphometry -- are shown whatever it is).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per effect x method x scoring (plus a ``model accuracy`` row per effect), one column per
+        ``"<grid> mm · <width>"``; cells ``"0.20 (chance 0.09)"``, empty where the configuration did not run.
+    """
+    if "width" not in study.columns:
+        study = study.assign(width=np.where(study["zscore"] == "-", "-", "study"))
+    rows = study[(study["metric"] == f"precision_at_{k}") & study["zscore"].isin(["-", zscore])].copy()
+    widths = [w for w in dict.fromkeys(rows["width"]) if w != "-"]
+    long = []
+    for (effect, vs), group in rows.groupby(["effect", "voxel_size"], sort=False):
+        fixed = group[group["width"] == "-"]
+        for w in widths or ["-"]:
+            col = f"{vs:g} mm · {w}"
+            acc = group.loc[group["width"] == w, "accuracy"].dropna()
+            if len(acc):
+                long.append((effect, "model accuracy", "test", col, f"{acc.iloc[0]:.2f}"))
+            for r in pd.concat([fixed, group[group["width"] == w]]).itertuples(index=False):
+                long.append((effect, r.method, r.scoring, col, f"{r.observed:.2f} (chance {r.chance:.2f})"))
+    if not long:
+        return pd.DataFrame()
+    t = pd.DataFrame(long, columns=["effect", "method", "scoring", "column", "cell"])
+    keys = ["effect", "method", "scoring"]
+    order = list(dict.fromkeys(map(tuple, t[keys].to_numpy().tolist())))
+    out = t.pivot(index=keys, columns="column", values="cell")
+    out = out.reindex(index=pd.MultiIndex.from_tuples(order, names=keys), columns=list(dict.fromkeys(t["column"])))
+    out.columns.name = None
+    return out.fillna("").reset_index()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -784,6 +833,36 @@ def size_experiments(
     table.attrs.update({"rtiv": tuple(info["rtiv"]), "chance_accuracy": info["chance_accuracy"],
                         "n_test": info["n_test"]})
     return table
+
+
+def size_summary(table: pd.DataFrame, metric: str = "balanced_accuracy", chance: float = 0.5) -> dict[str, str]:
+    """Short texts of the size-experiments table for the chapter's prose.
+
+    Parameters
+    ----------
+    table
+        The table of :func:`size_experiments`.
+    metric
+        The metric summarised.
+    chance
+        Its chance level (0.5 for balanced accuracy).
+
+    Returns
+    -------
+    dict
+        ``"<phantom>_<subset>"`` -> ``"87 % (95 % CI 79-93 %, n = 32)"`` for every row of ``metric``, and
+        ``"<phantom>_<subset>_vs_chance"`` -> ``"above chance"`` when the CI's lower end is above
+        ``chance``, else ``"not distinguishable from chance"``.
+    """
+    out: dict[str, str] = {}
+    for r in table[table["metric"] == metric].itertuples(index=False):
+        key = f"{r.phantom}_{r.subset}"
+        ci = (f"95 % CI {100 * r.ci_low:.0f}–{100 * r.ci_high:.0f} %, " if pd.notna(r.ci_low) and pd.notna(r.ci_high)
+              else "")
+        out[key] = f"{100 * r.value:.0f} % ({ci}n = {int(r.n)})"
+        out[f"{key}_vs_chance"] = ("above chance" if pd.notna(r.ci_low) and r.ci_low > chance
+                                   else "not distinguishable from chance")
+    return out
 
 
 def _size_variant_predictions(run: Any, phantom: str, settings: dict[str, Any], n_workers: int,
