@@ -79,6 +79,7 @@ micro_batch = "auto"
 # is it just head size? the same model trained on size-only and region-only phantoms (two more trainings)
 size_experiments = True
 n_bootstrap = 1000
+min_group_size = 5
 
 # %% tags=["hide-input"]
 import json
@@ -253,6 +254,7 @@ glue("tbm_conclusion", (
 
 # %% tags=["hide-input"]
 from brainsex.figures import fig_size_experiments
+from brainsex.privacy import publication_policy, suppress_table
 from brainsex.validity import size_experiments as run_size_experiments
 from brainsex.validity import size_summary
 
@@ -262,15 +264,19 @@ if size_experiments:
                       "device": device, "seed": seed, "micro_batch": micro_batch}
     size_table = run_size_experiments(run, train_settings, out=RunDir(run_dir).validity, n_bootstrap=n_bootstrap,
                                       n_workers=n_workers, progress=False)
-    show(fig_size_experiments(size_table, chance=0.5),
-         alt="Balanced accuracy of the same model trained on the run's phantom, a size-only and a regions-only phantom")
+    size_policy = publication_policy(run.root, manifest, min_group_size)  # the run the rows come from
+    published = size_table if size_policy.shareable else size_table[size_table["n"] >= size_policy.k]
+    if (published["metric"] == "balanced_accuracy").any():
+        show(fig_size_experiments(published, chance=0.5), alt="Balanced accuracy of the same model trained on the "
+             "run's phantom, a size-only and a regions-only phantom")
     shown = size_table.copy()
     shown[["value", "ci_low", "ci_high"]] = shown[["value", "ci_low", "ci_high"]].round(3)
-    show_table(shown, caption="The same model on three phantoms: accuracy and balanced accuracy, all test subjects "
+    show_table(shown if size_policy.shareable else suppress_table(shown, size_policy.k),
+               caption="The same model on three phantoms: accuracy and balanced accuracy, all test subjects "
                "and inside R_tiv, with 95 % bootstrap CIs")
-    texts = size_summary(size_table, chance=0.5)
+    texts = size_summary(published, chance=0.5)
     for key in size_keys:
-        glue(f"size_{key}", texts.get(key, "n/a (no test subject there)"), display=False)
+        glue(f"size_{key}", texts.get(key, "n/a (too few or no test subjects there)"), display=False)
         glue(f"size_{key}_vs_chance", texts.get(f"{key}_vs_chance", "not measurable"), display=False)
     low, high = size_table.attrs["rtiv"]
     glue("size_rtiv", f"{low:,.0f}–{high:,.0f} ml", display=False)

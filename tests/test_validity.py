@@ -364,6 +364,23 @@ def test_study_cli_options_are_the_study_profile():
         v._study_config("shape", 0.1, 0.1)
 
 
+def test_study_widths_come_from_the_book_profiles():
+    from brainsex.profiles import load_profiles
+
+    books = load_profiles()
+    w = v.study_widths({"widths": ["study", "demo", "paper"], "channels": [4, 8, 8, 8, 8, 4]})
+    assert list(w) == ["study", "demo", "paper"] and w["study"] == [4, 8, 8, 8, 8, 4]
+    assert w["demo"] == books["demo"]["params"]["channels"]
+    assert w["paper"] == [32, 64, 128, 256, 256, 64] == books["paper"]["params"]["channels"]  # the paper's SFCN
+    assert v.study_widths({"channels": [2, 2, 2, 2, 2, 2]}) == {"study": [2, 2, 2, 2, 2, 2]}
+    with pytest.raises(BrainsexError, match="widths: 'huge'"):
+        v.study_widths({"widths": ["huge"], "channels": [4] * 6})
+    args = vars(v._parser().parse_args(["study", "--widths", "demo", "paper", "--tbm-subjects", "8"]))
+    assert args["widths"] == ["demo", "paper"] and args["tbm_subjects"] == 8
+    with pytest.raises(SystemExit):
+        v._parser().parse_args(["study", "--widths", "huge"])
+
+
 def test_tbm_transform_recovers_a_shift_in_its_affine_stage(tmp_path):
     """The separate affine stage of tbm_transform finds a known 8 mm shift; the files apply in order."""
     import ants
@@ -520,6 +537,9 @@ def test_study_at_smoke_size(tmp_path):
     assert dl["accuracy"].iloc[0] == pytest.approx(evaluate_predictions(pred).loc["accuracy", "value"])
     info = __import__("json").loads(out.study_info.read_text())
     assert info["args"]["select"] == "val_loss" and info["args"]["epochs"] == 1
+    assert set(res["width"]) == {"-", "study"} and info["args"]["width_channels"] == {"study": [4, 8, 8, 8, 8, 4]}
+    assert info["date"][:2] == "20" and info["date"] <= info["finished"]
+    assert {s["stage"] for s in info["stages"]} == {"phantom", "preprocess", "train_study", "explain_study"}
 
 
 # --------------------------------------------------------------------------------------------------
