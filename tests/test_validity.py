@@ -663,3 +663,17 @@ def test_study_width_table_puts_grids_and_widths_side_by_side():
     assert t.loc["truth_map", "2 mm · paper"] == "0.90 (chance 0.09)" and t.loc["tbm", "4 mm · demo"] == ""
     assert t.loc["model accuracy", "2 mm · paper"] == "0.90" and t.loc["model accuracy", "4 mm · paper"] == ""
     assert "0.70" not in " ".join(t.astype(str).to_numpy().ravel())  # the reference z-score is another view
+
+
+def test_size_rtiv_is_the_runs_or_the_overlap_of_its_test_tivs(tmp_path):
+    from brainsex.io import write_json_atomic, write_table
+    from brainsex.tiv import kde_overlap_range
+
+    run = RunDir(tmp_path)
+    rng = np.random.default_rng(0)
+    f, m = rng.normal(1400, 100, 40), rng.normal(1600, 100, 40)
+    pred = pd.DataFrame({"sex": ["F"] * 40 + ["M"] * 40, "etiv_ml": np.r_[f, m]})
+    write_table(pred.assign(status="ok"), run.preprocess.table)
+    assert v._rtiv_of(run, pred) == pytest.approx(kde_overlap_range(f, m))  # a matched phantom run: no rtiv.json
+    write_json_atomic(run.tiv.rtiv, {"low": 1380.0, "high": 1620.0})
+    assert v._rtiv_of(run, pred) == (1380.0, 1620.0)  # chapter 04's
