@@ -308,12 +308,15 @@ else:
 # - **Both, this run's model**: {glue:text}`size_default_all` on all test subjects; inside
 #   $R_{\mathrm{tiv}}$ {glue:text}`size_default_inside_rtiv`.
 #
-# Read the rows against each other. The size-only model shows how far head size carries a classifier
-# on this phantom, and inside $R_{\mathrm{tiv}}$, where head sizes overlap by construction, how little
-# of that survives. The regions-only model shows whether the planted regions alone are learnable by
-# this model at this grid and training budget; if it stays near chance, an explanation of the run's
-# model has little reason to point at them, whatever the explanation method. The intervals are wide:
-# the test set is small, so differences of a few points between rows mean nothing.
+# Read the rows against each other. The size-only model shows how far head size alone carries this
+# classifier, and its row inside $R_{\mathrm{tiv}}$ how much of that survives where the two sexes' head
+# sizes overlap. $R_{\mathrm{tiv}}$ is the range where *both* densities are high, not a range where the
+# sexes have equal heads: inside it men's heads are still larger on average, so a size-only model need
+# not fall to chance there, and a model's accuracy inside $R_{\mathrm{tiv}}$ is not by itself proof
+# that it uses anything but size. The regions-only model shows whether the planted regions alone are
+# learnable by this model at this grid and training budget; if it stays near chance, an explanation of
+# the run's model has little reason to point at them, whatever the explanation method. The intervals
+# are wide: the test set is small, so differences of a few points between rows mean nothing.
 #
 # ```{exercise}
 # :label: ex-validity-size
@@ -324,10 +327,11 @@ else:
 #
 # ```{solution} ex-validity-size
 # :class: dropdown
-# Near chance, up to the part of head size that still differs inside the range: $R_{\mathrm{tiv}}$ keeps
-# the heads whose size both sexes share, so a model that only knows size has little to go on there. If
-# the regions-only model is near chance too, the model cannot see the planted regions at this grid and
-# budget, and a saliency ranking that misses them is not evidence against the explanation method.
+# Lower than on all test subjects, but not necessarily at chance: $R_{\mathrm{tiv}}$ keeps the head
+# sizes both sexes commonly have, and inside it the male density still sits to the right of the female
+# one, so size keeps part of its power. Compare the two rows of the size-only model above. If the
+# regions-only model is near chance, the model cannot see the planted regions at this grid and budget,
+# and a saliency ranking that misses them is not evidence against the explanation method.
 # ```
 #
 # ## The deep-learning explanations
