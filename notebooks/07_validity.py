@@ -77,6 +77,10 @@ epochs = 24
 batch_size = 16
 lr = 0.01
 select = "last"
+micro_batch = "auto"
+# is it just head size? the same model trained on size-only and region-only phantoms (two more trainings)
+size_experiments = True
+min_group_size = 5
 
 # %% tags=["hide-input"]
 import json
@@ -107,6 +111,7 @@ from brainsex.validity import (
     ranking_report,
     report_long,
     study_precision_table,
+    study_width_table,
     truth_map_ranking,
 )
 
@@ -233,6 +238,101 @@ glue("tbm_conclusion", (
 # regularisation, a mean-squares metric, a study-specific template. None closed the gap, and small
 # regions lost the most; finer grids, not more subjects, are what this control needs (see the issue
 # notes in the repository's history).
+# ```
+#
+# ## Is it just head size?
+#
+# The phantom plants two differences between the sexes: male heads are larger on average, and ten
+# regions are larger or smaller in one sex whatever the head size. A model can reach a high accuracy
+# with the first alone, and the paper's own check of this (its TIV-matched subset, chapter 04) only
+# looks inside the range where head sizes overlap. Here the same model, with the same split (the same
+# participants in train, validation and test) and the same training settings, is trained twice more:
+# on the phantom with **no regional difference** (the sexes differ only in size) and on the phantom with
+# **one head-size distribution for both sexes** (they differ only in the planted regions). Both variants
+# are generated with this run's seed, so every subject keeps its age, site, pose, scanner settings and
+# noise; only the factor switched off changes. Accuracy and balanced accuracy come with 95 % bootstrap
+# intervals, on all test subjects and on those inside this run's $R_{\mathrm{tiv}}$.
+
+# %% tags=["hide-input"]
+from brainsex.figures import fig_size_experiments
+from brainsex.privacy import publication_policy, suppress_table
+from brainsex.validity import size_experiments as run_size_experiments
+from brainsex.validity import size_summary
+
+size_keys = [f"{p}_{s}" for p in ("default", "size_only", "regions_only") for s in ("all", "inside_rtiv")]
+if size_experiments:
+    train_settings = {"channels": channels, "epochs": epochs, "batch_size": batch_size, "lr": lr, "select": select,
+                      "device": device, "seed": seed, "micro_batch": micro_batch}
+    size_table = run_size_experiments(run, train_settings, out=RunDir(run_dir).validity, n_bootstrap=n_bootstrap,
+                                      n_workers=n_workers, progress=False)
+    size_policy = publication_policy(run.root, manifest, min_group_size)  # the run the rows come from
+    published = size_table if size_policy.shareable else size_table[size_table["n"] >= size_policy.k]
+    if (published["metric"] == "balanced_accuracy").any():
+        show(fig_size_experiments(published, chance=0.5), alt="Balanced accuracy of the same model trained on the "
+             "run's phantom, a size-only and a regions-only phantom")
+    shown = size_table.copy()
+    shown[["value", "ci_low", "ci_high"]] = shown[["value", "ci_low", "ci_high"]].round(3)
+    show_table(shown if size_policy.shareable else suppress_table(shown, size_policy.k),
+               caption="The same model on three phantoms: accuracy and balanced accuracy, all test subjects "
+               "and inside R_tiv, with 95 % bootstrap CIs")
+    texts = size_summary(published, chance=0.5)
+    for key in size_keys:
+        glue(f"size_{key}", texts.get(key, "n/a (too few or no test subjects there)"), display=False)
+        glue(f"size_{key}_vs_chance", texts.get(f"{key}_vs_chance", "not measurable"), display=False)
+    low, high = size_table.attrs["rtiv"]
+    glue("size_rtiv", f"{low:,.0f}–{high:,.0f} ml", display=False)
+    glue("size_chance_acc", f"{100 * size_table.attrs['chance_accuracy']:.0f} %", display=False)
+    glue("size_status", Markdown(""), display=False)
+else:
+    for key in size_keys:
+        glue(f"size_{key}", "not run", display=False)
+        glue(f"size_{key}_vs_chance", "not run", display=False)
+    glue("size_rtiv", "not computed", display=False)
+    glue("size_chance_acc", "not computed", display=False)
+    glue("size_status", Markdown("**This build skipped the experiment** (`size_experiments` is off); the numbers "
+                                 "below read \"not run\". Build with `-p size_experiments true` to fill them in."),
+         display=False)
+
+# %% [markdown]
+# {glue:md}`size_status`
+#
+# Balanced accuracy, whose chance level is 50 % (plain accuracy's chance level here, always answering
+# the commoner sex of the test set, is {glue:text}`size_chance_acc`); $R_{\mathrm{tiv}}$ is
+# {glue:text}`size_rtiv`.
+#
+# - **Size alone** (no planted regions): {glue:text}`size_size_only_all` on all test subjects,
+#   {glue:text}`size_size_only_all_vs_chance`; inside $R_{\mathrm{tiv}}$ {glue:text}`size_size_only_inside_rtiv`,
+#   {glue:text}`size_size_only_inside_rtiv_vs_chance`.
+# - **Regions alone** (one head-size distribution): {glue:text}`size_regions_only_all` on all test subjects,
+#   {glue:text}`size_regions_only_all_vs_chance`; inside $R_{\mathrm{tiv}}$
+#   {glue:text}`size_regions_only_inside_rtiv`, {glue:text}`size_regions_only_inside_rtiv_vs_chance`.
+# - **Both, this run's model**: {glue:text}`size_default_all` on all test subjects; inside
+#   $R_{\mathrm{tiv}}$ {glue:text}`size_default_inside_rtiv`.
+#
+# Read the rows against each other. The size-only model shows how far head size alone carries this
+# classifier, and its row inside $R_{\mathrm{tiv}}$ how much of that survives where the two sexes' head
+# sizes overlap. $R_{\mathrm{tiv}}$ is the range where *both* densities are high, not a range where the
+# sexes have equal heads: inside it men's heads are still larger on average, so a size-only model need
+# not fall to chance there, and a model's accuracy inside $R_{\mathrm{tiv}}$ is not by itself proof
+# that it uses anything but size. The regions-only model shows whether the planted regions alone are
+# learnable by this model at this grid and training budget; if it stays near chance, an explanation of
+# the run's model has little reason to point at them, whatever the explanation method. The intervals
+# are wide: the test set is small, so differences of a few points between rows mean nothing.
+#
+# ```{exercise}
+# :label: ex-validity-size
+# Before looking at the table, predict the size-only model's balanced accuracy inside
+# $R_{\mathrm{tiv}}$. Then say what a regions-only model near chance would mean for the saliency
+# rankings below.
+# ```
+#
+# ```{solution} ex-validity-size
+# :class: dropdown
+# Lower than on all test subjects, but not necessarily at chance: $R_{\mathrm{tiv}}$ keeps the head
+# sizes both sexes commonly have, and inside it the male density still sits to the right of the female
+# one, so size keeps part of its power. Compare the two rows of the size-only model above. If the
+# regions-only model is near chance, the model cannot see the planted regions at this grid and budget,
+# and a saliency ranking that misses them is not evidence against the explanation method.
 # ```
 #
 # ## The deep-learning explanations
@@ -442,14 +542,27 @@ glue("rel_verdict", Markdown(
 # The demo book runs one phantom, one grid and one z-score. `python -m brainsex.validity study`
 # repeats the comparison over phantoms with **volume** or **intensity (contrast)** effects, two grid
 # resolutions, and two z-scores: the paper's per-scan z-score, and one whose statistics come from deep
-# white matter far from the planted regions, which a local change cannot move. It trains one small
-# model per configuration, so it runs outside the book; its table is committed with the command that
-# made it.
+# white matter far from the planted regions, which a local change cannot move. It can also train
+# models of several widths on each phantom (`--widths demo paper`: the demo's slim SFCN and the paper's
+# full-width one, channels 32-64-128-256-256-64). It trains one model per configuration, so it runs
+# outside the book; its table is committed with the date and the command that made it:
+# {glue:text}`study_made`.
 
 # %% tags=["hide-input"]
 study_path = ValidityDir(study_dir).study_table
+study_info = ValidityDir(study_dir).study_info
+if study_info.is_file():
+    info = json.loads(study_info.read_text())
+    glue("study_made", f"made on {info.get('date', 'an unrecorded date')} in {info.get('seconds', float('nan')) / 3600:.1f} h "
+         f"with `{info.get('command') or 'an unrecorded command'}`", display=False)
+else:
+    glue("study_made", "no record of the command was found", display=False)
 if study_path.is_file():
-    s10 = study_precision_table(read_table(study_path), k=K)
+    study_table = read_table(study_path)
+    show_table(study_width_table(study_table, k=K),
+               caption=f"Validity study by grid and model width: precision@{K} (chance level) of every method, "
+               "the paper's per-scan z-score; the first row is each model's test accuracy")
+    s10 = study_precision_table(study_table, k=K)
     show_table(s10, caption=f"Validity study ({study_path}): precision@{K} of every configuration, with its chance level")
     weak = s10.attrs["n_weak"]
     glue("study_status", f"The study table ({study_path}, {len(s10)} rankings) is shown above; `tbm` is morphometry "

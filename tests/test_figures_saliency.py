@@ -119,3 +119,27 @@ def test_model_reliance_bars_with_cis():
     assert "16 test scans" in fig.layout.title.text
     with pytest.raises(BrainsexError, match="lacks"):
         fig_model_reliance(t.drop(columns=["ci_low"]))
+
+
+def test_size_experiment_bars_with_cis_and_chance():
+    from brainsex.figures import fig_size_experiments
+
+    rows = []
+    for phantom, base in (("default", 0.9), ("size_only", 0.8), ("regions_only", 0.7)):
+        for subset, drop in (("all", 0.0), ("inside_rtiv", 0.2)):
+            for metric in ("accuracy", "balanced_accuracy"):
+                val = base - drop - (0.01 if metric == "accuracy" else 0.0)
+                rows.append((phantom, subset, metric, val, val - 0.1, val + 0.05, 32 if subset == "all" else 12))
+    t = pd.DataFrame(rows, columns=["phantom", "subset", "metric", "value", "ci_low", "ci_high", "n"])
+    fig = fig_size_experiments(t, chance=0.5)
+    allbar, inside = fig.data
+    assert list(allbar.x) == ["run's phantom (size + regions)", "size only", "regions only"]
+    assert list(allbar.y) == pytest.approx([0.9, 0.8, 0.7]) and list(inside.y) == pytest.approx([0.7, 0.6, 0.5])
+    assert list(allbar.error_y.array) == pytest.approx([0.05] * 3)
+    assert list(allbar.error_y.arrayminus) == pytest.approx([0.1] * 3)
+    assert list(inside.customdata) == [12, 12, 12]
+    assert fig.layout.shapes[0].y0 == 0.5 and "Balanced accuracy" in fig.layout.title.text
+    acc = fig_size_experiments(t, metric="accuracy", chance=0.55)
+    assert list(acc.data[0].y) == pytest.approx([0.89, 0.79, 0.69]) and acc.layout.shapes[0].y0 == 0.55
+    with pytest.raises(BrainsexError, match="auc"):
+        fig_size_experiments(t, metric="auc")

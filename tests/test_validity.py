@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -362,6 +364,23 @@ def test_study_cli_options_are_the_study_profile():
         v._study_config("shape", 0.1, 0.1)
 
 
+def test_study_widths_come_from_the_book_profiles():
+    from brainsex.profiles import load_profiles
+
+    books = load_profiles()
+    w = v.study_widths({"widths": ["study", "demo", "paper"], "channels": [4, 8, 8, 8, 8, 4]})
+    assert list(w) == ["study", "demo", "paper"] and w["study"] == [4, 8, 8, 8, 8, 4]
+    assert w["demo"] == books["demo"]["params"]["channels"]
+    assert w["paper"] == [32, 64, 128, 256, 256, 64] == books["paper"]["params"]["channels"]  # the paper's SFCN
+    assert v.study_widths({"channels": [2, 2, 2, 2, 2, 2]}) == {"study": [2, 2, 2, 2, 2, 2]}
+    with pytest.raises(BrainsexError, match="widths: 'huge'"):
+        v.study_widths({"widths": ["huge"], "channels": [4] * 6})
+    args = vars(v._parser().parse_args(["study", "--widths", "demo", "paper", "--tbm-subjects", "8"]))
+    assert args["widths"] == ["demo", "paper"] and args["tbm_subjects"] == 8
+    with pytest.raises(SystemExit):
+        v._parser().parse_args(["study", "--widths", "huge"])
+
+
 def test_tbm_transform_recovers_a_shift_in_its_affine_stage(tmp_path):
     """The separate affine stage of tbm_transform finds a known 8 mm shift; the files apply in order."""
     import ants
@@ -482,6 +501,13 @@ def test_study_precision_table_notes_weak_models():
     assert t["note"].tolist() == ["", "", "model near chance: its maps explain little"]
     assert t.attrs["n_weak"] == 1
     assert v.study_precision_table(study, min_accuracy=0.5).attrs["n_weak"] == 0
+    assert t["width"].tolist() == ["-", "study", "study"]  # a table from before the widths
+    # two widths on one grid: each trained model counts once
+    wide = pd.concat([study.assign(width=np.where(study["zscore"] == "-", "-", "demo")),
+                      study[study["zscore"] != "-"].assign(width="paper", accuracy=0.95)], ignore_index=True)
+    tw = v.study_precision_table(wide, k=10)
+    assert len(tw) == 5 and tw["width"].tolist() == ["-", "demo", "demo", "paper", "paper"]
+    assert tw.attrs["n_weak"] == 1
 
 
 @pytest.mark.slow
@@ -511,3 +537,143 @@ def test_study_at_smoke_size(tmp_path):
     assert dl["accuracy"].iloc[0] == pytest.approx(evaluate_predictions(pred).loc["accuracy", "value"])
     info = __import__("json").loads(out.study_info.read_text())
     assert info["args"]["select"] == "val_loss" and info["args"]["epochs"] == 1
+    assert set(res["width"]) == {"-", "study"} and info["args"]["width_channels"] == {"study": [4, 8, 8, 8, 8, 4]}
+    assert info["date"][:2] == "20" and info["date"] <= info["finished"]
+    assert {s["stage"] for s in info["stages"]} == {"phantom", "preprocess", "train_study", "explain_study"}
+
+
+# --------------------------------------------------------------------------------------------------
+# is it just head size? size-only and region-only phantoms
+# --------------------------------------------------------------------------------------------------
+def _tiny_run(root, n=48):
+    """A smoke-sized phantom run: phantom, preprocessing, split, one epoch of training, test predictions."""
+    from brainsex.io import write_table
+    from brainsex.preprocess import preprocess_cohort
+    from brainsex.run import RunDir
+    from brainsex.stages import predict_split, split_subjects, train_model
+    from brainsex.synthetic import make_cohort
+
+    run = RunDir(root)
+    params = {"channels": [4, 8, 8, 8, 8, 4], "epochs": 1, "batch_size": 8, "lr": 0.01, "select": "last",
+              "device": "cpu", "seed": 0}
+    participants = make_cohort(run.phantom.root, n=n, voxel_size=8.0, seed=0, progress=False)
+    pre = preprocess_cohort(participants, run.preprocess, voxel_size=8.0, n_workers=1, progress=False)
+    split = split_subjects(pre, seed=0, out=run.train)
+    res = train_model(split, params, run.train, resume="auto", progress=False)
+    write_table(predict_split(res.model, split, split="test", device="cpu"), run.evaluate.predictions)
+    return run, params
+
+
+@pytest.mark.slow
+def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
+    """Size-only and region-only phantoms: same people and draws, the run's split, a table with every row; cached."""
+    import brainsex.stages
+    from brainsex.io import read_table
+
+    run, params = _tiny_run(tmp_path / "run")
+    table = v.size_experiments(run.root, params, rtiv=(1000.0, 2000.0), n_bootstrap=20, progress=False)
+    on_disk = pd.read_csv(run.validity.size_experiments, sep="\t")
+    assert list(on_disk.columns) == ["phantom", "subset", "metric", "value", "ci_low", "ci_high", "n"]
+    assert len(on_disk) == len(table) == 12  # 3 phantoms x 2 subsets x 2 metrics
+    assert set(zip(table["phantom"], table["subset"], table["metric"], strict=True)) == {
+        (p, s, m) for p in ("default", "size_only", "regions_only") for s in ("all", "inside_rtiv")
+        for m in ("accuracy", "balanced_accuracy")}
+    assert table["value"].between(0, 1).all() and (table["ci_low"] <= table["ci_high"]).all()
+    n_test = int((read_table(run.train.split)["split"] == "test").sum())
+    assert (table.loc[table["subset"] == "all", "n"] == n_test).all()
+    assert (table.loc[table["subset"] == "inside_rtiv", "n"] <= n_test).all()
+    # the default row is the run's own predictions
+    from brainsex.stages import evaluate_predictions
+
+    own = evaluate_predictions(read_table(run.evaluate.predictions))
+    default_acc = table.query("phantom == 'default' and subset == 'all' and metric == 'accuracy'")["value"].item()
+    assert default_acc == pytest.approx(own.loc["accuracy", "value"])
+    # each variant: the run's participants, split and draws; only what it changes differs
+    size_only = RunDir(run.validity.size_variant("size_only"))
+    regions_only = RunDir(run.validity.size_variant("regions_only"))
+    for variant in (size_only, regions_only):
+        assert read_table(variant.train.split)["participant_id"].tolist() == \
+            read_table(run.train.split)["participant_id"].tolist()
+        assert read_table(variant.train.split)["split"].tolist() == read_table(run.train.split)["split"].tolist()
+        poses = read_table(variant.phantom.poses).drop(columns="scale")
+        assert poses.equals(read_table(run.phantom.poses).drop(columns="scale"))
+    tiv = read_table(run.phantom.participants)["tiv_ml"]
+    assert read_table(size_only.phantom.participants)["tiv_ml"].equals(tiv)
+    assert not read_table(regions_only.phantom.participants)["tiv_ml"].equals(tiv)
+    assert json.loads(size_only.phantom.generation.read_text())["args"]["region_effect"] == 0.0
+    assert json.loads(regions_only.phantom.generation.read_text())["args"]["tiv_effect"] is False
+    # a re-run reuses the cached table: no training, the same numbers
+    def no_training(*a, **k):
+        raise AssertionError("the cached table should have been reused")
+
+    monkeypatch.setattr(brainsex.stages, "train_model", no_training)
+    run.validity.size_experiments.unlink()
+    again = v.size_experiments(run.root, params, rtiv=(1000.0, 2000.0), n_bootstrap=20, progress=False)
+    pd.testing.assert_frame_equal(again, table)
+    assert run.validity.size_experiments.is_file()
+    # another setting is another entry (and would train)
+    with pytest.raises(AssertionError, match="cached table"):
+        v.size_experiments(run.root, {**params, "lr": 0.02}, rtiv=(1000.0, 2000.0), n_bootstrap=20, progress=False)
+
+
+def test_size_experiments_names_what_is_missing(tmp_path):
+    with pytest.raises(BrainsexError, match="generation record"):
+        v.size_experiments(tmp_path, {})
+    with pytest.raises(BrainsexError, match="unknown"):
+        v.size_experiments(tmp_path, {}, phantoms=["shape_only"])
+
+
+def test_size_metrics_subsets_and_chance():
+    pred = pd.DataFrame({"y_true": [0, 0, 0, 1, 1, 1], "prob_male": [0.1, 0.2, 0.9, 0.8, 0.7, 0.4],
+                         "etiv_ml": [1300.0, 1450.0, 1500.0, 1550.0, 1600.0, 1800.0],
+                         "sex": ["F", "F", "F", "M", "M", "M"]})
+    t = v.size_metrics(pred, (1400.0, 1650.0), "default", n_bootstrap=0)
+    assert list(t.columns) == list(v.SIZE_COLUMNS)
+    acc = t.set_index(["subset", "metric"])["value"]
+    assert acc[("all", "accuracy")] == pytest.approx(4 / 6)
+    assert acc[("inside_rtiv", "accuracy")] == pytest.approx(3 / 4)  # 1450 ok, 1500 wrong, 1550 ok, 1600 ok
+    assert t.set_index(["subset", "metric"])["n"][("inside_rtiv", "accuracy")] == 4
+
+
+def test_size_summary_texts_and_chance():
+    t = pd.DataFrame({"phantom": ["size_only", "size_only", "regions_only"], "subset": ["all", "inside_rtiv", "all"],
+                      "metric": "balanced_accuracy", "value": [0.86, 0.55, 0.7], "ci_low": [0.8, 0.4, 0.52],
+                      "ci_high": [0.92, 0.7, 0.85], "n": [32, 12, 32]})
+    s = v.size_summary(t)
+    assert s["size_only_all"] == "86 % (95 % CI 80–92 %, n = 32)"
+    assert s["size_only_all_vs_chance"] == "above chance"
+    assert s["size_only_inside_rtiv_vs_chance"] == "not distinguishable from chance"
+    assert v.size_summary(t, chance=0.6)["regions_only_all_vs_chance"] == "not distinguishable from chance"
+    assert "regions_only_inside_rtiv" not in s
+
+
+def test_study_width_table_puts_grids_and_widths_side_by_side():
+    def rows(width, zscore, method, observed, accuracy, vs=2.0):
+        return {"effect": "volume", "voxel_size": vs, "zscore": zscore, "width": width, "method": method,
+                "scoring": "s", "metric": "precision_at_10", "observed": observed, "chance": 0.09,
+                "p_value": 0.5, "accuracy": accuracy, "n_scans": 8}
+
+    study = pd.DataFrame([rows("-", "-", "truth_map", 0.9, np.nan), rows("-", "-", "tbm", 0.5, np.nan),
+                          rows("demo", "brain", "saliency", 0.1, 0.81), rows("paper", "brain", "saliency", 0.3, 0.9),
+                          rows("paper", "reference", "saliency", 0.7, 0.9),
+                          rows("-", "-", "truth_map", 0.8, np.nan, vs=4.0), rows("demo", "brain", "saliency", 0.2, 0.72, vs=4.0)])
+    t = v.study_width_table(study, k=10).set_index(["method"])
+    assert list(t.columns) == ["effect", "scoring", "2 mm · demo", "2 mm · paper", "4 mm · demo", "4 mm · paper"]
+    assert t.loc["saliency", "2 mm · demo"] == "0.10 (chance 0.09)" and t.loc["saliency", "2 mm · paper"] == "0.30 (chance 0.09)"
+    assert t.loc["truth_map", "2 mm · paper"] == "0.90 (chance 0.09)" and t.loc["tbm", "4 mm · demo"] == ""
+    assert t.loc["model accuracy", "2 mm · paper"] == "0.90" and t.loc["model accuracy", "4 mm · paper"] == ""
+    assert "0.70" not in " ".join(t.astype(str).to_numpy().ravel())  # the reference z-score is another view
+
+
+def test_size_rtiv_is_the_runs_or_the_overlap_of_its_test_tivs(tmp_path):
+    from brainsex.io import write_json_atomic, write_table
+    from brainsex.tiv import kde_overlap_range
+
+    run = RunDir(tmp_path)
+    rng = np.random.default_rng(0)
+    f, m = rng.normal(1400, 100, 40), rng.normal(1600, 100, 40)
+    pred = pd.DataFrame({"sex": ["F"] * 40 + ["M"] * 40, "etiv_ml": np.r_[f, m]})
+    write_table(pred.assign(status="ok"), run.preprocess.table)
+    assert v._rtiv_of(run, pred) == pytest.approx(kde_overlap_range(f, m))  # a matched phantom run: no rtiv.json
+    write_json_atomic(run.tiv.rtiv, {"low": 1380.0, "high": 1620.0})
+    assert v._rtiv_of(run, pred) == (1380.0, 1620.0)  # chapter 04's

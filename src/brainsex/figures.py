@@ -18,7 +18,7 @@ import pandas as pd
 from brainsex import BrainsexError
 from brainsex._docs import fill_doc
 
-__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex", "fig_qc_mosaic", "fig_tiv_agreement", "fig_step_times", "fig_binned_histogram", "fig_binned_scatter", "fig_qc_summary", "fig_box_summary", "fig_tbm_coefficients", "fig_precision_at_k"]
+__all__ = ["show", "show_table", "PALETTE", "SEX_COLORS", "REGION_COLORS", "STUDY_STEPS", "fig_study_design", "fig_cohort_status", "fig_learning_curves", "fig_roc", "fig_confusion", "fig_tiv_tertile_hist", "fig_prob_vs_tiv", "fig_kde_overlap", "fig_slice_viewer", "fig_top_regions", "plot_map_static", "fig_cohort_composition", "fig_age_by_dataset", "fig_tiv_by_sex", "fig_qc_mosaic", "fig_tiv_agreement", "fig_step_times", "fig_binned_histogram", "fig_binned_scatter", "fig_qc_summary", "fig_box_summary", "fig_tbm_coefficients", "fig_precision_at_k", "fig_size_experiments", "fig_model_reliance"]
 
 #: Colour-blind safe (Okabe-Ito), readable on light and dark themes.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999"]
@@ -1388,6 +1388,51 @@ def fig_model_reliance(table: pd.DataFrame, title: str | None = None) -> Any:
                        "positive: towards the other sex)",
         xaxis={"title": "mean change of the logit (95 % bootstrap CI)"}, yaxis={"autorange": "reversed"},
         height=140 + 26 * len(table), margin={"l": 10, "r": 10, "t": 50, "b": 40})
+
+
+#: Display names of the phantoms of :func:`brainsex.validity.size_experiments`.
+SIZE_PHANTOM_NAMES = {"default": "run's phantom (size + regions)", "size_only": "size only",
+                      "regions_only": "regions only"}
+
+
+def fig_size_experiments(table: pd.DataFrame, metric: str = "balanced_accuracy", chance: float = 0.5,
+                         title: str | None = None) -> Any:
+    """Grouped bars with 95 % CIs: one metric of each phantom's model, overall and inside R_tiv.
+
+    Parameters
+    ----------
+    table
+        The size-experiments table (:func:`brainsex.validity.size_experiments`: ``phantom``,
+        ``subset``, ``metric``, ``value``, ``ci_low``, ``ci_high``, ``n``).
+    metric
+        The metric drawn (``balanced_accuracy`` or ``accuracy``).
+    chance
+        Chance level of the metric, drawn as a dashed line.
+    title
+        Figure title (default: says what is drawn).
+    """
+    import plotly.graph_objects as go
+
+    rows = table[table["metric"] == metric]
+    if rows.empty:
+        raise BrainsexError(f"fig_size_experiments: no {metric!r} rows in the table")
+    phantoms = list(dict.fromkeys(rows["phantom"]))
+    names = [SIZE_PHANTOM_NAMES.get(p, p) for p in phantoms]
+    fig = go.Figure()
+    for i, (subset, label) in enumerate((("all", "all test subjects"), ("inside_rtiv", "inside R_tiv"))):
+        part = rows[rows["subset"] == subset].set_index("phantom").reindex(phantoms)
+        if part["value"].isna().all():
+            continue
+        value = part["value"].to_numpy(dtype=float)
+        fig.add_bar(x=names, y=value, name=label, marker_color=PALETTE[i],
+                    error_y={"type": "data", "symmetric": False,
+                             "array": part["ci_high"].to_numpy(dtype=float) - value,
+                             "arrayminus": value - part["ci_low"].to_numpy(dtype=float)},
+                    customdata=part["n"].to_numpy(), hovertemplate="%{y:.2f} (n = %{customdata})<extra></extra>")
+    fig.add_hline(y=chance, line_dash="dash", line_color="black", annotation_text=f"chance ({chance:.2f})")
+    fig.update_layout(title=title or f"{metric.replace('_', ' ').capitalize()} of the same model trained on each "
+                      "phantom (95 % CI)", barmode="group", yaxis={"title": metric.replace("_", " "), "range": [0, 1.02]},
+                      height=420, margin={"l": 10, "r": 10, "t": 50, "b": 40})
     return fig
 
 

@@ -476,6 +476,36 @@ class ValidityDir(_Folder):
         return self.root / f"tbm_regions_{str(warps).split(',')[0].split(' ')[0]}_{int(n_subjects)}.tsv"
 
     @property
+    def size_experiments(self) -> Path:
+        """``size_experiments.tsv``: the run's model beside size-only and region-only phantoms (chapter 07)."""
+        return self.root / "size_experiments.tsv"
+
+    @property
+    def size_cache(self) -> Path:
+        """``size_experiments/table_``: stem of the cached size-experiments table (:mod:`brainsex.cache`)."""
+        return self.root / "size_experiments" / "table_"
+
+    def size_variant(self, phantom: str) -> Path:
+        """``size_experiments/<phantom>/``: one variant phantom's work folder, laid out like a run.
+
+        Parameters
+        ----------
+        phantom
+            The variant's name (:data:`brainsex.validity.SIZE_PHANTOMS`).
+        """
+        return self.root / "size_experiments" / str(phantom)
+
+    def size_variant_test(self, phantom: str) -> Path:
+        """``size_experiments/<phantom>/preprocess_test/``: the variant's test subjects, preprocessed with eTIV.
+
+        Parameters
+        ----------
+        phantom
+            The variant's name (:data:`brainsex.validity.SIZE_PHANTOMS`).
+        """
+        return self.size_variant(phantom) / "preprocess_test"
+
+    @property
     def study_table(self) -> Path:
         """``validity_study.tsv``: the validity study's result (:func:`brainsex.validity.study`)."""
         return self.root / "validity_study.tsv"

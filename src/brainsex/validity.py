@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,12 @@ __all__ = [
     "compare_methods",
     "reference_zscore",
     "cached_reference_zscores",
+    "SIZE_PHANTOMS",
+    "size_metrics",
+    "size_experiments",
+    "size_summary",
     "study",
+    "study_widths",
     "main",
     # re-exported from brainsex.ranking, brainsex.morphometry and brainsex.registration
     "planted_truth",
@@ -104,6 +110,7 @@ __all__ = [
     "format_p",
     "comparison_table",
     "study_precision_table",
+    "study_width_table",
 ]
 
 #: Code version of the cached reference z-scores (:func:`study`).
@@ -582,21 +589,330 @@ def study_precision_table(study: pd.DataFrame, k: int = 10, min_accuracy: float 
     Returns
     -------
     pandas.DataFrame
-        ``effect``, ``voxel_size``, ``zscore``, ``method``, ``scoring``, ``accuracy``, ``n_scans``,
-        ``observed``, ``chance``, ``p_value`` (formatted) and ``note``; ``attrs["n_weak"]`` is the
-        number of configurations whose model is near chance.
+        ``effect``, ``voxel_size``, ``width`` (the model's width; ``-`` for rows without a model),
+        ``zscore``, ``method``, ``scoring``, ``accuracy``, ``n_scans``, ``observed``, ``chance``,
+        ``p_value`` (formatted) and ``note``, in the order of ``study``; ``attrs["n_weak"]`` is the
+        number of trained models near chance.
     """
+    if "width" not in study.columns:  # a table from before the study trained several widths
+        study = study.assign(width=np.where(study["zscore"] == "-", "-", "study"))
     s10 = study[study["metric"] == f"precision_at_{k}"].copy()
     s10["observed"] = s10["observed"].round(2)
     s10["chance"] = s10["chance"].round(2)
     s10["p_value"] = s10["p_value"].map(format_p)
     s10["note"] = np.where(s10["accuracy"] < min_accuracy, "model near chance: its maps explain little", "")
     s10["accuracy"] = s10["accuracy"].round(2)
-    out = s10[["effect", "voxel_size", "zscore", "method", "scoring", "accuracy", "n_scans", "observed", "chance",
-               "p_value", "note"]]
-    configs = study.drop_duplicates(["effect", "voxel_size", "zscore"])
+    out = s10[["effect", "voxel_size", "width", "zscore", "method", "scoring", "accuracy", "n_scans", "observed",
+               "chance", "p_value", "note"]]
+    configs = study[study["zscore"] != "-"].drop_duplicates(["effect", "voxel_size", "zscore", "width"])
     out.attrs["n_weak"] = int((configs["accuracy"] < min_accuracy).sum())
     return out
+
+
+def study_width_table(study: pd.DataFrame, k: int = 10, zscore: str = "brain") -> pd.DataFrame:
+    """Precision@k of every method side by side for each grid and model width (the study's main view).
+
+    Parameters
+    ----------
+    study
+        The study table (:func:`study`).
+    k
+        The k of precision@k.
+    zscore
+        The z-score variant of the trained models shown (rows without a model -- truth map,
+        morphometry -- are shown whatever it is).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per effect x method x scoring (plus a ``model accuracy`` row per effect), one column per
+        ``"<grid> mm · <width>"``; cells ``"0.20 (chance 0.09)"``, empty where the configuration did not run.
+    """
+    if "width" not in study.columns:
+        study = study.assign(width=np.where(study["zscore"] == "-", "-", "study"))
+    rows = study[(study["metric"] == f"precision_at_{k}") & study["zscore"].isin(["-", zscore])].copy()
+    widths = [w for w in dict.fromkeys(rows["width"]) if w != "-"]
+    long = []
+    for (effect, vs), group in rows.groupby(["effect", "voxel_size"], sort=False):
+        fixed = group[group["width"] == "-"]
+        for w in widths or ["-"]:
+            col = f"{vs:g} mm · {w}"
+            acc = group.loc[group["width"] == w, "accuracy"].dropna()
+            if len(acc):
+                long.append((effect, "model accuracy", "test", col, f"{acc.iloc[0]:.2f}"))
+            for r in pd.concat([fixed, group[group["width"] == w]]).itertuples(index=False):
+                long.append((effect, r.method, r.scoring, col, f"{r.observed:.2f} (chance {r.chance:.2f})"))
+    if not long:
+        return pd.DataFrame()
+    t = pd.DataFrame(long, columns=["effect", "method", "scoring", "column", "cell"])
+    keys = ["effect", "method", "scoring"]
+    order = list(dict.fromkeys(map(tuple, t[keys].to_numpy().tolist())))
+    out = t.pivot(index=keys, columns="column", values="cell")
+    out = out.reindex(index=pd.MultiIndex.from_tuples(order, names=keys), columns=list(dict.fromkeys(t["column"])))
+    out.columns.name = None
+    return out.fillna("").reset_index()
+
+
+# --------------------------------------------------------------------------------------------------
+# is it just head size? the run's model beside models trained on size-only and region-only phantoms
+# --------------------------------------------------------------------------------------------------
+#: The phantoms of :func:`size_experiments`: name -> the :func:`brainsex.synthetic.make_cohort`
+#: arguments that differ from the run's phantom. ``default`` is the run itself.
+SIZE_PHANTOMS = {
+    "default": {},
+    "size_only": {"region_effect": 0.0},
+    "regions_only": {"tiv_effect": False},
+}
+
+#: Metrics and subsets of the size-experiments table.
+SIZE_METRICS = ("accuracy", "balanced_accuracy")
+SIZE_SUBSETS = ("all", "inside_rtiv")
+#: Columns of the size-experiments table (:attr:`brainsex.run.ValidityDir.size_experiments`).
+SIZE_COLUMNS = ("phantom", "subset", "metric", "value", "ci_low", "ci_high", "n")
+#: Code version of the cached size-experiments table.
+SIZE_VERSION = "size-1"
+
+#: The training settings a size experiment copies from the run (what the training chapter passes).
+SIZE_TRAIN_KEYS = ("channels", "epochs", "batch_size", "micro_batch", "lr", "select", "device", "seed", "dropout")
+
+
+def _rtiv_of(run: Any, predictions: pd.DataFrame) -> tuple[float, float]:
+    """The run's R_tiv (chapter 04's ``rtiv.json``), or the overlap range of its test TIVs, or its cohort's."""
+    from brainsex.io import read_table
+    from brainsex.tiv import kde_overlap_range
+
+    if run.tiv.rtiv.is_file():
+        r = json.loads(run.tiv.rtiv.read_text())
+        return float(r["low"]), float(r["high"])
+    for table in (predictions, read_table(run.preprocess.table)):
+        ok = table[table["status"] == "ok"] if "status" in table.columns else table
+        f = pd.to_numeric(ok.loc[ok["sex"] == "F", "etiv_ml"], errors="coerce").dropna()
+        m = pd.to_numeric(ok.loc[ok["sex"] == "M", "etiv_ml"], errors="coerce").dropna()
+        try:
+            return kde_overlap_range(f, m)
+        except BrainsexError:
+            continue
+    raise BrainsexError(f"{run.root}: no R_tiv (no tiv/rtiv.json, and the TIVs of both sexes do not overlap)")
+
+
+def size_metrics(predictions: pd.DataFrame, rtiv: tuple[float, float], phantom: str, n_bootstrap: int = 1000,
+                 seed: int = 0) -> pd.DataFrame:
+    """Accuracy and balanced accuracy of one model's test predictions, overall and inside R_tiv.
+
+    Parameters
+    ----------
+    predictions
+        Test predictions (:func:`brainsex.stages.predict_split`) with ``etiv_ml``.
+    rtiv
+        ``(low, high)`` of R_tiv in ml (paper section 2.6, :func:`brainsex.tiv.kde_overlap_range`).
+    phantom
+        Name written in the ``phantom`` column.
+    n_bootstrap, seed
+        Bootstrap resamples and seed of the 95 % confidence intervals (:func:`brainsex.evaluate.metrics`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`SIZE_COLUMNS`, one row per subset x metric (a subset with no subject is left out).
+    """
+    from brainsex.tiv import metrics_in_range
+
+    m = metrics_in_range(predictions, rtiv[0], rtiv[1], n_bootstrap=int(n_bootstrap), seed=int(seed))
+    m = m[m["group"].isin(["all", "inside"]) & m["metric"].isin(SIZE_METRICS)].copy()
+    m["subset"] = m["group"].map({"all": "all", "inside": "inside_rtiv"})
+    m["phantom"] = phantom
+    return m[list(SIZE_COLUMNS)].reset_index(drop=True)
+
+
+def size_experiments(
+    run_dir: str | os.PathLike,
+    params: dict[str, Any],
+    out: str | os.PathLike | None = None,
+    rtiv: tuple[float, float] | None = None,
+    phantoms: Sequence[str] = tuple(SIZE_PHANTOMS),
+    n_bootstrap: int = 1000,
+    n_workers: int = 1,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Is it just head size? The run's model beside the same model trained on size-only and region-only phantoms.
+
+    The phantom plants two sex differences: head size (TIV) and local volume changes in ten regions.
+    Each variant of :data:`SIZE_PHANTOMS` keeps one of them: ``size_only`` is the run's phantom with
+    ``region_effect=0`` (the sexes differ only in head size), ``regions_only`` the run's phantom with
+    ``tiv_effect=False`` (both sexes draw their head size from one distribution; they differ only in
+    the planted regions). A variant is generated with the run's seed and size, so each subject keeps
+    its sex, age, site, pose, warp and noise (the phantom draws them from named streams; the
+    participants are checked against the run's); with ``tiv_effect=False`` the head sizes differ by
+    design. Each variant is preprocessed like the run (the cohort's true brain masks,
+    :func:`brainsex.preprocess.preprocess_cohort`; eTIV only for the test subjects, the only ones it is
+    used for), trained on **the run's split** (the same participant IDs in train, val and test) with
+    the run's training settings (:func:`brainsex.stages.train_model`), and its test subjects are
+    predicted (:func:`brainsex.stages.predict_split`). ``default`` is the run's own model and
+    predictions. Accuracy and balanced accuracy with bootstrap CIs are computed overall and inside the
+    run's R_tiv (:func:`size_metrics`).
+
+    The table is cached in the run (:class:`brainsex.cache.FileCache`, keyed by the run's phantom,
+    split and predictions, R_tiv and every setting); the variants' phantoms, preprocessing and
+    training resume on their own too (``validity/size_experiments/<phantom>/``).
+
+    Parameters
+    ----------
+    run_dir
+        A phantom run (``cohort/phantom``, ``preprocess/``, ``train/split.tsv``,
+        ``evaluate/predictions.tsv``), e.g. ``runs/demo`` or a matched phantom run
+        (:func:`brainsex.matched.matched_phantom_run`).
+    params
+        The run's training settings (the keys of :data:`SIZE_TRAIN_KEYS` present are used, as in
+        :func:`brainsex.stages.train_model`).
+    out
+        Folder of the table (:class:`brainsex.run.ValidityDir`); default the run's ``validity/``.
+    rtiv
+        R_tiv ``(low, high)`` in ml; default the run's ``tiv/rtiv.json`` (chapter 04), else the overlap
+        range of the run's test TIVs (:func:`brainsex.tiv.kde_overlap_range`).
+    phantoms
+        Which of :data:`SIZE_PHANTOMS` to report.
+    n_bootstrap
+        Bootstrap resamples of the confidence intervals.
+    n_workers
+        Parallel workers of the phantom generation and the preprocessing.
+    progress
+        Show a progress bar over the phantoms (and the stages' own bars).
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`SIZE_COLUMNS`: ``phantom``, ``subset`` (``all`` / ``inside_rtiv``), ``metric``
+        (``accuracy`` / ``balanced_accuracy``), ``value``, ``ci_low``, ``ci_high``, ``n``; also written
+        to :attr:`brainsex.run.ValidityDir.size_experiments`. ``attrs["rtiv"]`` holds R_tiv and
+        ``attrs["chance_accuracy"]`` the accuracy of always answering the test set's commoner sex.
+    """
+    from tqdm.auto import tqdm
+
+    from brainsex.io import read_table, write_json_atomic, write_table
+    from brainsex.run import RunDir, ValidityDir
+
+    run = RunDir(run_dir)
+    bad = [p for p in phantoms if p not in SIZE_PHANTOMS]
+    if bad or not phantoms:
+        raise BrainsexError(f"phantoms: unknown {bad}; expected some of {', '.join(SIZE_PHANTOMS)}")
+    for path, what in ((run.phantom.generation, "the phantom's generation record (a phantom run)"),
+                       (run.train.split, "the run's split (chapter 02)"),
+                       (run.evaluate.predictions, "the run's test predictions (chapter 03)")):
+        if not Path(path).is_file():
+            raise BrainsexError(f"{path}: missing; size_experiments needs {what}")
+    target = ValidityDir(out) if out is not None else run.validity
+    predictions = read_table(run.evaluate.predictions, dtype={"participant_id": str})
+    low, high = rtiv if rtiv is not None else _rtiv_of(run, predictions)
+    settings = {k: params[k] for k in SIZE_TRAIN_KEYS if k in params}
+    key_params = {"settings": json.loads(json.dumps(settings, default=str)), "rtiv": [float(low), float(high)],
+                  "phantoms": list(phantoms), "n_bootstrap": int(n_bootstrap)}
+    inputs = {"generation": Path(run.phantom.generation), "split": Path(run.train.split),
+              "predictions": Path(run.evaluate.predictions)}
+    name = target.size_experiments.name
+
+    def compute(folder: Path) -> None:
+        seed = int(settings.get("seed", 0))
+        parts = []
+        for phantom in tqdm(list(phantoms), desc="size experiments", disable=not progress):
+            if phantom == "default":
+                pred = predictions
+            else:
+                pred = _size_variant_predictions(run, phantom, settings, n_workers, progress)
+            parts.append(size_metrics(pred, (low, high), phantom, n_bootstrap=n_bootstrap, seed=seed))
+        write_table(pd.concat(parts, ignore_index=True), folder / name)
+        y = predictions["y_true"].astype(int)
+        write_json_atomic(folder / "info.json", {"rtiv": [float(low), float(high)],
+                                                 "chance_accuracy": float(max(y.mean(), 1 - y.mean())),
+                                                 "n_test": int(len(y))})
+
+    files = FileCache(kind="size", version=SIZE_VERSION).get_or_compute(
+        target.size_cache, inputs, key_params, compute, names=[name, "info.json"])
+    table = read_table(files[name])
+    write_table(table, target.size_experiments)
+    info = json.loads(files["info.json"].read_text())
+    table.attrs.update({"rtiv": tuple(info["rtiv"]), "chance_accuracy": info["chance_accuracy"],
+                        "n_test": info["n_test"]})
+    return table
+
+
+def size_summary(table: pd.DataFrame, metric: str = "balanced_accuracy", chance: float = 0.5) -> dict[str, str]:
+    """Short texts of the size-experiments table for the chapter's prose.
+
+    Parameters
+    ----------
+    table
+        The table of :func:`size_experiments`.
+    metric
+        The metric summarised.
+    chance
+        Its chance level (0.5 for balanced accuracy).
+
+    Returns
+    -------
+    dict
+        ``"<phantom>_<subset>"`` -> ``"87 % (95 % CI 79-93 %, n = 32)"`` for every row of ``metric``, and
+        ``"<phantom>_<subset>_vs_chance"`` -> ``"above chance"`` when the CI's lower end is above
+        ``chance``, else ``"not distinguishable from chance"``.
+    """
+    out: dict[str, str] = {}
+    for r in table[table["metric"] == metric].itertuples(index=False):
+        key = f"{r.phantom}_{r.subset}"
+        ci = (f"95 % CI {100 * r.ci_low:.0f}–{100 * r.ci_high:.0f} %, " if pd.notna(r.ci_low) and pd.notna(r.ci_high)
+              else "")
+        out[key] = f"{100 * r.value:.0f} % ({ci}n = {int(r.n)})"
+        out[f"{key}_vs_chance"] = ("above chance" if pd.notna(r.ci_low) and r.ci_low > chance
+                                   else "not distinguishable from chance")
+    return out
+
+
+def _size_variant_predictions(run: Any, phantom: str, settings: dict[str, Any], n_workers: int,
+                              progress: bool) -> pd.DataFrame:
+    """Generate, preprocess, train on the run's split and predict one variant phantom of :data:`SIZE_PHANTOMS`."""
+    from brainsex.io import read_table, write_table
+    from brainsex.preprocess import preprocess_cohort
+    from brainsex.run import PreprocessDir, RunDir
+    from brainsex.stages import predict_split, train_model, usable
+    from brainsex.synthetic import make_cohort
+
+    gen = json.loads(run.phantom.generation.read_text())["args"]
+    work = RunDir(run.validity.size_variant(phantom))
+    kwargs = {"n": gen["n"], "voxel_size": gen["voxel_size"], "seed": int(gen["seed"]),
+              "sex_regions": {tuple(r) if isinstance(r, list) else r: int(sign) for r, sign in gen["sex_regions"]},
+              "region_effect": float(gen["region_effect"]), "contrast_effect": float(gen.get("contrast_effect", 0.0)),
+              "tiv_effect": bool(gen.get("tiv_effect", True)), "reference_source": gen.get("reference_source", "offline")}
+    kwargs.update(SIZE_PHANTOMS[phantom])
+    participants = make_cohort(work.phantom.root, n_workers=n_workers, progress=progress, **kwargs)
+    # the same people: same IDs, sex, age and site as the run's phantom (only what the variant changes differs)
+    own = read_table(run.phantom.participants, dtype={"participant_id": str})
+    cols = ["participant_id", "sex", "age", "dataset", "vendor", "field"]
+    mine = read_table(work.phantom.participants, dtype={"participant_id": str})[cols].astype(str)
+    mine = mine.reset_index(drop=True)
+    theirs = own[cols].astype(str).reset_index(drop=True)
+    if not mine.equals(theirs):
+        raise BrainsexError(f"{work.phantom.root}: the {phantom} phantom does not have the run's participants "
+                            "(another generator version?); it cannot share the run's split")
+    # ... and the same draws: pose, scanner, age effect and head (the head's scale follows its TIV)
+    drawn = [c for c in read_table(run.phantom.poses).columns if c != "scale"]
+    if not read_table(work.phantom.poses)[drawn].equals(read_table(run.phantom.poses)[drawn]):
+        raise BrainsexError(f"{work.phantom.poses}: the {phantom} phantom's subjects do not have the run's poses and "
+                            "scanner draws; it is not the same phantom with one factor changed")
+    split = read_table(run.train.split, dtype={"participant_id": str})[["participant_id", "split"]]
+    participants = participants.assign(participant_id=participants["participant_id"].astype(str))
+    chosen = participants.merge(split, on="participant_id", how="inner")
+    fit = chosen[chosen["split"] != "test"].drop(columns="split")
+    test = chosen[chosen["split"] == "test"].drop(columns="split")
+    voxel_size = float(gen["voxel_size"])
+    pre_fit = preprocess_cohort(fit, work.preprocess, voxel_size=voxel_size, n_workers=n_workers, method="mask",
+                                etiv=False, progress=progress)
+    pre_test = preprocess_cohort(test, PreprocessDir(run.validity.size_variant_test(phantom)), voxel_size=voxel_size,
+                                 n_workers=n_workers, method="mask", etiv=True, progress=progress)
+    pre = usable(pd.concat([pre_fit, pre_test], ignore_index=True))
+    table = split.merge(pre, on="participant_id", how="inner")  # in the run's order
+    write_table(table[["participant_id", "split"]], work.train.split)
+    result = train_model(table, settings, work.train, resume="auto", progress=progress)
+    pred = predict_split(result.model, table, split="test", device=settings.get("device", "auto"))
+    write_table(pred, work.evaluate.predictions)
+    return pred
 
 
 # --------------------------------------------------------------------------------------------------
@@ -608,6 +924,39 @@ def _study_config(effect: str, region_effect: float, contrast_effect: float) -> 
     if effect == "contrast":
         return {"region_effect": 0.0, "contrast_effect": float(contrast_effect)}
     raise BrainsexError(f"effect {effect!r}: expected 'volume' or 'contrast'")
+
+
+def study_widths(params: dict[str, Any]) -> dict[str, list[int]]:
+    """The model widths a study trains: ``{name: channels}``.
+
+    Parameters
+    ----------
+    params
+        Resolved study parameters with ``widths`` (names: ``"study"`` for the study's own ``channels``,
+        or a book profile -- ``demo``, ``paper`` -- whose ``channels`` are taken) and ``channels``.
+        Without ``widths`` the study's own width is the only one.
+
+    Returns
+    -------
+    dict
+        Channels per width name, in the order given.
+    """
+    from brainsex.profiles import load_profiles
+
+    names = list(params.get("widths") or ["study"])
+    if not names:
+        raise BrainsexError("widths: give at least one model width")
+    books = load_profiles()
+    out: dict[str, list[int]] = {}
+    for name in names:
+        if name == "study":
+            out[name] = [int(c) for c in params["channels"]]
+        elif name in books and "channels" in (books[name].get("params") or {}):
+            out[name] = [int(c) for c in books[name]["params"]["channels"]]
+        else:
+            raise BrainsexError(f"widths: {name!r} is neither 'study' nor a book profile with channels "
+                                f"({', '.join(sorted(books))})")
+    return out
 
 
 def study(
@@ -625,18 +974,21 @@ def study(
     true brain masks (skull stripping is not what is studied here, and it is the slowest step), split,
     and for each z-score variant (``brain``: the paper's per-scan z-score; ``reference``: the same
     scans re-standardised on deep white matter far from the planted regions, :func:`reference_zscore`)
-    an SFCN is trained and :func:`compare_methods` run on its correctly classified test scans. Split,
+    an SFCN of each width in ``widths`` is trained and :func:`compare_methods` run on its correctly
+    classified test scans. Split,
     training, prediction and accuracy are the book's stages (:mod:`brainsex.stages`: the same split,
     leakage check, checkpoint rule ``select`` and :func:`brainsex.evaluate.metrics`). With ``tbm`` the
     positive control (:func:`tbm_region_test`) runs once per phantom (it does not depend on the
-    z-score), with registered warps and with the phantom's true deformations
-    (:func:`phantom_log_jacobians`); the truth-map ceiling (:func:`truth_map_ranking`) is reported too.
+    z-score), with registered warps (on ``tbm_subjects`` subjects, or everyone) and with the phantom's
+    true deformations (:func:`phantom_log_jacobians`); the truth-map ceiling (:func:`truth_map_ranking`)
+    is reported too.
 
     Everything intermediate goes to ``work_dir`` (default ``<out_dir>/work``, not meant to be kept);
     the result is :attr:`brainsex.run.ValidityDir.study_table` in ``out_dir`` (one row per
-    configuration x method x scoring x metric, with accuracy, scan counts and the chance level) and
-    :attr:`~brainsex.run.ValidityDir.study_info` (the arguments and the time taken). Re-running reuses
-    phantoms, preprocessing, warps and trainings that match.
+    configuration x width x method x scoring x metric, with accuracy, scan counts and the chance level)
+    and :attr:`~brainsex.run.ValidityDir.study_info` (the arguments, the channels of each width, the
+    date, the command, the total time and the seconds of each stage). Re-running reuses phantoms,
+    preprocessing, warps and trainings that match.
 
     Parameters
     ----------
@@ -648,8 +1000,11 @@ def study(
         The study profile in ``profiles.yaml`` (``kind: study``) whose parameters are the defaults:
         ``voxel_sizes``, ``effects`` (``volume``/``contrast``), ``zscores`` (``brain``/``reference``),
         ``n_subjects``, ``region_effect``, ``contrast_effect``, the training settings (``epochs``,
-        ``channels``, ``batch_size``, ``lr``, ``select``, ``device``, ``seed``), ``methods``,
-        ``scorings``, ``max_scans``, ``warp``, ``tbm``, ``n_perm`` and ``n_workers``.
+        ``channels``, ``batch_size``, ``lr``, ``select``, ``device``, ``seed``), ``widths`` (model
+        widths to train: ``"study"`` is ``channels``, any book profile's name -- ``demo``, ``paper`` --
+        takes that profile's ``channels``), ``methods``, ``scorings``, ``max_scans``, ``warp``,
+        ``tbm``, ``tbm_subjects`` (registered-warp sample size; null for everyone), ``n_perm`` and
+        ``n_workers``.
     progress
         Show progress bars.
     **params
@@ -670,10 +1025,17 @@ def study(
     from brainsex.templates import load_atlas, load_template
 
     t_start = time.time()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     p = resolve_profile(profile, params, kind="study")
     out = ValidityDir(out_dir)
     work = Path(work_dir) if work_dir is not None else out / "work"
+    widths = study_widths(p)
     args = json.loads(json.dumps({k: v for k, v in p.items() if k != "n_workers"}, default=list))
+    args["width_channels"] = {name: list(ch) for name, ch in widths.items()}
+    stages: list[dict[str, Any]] = []
+
+    def timed(stage: str, config: str, t0: float) -> None:
+        stages.append({"config": config, "stage": stage, "seconds": round(time.time() - t0, 1)})
     for z in p["zscores"]:
         if z not in ("brain", "reference"):
             raise BrainsexError(f"zscores: {z!r} is not 'brain' or 'reference'")
@@ -695,47 +1057,64 @@ def study(
             tag = f"{effect}_{vs:g}mm"
             base = work / tag
             phantom = PhantomDir(base / "phantom")
+            t0 = time.time()
             participants = make_cohort(phantom.root, n=p["n_subjects"], voxel_size=vs, seed=seed, n_workers=n_workers,
                                        progress=progress, **cfg)
+            timed("phantom", tag, t0)
             truth = planted_truth(phantom)
             prep = PreprocessDir(base / "preprocess")
+            t0 = time.time()
             pre = preprocess_cohort(participants, prep.root, voxel_size=vs, n_workers=n_workers,
                                     method="mask", progress=progress)
+            timed("preprocess", tag, t0)
             split = split_subjects(pre, seed=seed)
             pre = pre[pre["status"] == "ok"].reset_index(drop=True)
             cache = prep.warps
             ceiling = truth_map_ranking(nib.load(phantom.truth_map(effect)), atlas, labels)
             rep = ranking_report(ceiling, truth, neighbours=neighbours, n_perm=n_perm, seed=seed)
-            add(report_long(rep), effect=effect, voxel_size=vs, zscore="-", method="truth_map", scoring="abs_effect",
+            add(report_long(rep), effect=effect, voxel_size=vs, zscore="-", width="-", method="truth_map",
+                scoring="abs_effect",
                 accuracy=np.nan, n_scans=np.nan)
             if p["tbm"]:  # the positive control, registered warps on everyone and the perfect warps beside them
+                t0 = time.time()
+                tbm_n = p.get("tbm_subjects")
                 control = positive_control(pre, phantom.root, template, atlas, labels, truth, cache, warps=("tbm",),
-                                           max_subjects=None, n_jobs=n_workers, n_perm=n_perm,
-                                           neighbours=neighbours, seed=seed, progress=progress)
+                                           max_subjects=None if tbm_n is None else int(tbm_n), n_jobs=n_workers,
+                                           n_perm=n_perm, neighbours=neighbours, seed=seed, progress=progress)
+                timed("morphometry", tag, t0)
                 for method, name in (("tbm", WARP_NAMES["tbm"]), ("tbm_perfect_warps", PERFECT_ALL)):
                     long = report_long(control.reports[name])
                     long["n_recovered"] = int(control.recoveries[name]["recovered"].sum())
-                    add(long, effect=effect, voxel_size=vs, zscore="-", method=method, scoring="abs_t",
+                    add(long, effect=effect, voxel_size=vs, zscore="-", width="-", method=method, scoring="abs_t",
                         accuracy=np.nan, n_scans=control.tables[name].attrs["n_subjects"])
             for z in p["zscores"]:
                 table = split.copy()
                 if z == "reference":
                     ref = _reference_mask(vs, truth["label"].tolist(), atlas)
                     table["image_pp"] = cached_reference_zscores(table, ref, base / "zscore_reference")
-                res = train_model(table, p, TrainDir(base / f"train_{z}"), resume="auto", progress=progress)
-                pred = predict_split(res.model, table, split="test", device=p["device"])
-                acc = float(evaluate_predictions(pred).loc["accuracy", "value"])
-                test = pred.merge(table[["participant_id", "image_pp"]], on="participant_id", how="left")
-                # the rigidly registered image is the moving image of the warps whatever the z-score:
-                # warps are cached per subject, so both variants share them
-                cmp_ = compare_methods(res.model, test, template, atlas, labels, truth, methods=p["methods"],
-                                       scorings=p["scorings"], max_scans=p["max_scans"], warp=p["warp"],
-                                       cache_dir=cache, neighbours=neighbours, n_perm=n_perm, seed=seed,
-                                       device=p["device"], n_jobs=n_workers, progress=progress)
-                add(cmp_.drop(columns=["top_k"]), effect=effect, voxel_size=vs, zscore=z, accuracy=acc)
+                for width, channels in widths.items():
+                    # the study's own width keeps its historical folder name, so earlier work is reused
+                    folder = f"train_{z}" if width == "study" else f"train_{z}_{width}"
+                    t0 = time.time()
+                    res = train_model(table, {**p, "channels": list(channels)}, TrainDir(base / folder),
+                                      resume="auto", progress=progress)
+                    pred = predict_split(res.model, table, split="test", device=p["device"])
+                    acc = float(evaluate_predictions(pred).loc["accuracy", "value"])
+                    timed(f"train_{width}", f"{tag}_{z}", t0)
+                    test = pred.merge(table[["participant_id", "image_pp"]], on="participant_id", how="left")
+                    # the rigidly registered image is the moving image of the warps whatever the z-score:
+                    # warps are cached per subject, so both variants share them
+                    t0 = time.time()
+                    cmp_ = compare_methods(res.model, test, template, atlas, labels, truth, methods=p["methods"],
+                                           scorings=p["scorings"], max_scans=p["max_scans"], warp=p["warp"],
+                                           cache_dir=cache, neighbours=neighbours, n_perm=n_perm, seed=seed,
+                                           device=p["device"], n_jobs=n_workers, progress=progress)
+                    timed(f"explain_{width}", f"{tag}_{z}", t0)
+                    add(cmp_.drop(columns=["top_k"]), effect=effect, voxel_size=vs, zscore=z, width=width,
+                        accuracy=acc)
     result = pd.concat(rows, ignore_index=True)
-    cols = ["effect", "voxel_size", "zscore", "method", "scoring", "metric", "observed", "chance", "p_value",
-            "accuracy", "n_scans", "n_recovered"]
+    cols = ["effect", "voxel_size", "zscore", "width", "method", "scoring", "metric", "observed", "chance",
+            "p_value", "accuracy", "n_scans", "n_recovered"]
     for c in cols:
         if c not in result.columns:
             result[c] = np.nan
@@ -743,9 +1122,11 @@ def study(
     from brainsex.io import write_json_atomic, write_table
 
     write_table(result, out.study_table)
-    write_json_atomic(out.study_info, {"args": args, "seconds": round(time.time() - t_start, 1),
-                                       "command": "python -m brainsex.validity study " +
-                                       " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else ""})
+    command = ("python -m brainsex.validity study " + " ".join(sys.argv[2:])) if sys.argv[1:2] == ["study"] else ""
+    write_json_atomic(out.study_info, {"args": args, "date": started,
+                                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                       "command": command, "seconds": round(time.time() - t_start, 1),
+                                       "stages": stages})
     return result
 
 
@@ -764,6 +1145,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     choices = {"effects": ["volume", "contrast"], "zscores": ["brain", "reference"], "methods": list(DL_METHODS),
                "scorings": list(SCORINGS), "warp": ["syn", "none"]}
+    from brainsex.profiles import load_profiles
+
+    choices["widths"] = ["study", *sorted(load_profiles())]
     for key, default in resolve_profile("study", kind="study").items():
         flag = "--" + key.replace("_", "-")
         if isinstance(default, bool):
@@ -774,8 +1158,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument(flag, dest=key, nargs="+", type=kind, default=None, choices=choices.get(key),
                            help=f"(profile: {' '.join(map(str, default))})")
         else:
-            s.add_argument(flag, dest=key, type=type(default), default=None, choices=choices.get(key),
-                           help=f"(profile: {default})")
+            s.add_argument(flag, dest=key, type=int if default is None else type(default), default=None,
+                           choices=choices.get(key), help=f"(profile: {default})")
     return p
 
 
