@@ -225,7 +225,7 @@ def fig_learning_curves(history: pd.DataFrame, best_epoch: int | None = None) ->
         for c in (1, 2):
             fig.add_vline(x=best_epoch, line={"color": "#999999", "dash": "dot"}, row=1, col=c)
     fig.update_xaxes(title_text="epoch")
-    fig.update_layout(title="Learning curves (dotted line: the kept checkpoint, lowest validation loss)",
+    fig.update_layout(title="Learning curves (dotted line: the checkpoint kept by the selection rule)",
                       height=380, margin={"t": 70})
     return fig
 
@@ -1388,6 +1388,7 @@ def fig_model_reliance(table: pd.DataFrame, title: str | None = None) -> Any:
                        "positive: towards the other sex)",
         xaxis={"title": "mean change of the logit (95 % bootstrap CI)"}, yaxis={"autorange": "reversed"},
         height=140 + 26 * len(table), margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    return fig
 
 
 #: Display names of the phantoms of :func:`brainsex.validity.size_experiments`.
