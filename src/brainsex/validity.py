@@ -670,7 +670,7 @@ SIZE_SUBSETS = ("all", "inside_rtiv")
 #: Columns of the size-experiments table (:attr:`brainsex.run.ValidityDir.size_experiments`).
 SIZE_COLUMNS = ("phantom", "subset", "metric", "value", "ci_low", "ci_high", "n")
 #: Code version of the cached size-experiments table.
-SIZE_VERSION = "size-1"
+SIZE_VERSION = "size-2"  # size-2: training scans through the run's recorded preprocessing
 
 #: The training settings a size experiment copies from the run (what the training chapter passes).
 SIZE_TRAIN_KEYS = ("channels", "epochs", "batch_size", "micro_batch", "lr", "select", "device", "seed", "dropout")
@@ -743,9 +743,11 @@ def size_experiments(
     the planted regions). A variant is generated with the run's seed and size, so each subject keeps
     its sex, age, site, pose, warp and noise (the phantom draws them from named streams; the
     participants are checked against the run's); with ``tiv_effect=False`` the head sizes differ by
-    design. Each variant is preprocessed like the run (the cohort's true brain masks,
-    :func:`brainsex.preprocess.preprocess_cohort`; eTIV only for the test subjects, the only ones it is
-    used for), trained on **the run's split** (the same participant IDs in train, val and test) with
+    design. The variant's training and validation scans go through the run's own recorded
+    preprocessing of the same subject (:func:`brainsex.reliance.preprocess_like`: the true brain mask,
+    the run's rigid transform, the same z-score; the pose is the same, so nothing is estimated again);
+    its test scans are preprocessed afresh (:func:`brainsex.preprocess.preprocess_cohort` with the
+    true masks), since they also need eTIV for R_tiv. Each variant is then trained on **the run's split** (the same participant IDs in train, val and test) with
     the run's training settings (:func:`brainsex.stages.train_model`), and its test subjects are
     predicted (:func:`brainsex.stages.predict_split`). ``default`` is the run's own model and
     predictions. Accuracy and balanced accuracy with bootstrap CIs are computed overall and inside the
@@ -902,8 +904,7 @@ def _size_variant_predictions(run: Any, phantom: str, settings: dict[str, Any], 
     fit = chosen[chosen["split"] != "test"].drop(columns="split")
     test = chosen[chosen["split"] == "test"].drop(columns="split")
     voxel_size = float(gen["voxel_size"])
-    pre_fit = preprocess_cohort(fit, work.preprocess, voxel_size=voxel_size, n_workers=n_workers, method="mask",
-                                etiv=False, progress=progress)
+    pre_fit = _preprocess_like_run(fit, run, work.preprocess, n_workers, progress)
     pre_test = preprocess_cohort(test, PreprocessDir(run.validity.size_variant_test(phantom)), voxel_size=voxel_size,
                                  n_workers=n_workers, method="mask", etiv=True, progress=progress)
     pre = usable(pd.concat([pre_fit, pre_test], ignore_index=True))
@@ -913,6 +914,49 @@ def _size_variant_predictions(run: Any, phantom: str, settings: dict[str, Any], 
     pred = predict_split(result.model, table, split="test", device=settings.get("device", "auto"))
     write_table(pred, work.evaluate.predictions)
     return pred
+
+
+def _preprocess_like_run(participants: pd.DataFrame, run: Any, out: Any, n_workers: int,
+                         progress: bool) -> pd.DataFrame:
+    """Each variant scan through its subject's recorded preprocessing in ``run``; rows with ``image_pp``.
+
+    One content-keyed cache entry per subject (the variant's image and mask, the run's transform and
+    marker), so a regenerated variant or a re-preprocessed run is never served an old image.
+    """
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    from brainsex.run import PreprocessDir
+
+    folder = PreprocessDir(out)
+    rows = participants.to_dict("records")
+    jobs = (delayed(_variant_scan)(str(run.root), str(r["participant_id"]), str(r["image"]), str(r["mask"]),
+                                   str(folder.root)) for r in rows)
+    paths = Parallel(n_jobs=max(int(n_workers), 1))(
+        tqdm(jobs, total=len(rows), desc="variant scans", disable=not progress))
+    return participants.assign(image_pp=[str(p) for p in paths], status="ok", reason="")
+
+
+def _variant_scan(run_root: str, pid: str, image: str, mask: str, out: str) -> Path:
+    import nibabel as nib
+
+    from brainsex.io import atomic_path
+    from brainsex.reliance import preprocess_like
+    from brainsex.run import RunDir
+
+    run = RunDir(run_root)
+    own = run.preprocess.subject_outputs(pid)
+    inputs = {"image": Path(image), "mask": Path(mask), "transform": own["rigid_transform"], "marker": own["marker"]}
+    name = Path(own["image_pp"]).name
+
+    def compute(tmp: Path) -> None:
+        data = preprocess_like(nib.load(image), nib.load(mask), run, pid)
+        with atomic_path(tmp / name) as t:
+            nib.save(nib.Nifti1Image(data, nib.load(own["image_pp"]).affine), t)
+
+    files = FileCache(kind="variant", version=SIZE_VERSION).get_or_compute(Path(out) / f"{pid}_", inputs, {},
+                                                                            compute, names=[name])
+    return files[name]
 
 
 # --------------------------------------------------------------------------------------------------
