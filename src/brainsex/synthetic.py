@@ -149,7 +149,18 @@ _TIV_LIMITS = (900.0, 2300.0)
 
 
 def tiv_distribution(tiv_effect: bool = True) -> pd.DataFrame:
-    """Mean and sd of the phantom's TIV (ml) for each sex (see :data:`TIV_MODEL`)."""
+    """Mean and sd of the phantom's TIV (ml) for each sex (see :data:`TIV_MODEL`).
+
+    Parameters
+    ----------
+    tiv_effect : bool, default=True
+        False gives both sexes the pooled distribution (``TIV_MODEL["pooled"]``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per sex (F, M): ``sex``, ``mean_ml``, ``sd_ml``.
+    """
     rows = [(s, *(TIV_MODEL[s] if tiv_effect else TIV_MODEL["pooled"])) for s in ("F", "M")]
     return pd.DataFrame(rows, columns=["sex", "mean_ml", "sd_ml"])
 
@@ -159,6 +170,23 @@ def allocate_strata(counts: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
 
     Ties in the remainders go to the earlier stratum. The result sums to ``n``; with ``n`` equal to
     ``sum(counts)`` it is ``counts`` itself.
+
+    Parameters
+    ----------
+    counts : sequence of int or numpy.ndarray
+        Size of each stratum (e.g. the paper's counts); their sum must be positive.
+    n : int
+        Subjects to share out (>= 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        Integer subjects per stratum, in the order of ``counts``.
+
+    Raises
+    ------
+    BrainsexError
+        For a negative ``n`` or counts that sum to zero or less.
     """
     counts = np.asarray(counts, dtype=float)
     if n < 0 or counts.sum() <= 0:
@@ -173,7 +201,7 @@ def allocate_strata(counts: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
 
 @functools.cache
 def _truncnorm_params(mean: float, sd: float, lo: float, hi: float) -> tuple[float, float]:
-    """loc and scale of a normal truncated to [lo, hi] whose own mean and sd are ``mean`` and ``sd``."""
+    """Loc and scale of a normal truncated to [lo, hi] whose own mean and sd are ``mean`` and ``sd``."""
 
     def moments(p: np.ndarray) -> np.ndarray:
         loc, log_scale = p
@@ -257,7 +285,19 @@ def paper_demographics(n: int | None = None, seed: int = 0, tiv_effect: bool = T
 
 
 def strata_counts(participants: pd.DataFrame) -> pd.DataFrame:
-    """Subjects per dataset x vendor x field x sex (the layout of :data:`PAPER_STRATA`)."""
+    """Subjects per dataset x vendor x field x sex (the layout of :data:`PAPER_STRATA`).
+
+    Parameters
+    ----------
+    participants : pandas.DataFrame
+        A participants table with ``dataset``, ``vendor``, ``field`` and ``sex`` columns
+        (e.g. :func:`paper_demographics`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``dataset``, ``vendor``, ``field``, ``sex`` and ``count``, one row per non-empty cell.
+    """
     return (participants.groupby(["dataset", "vendor", "field", "sex"]).size().rename("count").reset_index())
 
 
@@ -508,8 +548,11 @@ def _context(voxel_size: float, regions: list[tuple[Any, int]], region_effect: f
 
 
 def _tune_malloc() -> None:
-    """Keep freed memory in the worker (glibc): each subject allocates and frees the same large arrays,
-    and returning them to the system every time costs page faults (about 15 % of the run)."""
+    """Keep freed memory in the worker (glibc).
+
+    Each subject allocates and frees the same large arrays, and returning them to the system every
+    time costs page faults (about 15 % of the run).
+    """
     try:
         import ctypes
 
