@@ -607,7 +607,11 @@ def format_p(p: float) -> str:
     Parameters
     ----------
     p
-        The p-value.
+        The p-value (None or NaN for a missing one).
+
+    Returns
+    -------
+    str
     """
     if p is None or not np.isfinite(p):
         return "n/a"
