@@ -74,6 +74,7 @@ import pandas as pd
 from scipy import ndimage, optimize, special, stats
 
 from brainsex import BrainsexError, templates
+from brainsex._docs import fill_doc
 from brainsex.io import atomic_path, write_json_atomic, write_table
 from brainsex.run import PhantomDir
 
@@ -149,7 +150,18 @@ _TIV_LIMITS = (900.0, 2300.0)
 
 
 def tiv_distribution(tiv_effect: bool = True) -> pd.DataFrame:
-    """Mean and sd of the phantom's TIV (ml) for each sex (see :data:`TIV_MODEL`)."""
+    """Mean and sd of the phantom's TIV (ml) for each sex (see :data:`TIV_MODEL`).
+
+    Parameters
+    ----------
+    tiv_effect : bool, default=True
+        False gives both sexes the pooled distribution (``TIV_MODEL["pooled"]``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per sex (F, M): ``sex``, ``mean_ml``, ``sd_ml``.
+    """
     rows = [(s, *(TIV_MODEL[s] if tiv_effect else TIV_MODEL["pooled"])) for s in ("F", "M")]
     return pd.DataFrame(rows, columns=["sex", "mean_ml", "sd_ml"])
 
@@ -159,6 +171,23 @@ def allocate_strata(counts: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
 
     Ties in the remainders go to the earlier stratum. The result sums to ``n``; with ``n`` equal to
     ``sum(counts)`` it is ``counts`` itself.
+
+    Parameters
+    ----------
+    counts : sequence of int or numpy.ndarray
+        Size of each stratum (e.g. the paper's counts); their sum must be positive.
+    n : int
+        Subjects to share out (>= 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        Integer subjects per stratum, in the order of ``counts``.
+
+    Raises
+    ------
+    BrainsexError
+        For a negative ``n`` or counts that sum to zero or less.
     """
     counts = np.asarray(counts, dtype=float)
     if n < 0 or counts.sum() <= 0:
@@ -173,7 +202,7 @@ def allocate_strata(counts: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
 
 @functools.cache
 def _truncnorm_params(mean: float, sd: float, lo: float, hi: float) -> tuple[float, float]:
-    """loc and scale of a normal truncated to [lo, hi] whose own mean and sd are ``mean`` and ``sd``."""
+    """Loc and scale of a normal truncated to [lo, hi] whose own mean and sd are ``mean`` and ``sd``."""
 
     def moments(p: np.ndarray) -> np.ndarray:
         loc, log_scale = p
@@ -257,7 +286,19 @@ def paper_demographics(n: int | None = None, seed: int = 0, tiv_effect: bool = T
 
 
 def strata_counts(participants: pd.DataFrame) -> pd.DataFrame:
-    """Subjects per dataset x vendor x field x sex (the layout of :data:`PAPER_STRATA`)."""
+    """Subjects per dataset x vendor x field x sex (the layout of :data:`PAPER_STRATA`).
+
+    Parameters
+    ----------
+    participants : pandas.DataFrame
+        A participants table with ``dataset``, ``vendor``, ``field`` and ``sex`` columns
+        (e.g. :func:`paper_demographics`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``dataset``, ``vendor``, ``field``, ``sex`` and ``count``, one row per non-empty cell.
+    """
     return (participants.groupby(["dataset", "vendor", "field", "sex"]).size().rename("count").reset_index())
 
 
@@ -508,8 +549,11 @@ def _context(voxel_size: float, regions: list[tuple[Any, int]], region_effect: f
 
 
 def _tune_malloc() -> None:
-    """Keep freed memory in the worker (glibc): each subject allocates and frees the same large arrays,
-    and returning them to the system every time costs page faults (about 15 % of the run)."""
+    """Keep freed memory in the worker (glibc).
+
+    Each subject allocates and frees the same large arrays, and returning them to the system every
+    time costs page faults (about 15 % of the run).
+    """
     try:
         import ctypes
 
@@ -546,6 +590,10 @@ def subject_rng(seed: int, index: int, purpose: str) -> np.random.Generator:
         The subject's row in ``participants.tsv`` (0-based).
     purpose : str
         One of :data:`STREAMS`.
+
+    Returns
+    -------
+    numpy.random.Generator
     """
     if purpose not in STREAMS:
         raise BrainsexError(f"random stream {purpose!r}: expected one of {', '.join(STREAMS)}")
@@ -911,6 +959,7 @@ def _valid_image(path: Path, shape: tuple[int, ...]) -> bool:
         return False
 
 
+@fill_doc
 def make_cohort(
     out_dir: str | os.PathLike,
     spec: str = "paper",
@@ -952,13 +1001,14 @@ def make_cohort(
     n_workers : int, default=1
         Parallel workers (joblib; -1 for all cores).
     progress : bool, default=True
-        Show a progress bar.
+        %(progress)s
     contrast_effect : float, default=0.0
         Planted intensity difference inside the planted regions (fraction, male/female
         ``1 +- sign * contrast_effect / 2``), in addition to the volume effect.
     reference_source : {"offline", "auto", "templateflow"}, default="offline"
-        Atlas used to find the planted regions; offline by default so that a seed gives the same
-        phantom on every machine.
+        Where the atlas that locates the planted regions comes from (:func:`brainsex.templates.load_atlas`;
+        the tissue maps and brain mask are always the offline ones); offline by default so that a seed
+        gives the same phantom on every machine.
 
     Returns
     -------
@@ -1197,6 +1247,12 @@ class PhantomTruth:
         ----------
         sex : {"F", "M"}
             The sex whose planted effect is wanted.
+
+        Returns
+        -------
+        dict of int to numpy.ndarray
+            ``{atlas label: float32 field}``, in the order of ``ground_truth/regions.tsv`` (zero fields
+            when the phantom plants no volume effect).
         """
         if sex not in ("F", "M"):
             raise BrainsexError(f"sex must be 'F' or 'M', got {sex!r}")
@@ -1216,7 +1272,7 @@ class PhantomTruth:
         ----------
         sex : {"F", "M"}
             The subject's sex.
-        switched : sequence of int
+        switched : sequence of int, default=()
             Atlas labels of planted regions that take the other sex's effect; empty gives the
             context's own fields (the same arrays the generator used).
 
@@ -1253,6 +1309,10 @@ class PhantomTruth:
         ----------
         participant_id : str
             A row of the phantom's ``participants.tsv``.
+
+        Returns
+        -------
+        SubjectDraws
         """
         ids = self.participants["participant_id"].astype(str).tolist()
         if str(participant_id) not in ids:
@@ -1306,7 +1366,8 @@ def counterfactual_tiv(truth: PhantomTruth, sex: str, tiv_ml: float) -> float:
 
     The phantom draws TIV from a normal distribution per sex (``generation.json``'s ``tiv_model``,
     :data:`TIV_MODEL`); the subject's z-score in its sex's distribution is kept in the other sex's
-    (``mu_o + sd_o (tiv - mu_s) / sd_s``), so over a group the mean moves to the other sex's mean.
+    (``mu_o + sd_o (tiv - mu_s) / sd_s``), so over a group the mean moves to the other sex's mean;
+    the result is clipped to the range the generator draws TIV in and rounded to 0.1 ml.
     With ``tiv_effect=False`` both sexes share one distribution and the TIV does not change.
 
     Parameters
@@ -1317,6 +1378,11 @@ def counterfactual_tiv(truth: PhantomTruth, sex: str, tiv_ml: float) -> float:
         The subject's sex.
     tiv_ml : float
         Its TIV (ml).
+
+    Returns
+    -------
+    float
+        The counterfactual TIV (ml).
     """
     model = truth.tiv_model
     other = "M" if sex == "F" else "F"

@@ -1,4 +1,4 @@
-"""Validity: does the saliency method find what is really there?
+"""Validity: whether the attribution methods find what is really there.
 
 The paper reads its ten top atlas regions (section 2.5, Table S1, Figure 7) as the regions the model
 uses to tell the sexes apart. On the synthetic phantom the planted sex differences are known, so this
@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from brainsex import BrainsexError
+from brainsex._docs import fill_doc
 from brainsex.atlas import labels_on, region_neighbours, region_scores, resample_atlas_to
 from brainsex.cache import FileCache
 from brainsex.io import as_array, is_image
@@ -191,6 +192,7 @@ def _occlusion_rankings(model: Any, scans: pd.DataFrame, template: Any, atlas_im
     return out
 
 
+@fill_doc
 def method_rankings(
     model: Any,
     table: pd.DataFrame,
@@ -230,6 +232,50 @@ def method_rankings(
     of the cached affine) to the brain mean and records the change of the male logit
     (:func:`brainsex.saliency.occlusion_by_region`); its scorings are ``abs_delta`` and
     ``abs_delta_per_voxel``, whatever ``scorings`` says.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained classifier whose male logit is explained.
+    table : pandas.DataFrame
+        The scans to explain: ``participant_id`` and ``image_col``.
+    template : nibabel.Nifti1Image
+        The template image: the grid the maps are warped to and averaged on.
+    atlas : nibabel.Nifti1Image or numpy.ndarray
+        Atlas labels; an image is resampled to the template grid (nearest neighbour), an array must
+        already be on it.
+    labels : pandas.DataFrame
+        The atlas label table (``label``, ``name``, ...).
+    methods : sequence of str, default=DL_METHODS
+        Attribution methods, some of :data:`DL_METHODS`.
+    scorings : sequence of str, default=SCORINGS
+        Scorings of the map methods, some of :data:`SCORINGS`.
+    warp : {"syn", "none"}, default="syn"
+        ``"syn"``: warp each map to the template with the subject's cached SyN transform (computed first
+        when missing); ``"none"``: the maps stay on the rigidly registered grid.
+    cache_dir : path or None, default=None
+        Folder of the per-subject transforms; required for ``warp="syn"``.
+    threshold : float, default=0.1
+        Saliency threshold of the weighted saliency score (:func:`brainsex.atlas.region_scores`).
+    image_col : str, default="image_pp"
+        Column of the preprocessed scans.
+    batch_size : int or "auto", default="auto"
+        Scans per gradient pass, or occluded copies per forward pass for occlusion;
+        ``"auto"`` chooses from the free memory.
+    device : torch.device or str or None, default=None
+        Device to run on; None: the device of the model's parameters.
+    n_jobs : int, default=1
+        Parallel warps (joblib).
+    smoothgrad_samples : int, default=4
+        Noisy copies per scan for ``smoothgrad``.
+    smoothgrad_noise : float, default=0.15
+        Noise level of ``smoothgrad`` (:func:`brainsex.saliency.saliency_maps`).
+    ig_steps : int, default=8
+        Integration steps of ``integrated_gradients``.
+    seed : int, default=0
+        Seed of the SmoothGrad noise.
+    progress : bool, default=False
+        %(progress)s
 
     Returns
     -------
@@ -324,6 +370,31 @@ def compare_methods(
     with each method (:func:`method_rankings`); each ranking gets :func:`ranking_report` (precision@k,
     average precision, tolerant versions when ``neighbours`` is given -- by default computed from the
     atlas on the template grid -- with permutation chance levels).
+
+    Parameters
+    ----------
+    model, table, template, atlas, labels
+        As in :func:`method_rankings`; ``table`` is the pool the scans are drawn from (with ``y_true``
+        and ``y_pred``, only the correctly classified ones).
+    truth : iterable of int or pandas.DataFrame
+        The planted region labels, or a table with a ``label`` column (:func:`planted_truth`).
+    methods, scorings, warp, cache_dir, threshold, image_col, batch_size, device, n_jobs
+        Passed to :func:`method_rankings`.
+    smoothgrad_samples, ig_steps, progress
+        Passed to :func:`method_rankings`.
+    max_scans : int or None, default=24
+        At most this many scans, balanced by sex (:func:`select_scans`); None keeps them all.
+    neighbours : dict of int to set of int or None, default=None
+        ``{label: neighbour labels}`` for the tolerant metrics; None computes them from the atlas on
+        the template grid (:func:`brainsex.atlas.region_neighbours`).
+    n_perm : int, default=1000
+        Permutations of each metric's chance level.
+    k : int, default=10
+        The k of precision@k and the number of top regions listed.
+    seed : int, default=0
+        Seed of the scan draw, of the permutations and of the SmoothGrad noise.
+    return_rankings : bool, default=False
+        Also return the rankings.
 
     Returns
     -------
@@ -500,7 +571,7 @@ def control_verdict(
     min_recovered: int = CONTROL_MIN_RECOVERED,
     max_ratio: float = CONTROL_MAX_RATIO,
 ) -> ControlVerdict:
-    """Read a positive control: does it pass, and do the registered warps keep the planted difference?
+    """Verdict of a positive control: whether it passes and whether the registered warps keep the planted difference.
 
     Parameters
     ----------
@@ -536,7 +607,11 @@ def format_p(p: float) -> str:
     Parameters
     ----------
     p
-        The p-value.
+        The p-value (None or NaN for a missing one).
+
+    Returns
+    -------
+    str
     """
     if p is None or not np.isfinite(p):
         return "n/a"
