@@ -452,3 +452,24 @@ def test_resume_checkpoint_without_select_field(table, reference, tmp_path):
     torch.save(ckpt, tmp_path / "last.pt")
     res = train(table, cfg(epochs=4), out_dir=tmp_path, channels=CH, resume=True, progress=False)
     assert res.epochs_run == 1 and len(res.history) == 4
+
+
+def test_resume_auto_starts_afresh_when_an_image_was_preprocessed_again(tmp_path):
+    """A scan rewritten since the checkpoint (same subject, same name) must not be trained on by the old model."""
+    data = make_table(tmp_path / "vols", n=16, n_val=4)
+    out = tmp_path / "run"
+    first = train(data, cfg(epochs=1), out_dir=out, channels=CH, progress=False)
+    assert first.epochs_run == 1
+    same = train(data, cfg(epochs=2), out_dir=out, channels=CH, resume="auto", progress=False)
+    assert same.epochs_run == 1  # nothing changed: continues
+    path = Path(data.loc[5, "image_pp"])
+    vol = np.asarray(nib.load(path).dataobj)
+    write_volume(path, -vol)  # preprocessed again, same file name
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    again = train(data, cfg(epochs=2), out_dir=out, channels=CH, resume="auto", progress=False)
+    assert again.epochs_run == 2 and len(again.history) == 2  # started afresh
+    with pytest.raises(BrainsexError, match="train/val subjects"):
+        write_volume(path, vol)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+        train(data, cfg(epochs=3), out_dir=out, channels=CH, resume=True, progress=False)

@@ -654,10 +654,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _data_signature(ids: Sequence[str], splits: Sequence[str], labels: np.ndarray,
-                    in_shape: tuple[int, int, int]) -> str:
+                    in_shape: tuple[int, int, int], paths: Sequence[str] | None = None) -> str:
+    """What a checkpoint was trained on: subjects, subsets, labels, grid and each image file's version.
+
+    A file's version is its size and modification time (not its name, so a copied run directory
+    resumes): a scan preprocessed again since the checkpoint, even under the same name, makes a
+    resume start afresh instead of continuing a model trained on the old images.
+    """
     h = hashlib.sha256(repr(tuple(in_shape)).encode())
     for i, s, y in zip(ids, splits, labels, strict=True):
         h.update(f"{i}\t{s}\t{int(y)}\n".encode())
+    for path in paths or ():
+        st = os.stat(path)
+        h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -1095,7 +1104,7 @@ def _train_loop(run: _LoopInputs) -> TrainResult:
     fit = _new_fit(run, plan, min_part)
     ids = run.table["participant_id"].astype(str).to_numpy()[run.used]
     signature = _data_signature(ids, run.table["split"].astype(str).to_numpy()[run.used], run.labels[run.used],
-                                run.in_shape)
+                                run.in_shape, run.paths)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     layout = TrainDir(run.out_dir)
     state = _restore(run, fit, signature, layout)
@@ -1163,7 +1172,8 @@ def _check_resume(ckpt: dict, model: SFCN, config: TrainConfig, signature: str, 
                             f"({ckpt.get('augmentation') or 'per-scan RandRotated in the loader'}); "
                             f"use another out_dir or resume=False")
     if ckpt.get("data_signature") != signature:
-        raise BrainsexError(f"{path}: cannot resume, the train/val subjects, labels or in_shape differ from the "
+        raise BrainsexError(f"{path}: cannot resume, the train/val subjects, labels, in_shape or image files "
+                            f"(preprocessed again?) differ from the "
                             f"checkpoint's; use another out_dir or resume=False")
     if int(ckpt.get("world_size", 1)) != world:
         log.warning("resuming a %s-process run with %d process(es): results will differ from an uninterrupted run",
