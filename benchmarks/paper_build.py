@@ -2,19 +2,23 @@
 
 ``python -m benchmarks.paper_build`` runs, from the repository root,
 
-    brainsex build --profile paper -p cohorts "[phantom]" -p n_subjects 16 -p epochs 1 -p n_workers 2
+    brainsex build --profile paper -p cohorts "[phantom]" -p n_subjects 32 -p epochs 1 -p n_workers 2
                    -p tbm_subjects 0 -p max_scans 1 --no-html
 
-(the paper's grid, widths and batch of 16 on a small phantom cohort; ``--subjects``, ``--max-scans``,
-``--profile`` and ``-p KEY VALUE`` change it) while sampling the resident memory of the whole process
+(the paper's grid, widths and batch of 16 on a small phantom cohort -- 32 subjects is about the smallest
+whose stratified split leaves the test set the 3 scans that the TIV chapter's bins need; ``--subjects``,
+``--max-scans``, ``--profile`` and ``-p KEY VALUE`` change it) while sampling the resident memory of the whole process
 tree (the build driver and each chapter's kernel), then measures, each in its own process on the run's
 test scans, the seconds per scan of inference (``brainsex.train.predict``) and of saliency maps
 (``brainsex.saliency.saliency_maps``), with their peak memory and the batch sizes chosen from the free
 memory. Training's seconds per scan come from the run's ``history.tsv``, the micro-batch from its
 checkpoint, each chapter's wall time and kernel peak memory from the build's stamps.
 
-It writes ``paper_build_<date>.md`` and ``.json`` to ``--out`` (default ``benchmarks/results``).
-It takes 20-40 minutes on 2 cores and up to ~20 GB of memory: run it alone (under the shared lock).
+It writes ``paper_build_<date>[_<tag>].md`` and ``.json`` to ``--out`` (default ``benchmarks/results``).
+The build driver skips chapters whose inputs did not change, so running it again on the same
+``--run-dir`` continues a build that stopped; the chapters' seconds then come from their stamps (the
+attempt that ran them) and the report adds them up beside the last attempt's wall time.
+It takes about an hour on 2 cores and up to ~20 GB of memory: run it alone (under the shared lock).
 """
 
 from __future__ import annotations
@@ -78,12 +82,13 @@ def _probe(kind: str, run_dir: Path, n: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.paper_build", description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="paper")
-    p.add_argument("--subjects", type=int, default=16)
+    p.add_argument("--subjects", type=int, default=32)
     p.add_argument("--max-scans", type=int, default=1, help="scans the validity chapter explains (occlusion of "
                    "116 regions at 1 mm takes ~10 min per scan on 2 cores)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[])
     p.add_argument("--run-dir", default=None, help="default: a temporary folder")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default="", help="suffix of the result files (paper_build_<date>_<tag>)")
     p.add_argument("--timeout", type=float, default=None,
                    help="stop the build after this many seconds and report the chapters that finished")
     p.add_argument("--report-only", action="store_true", help="do not build; report on --run-dir's last build")
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="brainsex-paper-"))
     if args.report_only:
         result = json.loads((run_dir / "build_result.json").read_text())
+        result["tag"] = args.tag or result.get("tag", "")
         report(result, run_dir, Path(args.out))
         return 0 if result["exit_code"] == 0 else 1
     params = [("cohorts", "[phantom]"), ("n_subjects", str(args.subjects)), ("epochs", "1"), ("n_workers", "2"),
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     (run_dir / "build_stdout.txt").write_text(stdout + "\n--- stderr ---\n" + stderr)
     result: dict[str, Any] = {
-        "date": datetime.date.today().isoformat(), "command": " ".join(cmd[2:]), "run_dir": str(run_dir),
+        "date": datetime.date.today().isoformat(), "tag": args.tag, "command": " ".join(cmd[2:]), "run_dir": str(run_dir),
         "exit_code": proc.returncode, "timed_out_after_s": args.timeout if timed_out else None,
         "wall_s": wall, "peak_rss_gb": watch.peak_bytes / GB,
         "min_available_gb": (watch.min_available_bytes or 0) / GB, "memory_limit_gb": memory_limit_bytes() / GB,
@@ -168,7 +174,7 @@ def report(result: dict[str, Any], run_dir: Path, out: Path) -> None:
 def write(result: dict[str, Any], out: Path) -> None:
     """``paper_build_<date>.json`` and ``.md``."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"paper_build_{result['date']}"
+    stem = out / f"paper_build_{result['date']}{'_' + result['tag'] if result.get('tag') else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     plan = result.get("memory_plan") or {}
     ev, sal = result.get("eval") or {}, result.get("saliency") or {}
@@ -176,6 +182,8 @@ def write(result: dict[str, Any], out: Path) -> None:
         {"quantity": "build exit code", "value": result["exit_code"]},
         {"quantity": "stopped after (s)", "value": result.get("timed_out_after_s") or "ran to the end"},
         {"quantity": "wall time of the build (s)", "value": f"{result['wall_s']:.0f}"},
+        {"quantity": "sum of the chapters' times (s; all attempts on this run folder)",
+         "value": f"{sum(c['seconds'] or 0 for c in result.get('chapters', [])):.0f}"},
         {"quantity": "peak resident memory, build + kernels (GB)", "value": f"{result['peak_rss_gb']:.1f}"},
         {"quantity": "lowest available memory during the build (GB)", "value": f"{result['min_available_gb']:.1f}"},
         {"quantity": "training: seconds per scan (1 mm, full SFCN)", "value": _f(result.get("train_seconds_per_scan"))},
