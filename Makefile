@@ -16,18 +16,19 @@ PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 all: book
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact versions the book was built and tested with, so a fresh clone computes the same numbers
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# uv installs the 1.7 GB of dependencies several times faster than pip (measured: benchmarks/fresh_clone.py);
 	@# pip stays the fallback. uv does not read pip's configuration, so pip's find-links (where this
 	@# machine keeps its CPU torch wheel) is handed over explicitly.
 	if $(BIN)/python -m pip install -q uv; then \
 	  fl="$${UV_FIND_LINKS:-$${PIP_FIND_LINKS:-}}"; \
-	  $(BIN)/uv pip install -q --python $(BIN)/python $${fl:+--find-links "$$fl"} $(TORCH_PIN) && \
-	  $(BIN)/uv pip install -q --python $(BIN)/python $${fl:+--find-links "$$fl"} -e ".[dev]"; \
+	  $(BIN)/uv pip install -q --python $(BIN)/python $${fl:+--find-links "$$fl"} -c constraints.txt $(TORCH_PIN) && \
+	  $(BIN)/uv pip install -q --python $(BIN)/python $${fl:+--find-links "$$fl"} -c constraints.txt -e ".[dev]"; \
 	else false; fi || { \
 	  echo "uv install failed; falling back to pip"; \
-	  $(BIN)/python -m pip install -q $(TORCH_PIN) && $(BIN)/python -m pip install -q -e ".[dev]"; }
+	  $(BIN)/python -m pip install -q -c constraints.txt $(TORCH_PIN) && $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"; }
 	touch $@
 
 install: $(VENV)/.installed
