@@ -22,8 +22,8 @@
 # Table S1) and reads them as the regions that tell the sexes apart. That reading assumes that a
 # region where the average saliency is high is a region where female and male brains differ. On real
 # data nobody can check this. On the phantom we can: ten regions were planted with a known
-# difference between the sexes (each is larger in one sex by {glue:text}`region_effect_pct` % of its volume, independently of head
-# size), so we measure how many of them each method finds, and compare with what chance would give.
+# difference between the sexes (each is larger in one sex by a fixed share of its volume, independently of head
+# size; the first section below gives the figure), so we measure how many of them each method finds, and compare with what chance would give.
 #
 # Three rankings of the same atlas regions are compared:
 #
@@ -91,8 +91,8 @@ import pandas as pd
 from IPython.display import Markdown
 from myst_nb import glue
 
-from brainsex import BrainsexError
 from brainsex.atlas import region_neighbours
+from brainsex.book import ChapterEnds
 from brainsex.figures import fig_precision_at_k, fig_tbm_coefficients, show, show_table
 from brainsex.io import read_table, write_table
 from brainsex.matched import matched_phantom_run
@@ -119,8 +119,10 @@ run = RunDir(run_dir)
 truth_known = has_truth(run)
 if not truth_known:
     if not matched_phantom:
-        raise BrainsexError(f"{run.root}: this run has no planted truth (real scans) and matched_phantom is off; "
-                            "build with -p matched_phantom true, or leave this chapter out")
+        raise ChapterEnds("This run is on real scans, which come with no known answer, and the phantom matched to "
+                          "the run is turned off (`matched_phantom` false), so this build has nothing to check the "
+                          "methods against and the chapter ends here. Build with `-p matched_phantom true` to see "
+                          "the checks on a phantom with this run's grid, model and training settings.")
     n_real = len(read_table(run.cohort.participants))
     run = RunDir(matched_phantom_run(run, manifest=manifest, n_subjects=matched_subjects, voxel_size=voxel_size,
                                      channels=channels, epochs=epochs, batch_size=batch_size, lr=lr, select=select,
@@ -166,6 +168,7 @@ glue("n_ranked", int(ceiling_rep.loc[0, "n_ranked"]), display=False)
 #
 # ## The ceiling: what is there to find on this grid
 #
+# Each planted region is larger in one sex by {glue:text}`region_effect_pct` % of its volume.
 # Of the {glue:text}`n_planted` planted regions, {glue:text}`n_on_grid` keep at least one voxel on the
 # {glue:text}`voxel_size` mm atlas (lost: {glue:text}`absent_regions`); {glue:text}`n_ranked` regions
 # are ranked in all. Ranked by the phantom's own effect map, the planted regions come first:

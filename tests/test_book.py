@@ -172,3 +172,24 @@ def test_edited_data_file_reruns_its_chapter(mini_book, tmp_path):
     assert [r.status for r in run_notebooks(plan_build(mini_book, "smoke", run_dir=run_dir))] == ["skipped", "skipped"]
     table.write_text("x\n2\n")
     assert [r.status for r in run_notebooks(plan_build(mini_book, "smoke", run_dir=run_dir))] == ["skipped", "ran"]
+
+
+def test_a_chapter_can_end_early_with_a_note(mini_book, tmp_path):
+    """ChapterEnds is not a failure: the cells so far stay, the reason is a note, later cells are dropped."""
+    import nbformat
+
+    write_notebook(mini_book / "notebooks" / "b.py",
+                   "from brainsex.book import ChapterEnds\nprint('before', seed)\n"
+                   "raise ChapterEnds('nothing to check on this run')\n\n# %%\nprint('never')",
+                   params='run_dir = "."\nseed = 0\n')
+    run_dir = tmp_path / "run"
+    results = run_notebooks(plan_build(mini_book, "smoke", run_dir=run_dir))
+    assert [r.status for r in results] == ["ran", "ended early"]
+    nb = nbformat.read(run_dir / "notebooks" / "b.ipynb", as_version=4)
+    text = json.dumps(nb)
+    assert "nothing to check on this run" in text and "before 0" in text
+    assert "never" not in text and "Traceback" not in text and '"error"' not in text
+    assert not (run_dir / "notebooks" / "b.failed.ipynb").exists()
+    # a second build skips it like any finished chapter
+    again = run_notebooks(plan_build(mini_book, "smoke", run_dir=run_dir))
+    assert [r.status for r in again] == ["skipped", "skipped"]

@@ -41,6 +41,7 @@ from brainsex.run import BUNDLE_PATTERNS, RunDir
 __all__ = [
     "BuildError",
     "NotebookFailed",
+    "ChapterEnds",
     "BuildPlan",
     "toc_notebooks",
     "notebook_parameters",
@@ -71,6 +72,15 @@ class NotebookFailed(BrainsexError):
     """A chapter raised while it ran (exit code 1)."""
 
 
+class ChapterEnds(BrainsexError):
+    """Raised by a chapter to end early, on purpose, with a reason for the reader.
+
+    The build keeps the cells run so far, shows the reason as a note in place of the raising cell's
+    output, drops the cells after it and goes on with the next chapter (it is not a failure): e.g. the
+    validity chapter on a real cohort with the matched phantom turned off.
+    """
+
+
 @dataclass
 class ChapterResult:
     """What happened to one chapter in a build.
@@ -79,7 +89,7 @@ class ChapterResult:
     ----------
     name : str
         Chapter (notebook stem), or ``"(jupyter-book html)"`` for the HTML step.
-    status : {"ran", "skipped", "failed"}
+    status : {"ran", "ended early", "skipped", "failed"}
         Executed, unchanged since its last run (content hash), or raised.
     seconds : float
         Wall time.
@@ -466,6 +476,22 @@ def _tidy_executed(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+def _end_early(path: Path, reason: str) -> None:
+    """Keep a chapter that raised :class:`ChapterEnds`: the reason as a note, no traceback, no later cells."""
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
+    end = next((i for i, c in enumerate(cells) if c.cell_type == "code" and any(
+        o.get("output_type") == "error" and o.get("ename") == ChapterEnds.__name__ for o in c.get("outputs", []))),
+        len(cells) - 1)
+    cell = cells[end]
+    if cell.cell_type == "code":
+        note = nbformat.v4.new_output("display_data", data={"text/markdown": f"```{{note}}\n{reason}\n```"})
+        cell.outputs = [o for o in cell.outputs if o.get("output_type") != "error"] + [note]
+        cell.metadata["tags"] = [*cell.metadata.get("tags", []), "remove-input"]
+    nb.cells = cells[: end + 1]
+    nbformat.write(nb, path)
+
+
 def _failure_message(stem: str, exc: Exception, nb_path: Path) -> str:
     cell = getattr(exc, "cell_index", None)
     source = getattr(exc, "source", "") or ""
@@ -593,6 +619,7 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
         env_before = os.environ.get(BUILD_ENV)
         os.environ[BUILD_ENV] = "1"
         watch = RssWatch()  # the kernel is a child process: its peak memory, for a kernel killed by the OS
+        status = "ran"
         try:
             with watch:
                 papermill.execute_notebook(
@@ -608,12 +635,16 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
             raise NotebookFailed(_dead_kernel_message(stem, failed, watch.peak_bytes,
                                                       watch.min_available_bytes)) from None
         except PapermillExecutionError as exc:
-            failed = out_dir / f"{stem}.failed.ipynb"
-            if tmp_out.exists():
-                os.replace(tmp_out, failed)
-            results.append(ChapterResult(stem, "failed", time.perf_counter() - t0))
-            _summary(results)
-            raise NotebookFailed(_failure_message(stem, exc, failed)) from None
+            if getattr(exc, "ename", "") == ChapterEnds.__name__ and tmp_out.exists():
+                _end_early(tmp_out, str(getattr(exc, "evalue", "")))
+                status = "ended early"
+            else:
+                failed = out_dir / f"{stem}.failed.ipynb"
+                if tmp_out.exists():
+                    os.replace(tmp_out, failed)
+                results.append(ChapterResult(stem, "failed", time.perf_counter() - t0))
+                _summary(results)
+                raise NotebookFailed(_failure_message(stem, exc, failed)) from None
         finally:
             if env_before is None:
                 os.environ.pop(BUILD_ENV, None)
@@ -624,8 +655,9 @@ def run_notebooks(plan: BuildPlan, force: bool = False) -> list[ChapterResult]:
         dt = time.perf_counter() - t0
         write_json_atomic(stamp, {"hash": digest, "seconds": round(dt, 2), "params": params,
                                   "peak_rss_bytes": int(watch.peak_bytes)})
-        _log(f"[{i}/{n}] {stem}: done in {dt:.1f} s (kernel peak memory {watch.peak_bytes / 2**30:.1f} GB)")
-        results.append(ChapterResult(stem, "ran", dt))
+        _log(f"[{i}/{n}] {stem}: {'done' if status == 'ran' else status} in {dt:.1f} s "
+             f"(kernel peak memory {watch.peak_bytes / 2**30:.1f} GB)")
+        results.append(ChapterResult(stem, status, dt))
     return results
 
 
