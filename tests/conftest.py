@@ -116,6 +116,7 @@ def pytest_collection_modifyitems(config, items):
                                 f"build the books again): {', '.join(stray)}")
 
 
+@pytest.hookimpl(optionalhook=True)  # a plain `pytest -p no:xdist` must still run
 def pytest_xdist_make_scheduler(config, log):
     """``-n 2 --dist loadgroup`` (the Makefile's): each book-building group on one worker, every other test alone.
 

@@ -367,6 +367,33 @@ def test_cohort_is_resumable_and_gives_identical_outputs(small_cohort, ref8, tmp
     assert pd.read_csv(out / "preprocessed.tsv", sep="\t")["status"].tolist() == ["ok", "ok", "ok"]
 
 
+def test_moved_run_folder_and_inputs_keep_their_preprocessing(small_cohort, ref8, tmp_path):
+    """Markers key inputs by content: a copied run folder with copied images is reused, not redone."""
+    first_dir = tmp_path / "a" / "preprocess"
+    first = pp.preprocess_cohort(small_cohort, first_dir, voxel_size=8.0, n_workers=1, reference=ref8,
+                                 progress=False)
+    moved = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", moved)
+    images = tmp_path / "images"
+    images.mkdir()
+    cohort = small_cohort.copy()
+    for col in ("image", "mask"):
+        cohort[col] = [shutil.copy2(v, images / Path(v).name) if v else "" for v in cohort[col]]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (moved / "preprocess").rglob("*_preprocess.json")}
+    again = pp.preprocess_cohort(cohort, moved / "preprocess", voxel_size=8.0, n_workers=1, reference=ref8,
+                                 progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (moved / "preprocess").rglob("*_preprocess.json")} == stamps
+    assert list(again["status"]) == list(first["status"])
+    assert all(str(moved) in v for v in again["image_pp"])  # the outputs named where they now lie
+    # other content under the same name is redone
+    changed = cohort.copy()
+    img = nib.load(changed.loc[0, "image"])
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 1.5, img.affine), changed.loc[0, "image"])
+    pp.preprocess_cohort(changed, moved / "preprocess", voxel_size=8.0, n_workers=1, reference=ref8, progress=False)
+    redone = {p.name for p in (moved / "preprocess").rglob("*_preprocess.json") if p.stat().st_mtime_ns != stamps[p.name]}
+    assert redone == {"sub-01_preprocess.json"}
+
+
 def test_cohort_names_an_unknown_setting(small_cohort, ref8, tmp_path):
     with pytest.raises(pp.BrainsexError, match="unknown preprocessing setting.*'reg_voxel'"):
         pp.preprocess_cohort(small_cohort, tmp_path, voxel_size=8.0, n_workers=1, reference=ref8, progress=False,

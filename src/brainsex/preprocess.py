@@ -1185,10 +1185,15 @@ def _present(value: Any) -> bool:
 
 
 def _file_fingerprint(path: Any) -> dict[str, Any]:
+    """An input file's identity by content (size and SHA-256), never by its path.
+
+    A run folder that is copied or moved (or a cohort whose images moved) keeps its preprocessing: the
+    outputs depend on the bytes, not on where they lie (as :class:`brainsex.cache.FileCache` keys).
+    """
     p = Path(str(path))
     if not p.is_file():
-        return {"path": str(p), "missing": True}
-    return {"path": str(p), "size": p.stat().st_size, "sha256": sha256_file(p)}
+        return {"missing": True}
+    return {"size": p.stat().st_size, "sha256": sha256_file(p)}
 
 
 def _clean(value: Any) -> Any:
