@@ -112,6 +112,9 @@ __all__ = [
     "comparison_table",
     "study_precision_table",
     "study_width_table",
+    "StudyRecord",
+    "read_study",
+    "study_grid_summary",
 ]
 
 #: Code version of the cached reference z-scores (:func:`study`).
@@ -726,6 +729,101 @@ def study_width_table(study: pd.DataFrame, k: int = 10, zscore: str = "brain") -
     out = out.reindex(index=pd.MultiIndex.from_tuples(order, names=keys), columns=list(dict.fromkeys(t["column"])))
     out.columns.name = None
     return out.fillna("").reset_index()
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """A committed validity-study folder as the chapter reads it (:func:`read_study`).
+
+    Attributes
+    ----------
+    folder : pathlib.Path
+        The study's output folder (``--out``).
+    table : pandas.DataFrame or None
+        Its table (:func:`study`), None when the folder has none.
+    made : str
+        When and how it was made ("made on <date> in <h> h with `<command>`"), or what is missing.
+    """
+
+    folder: Path
+    table: pd.DataFrame | None
+    made: str
+
+
+def read_study(folder: str | os.PathLike) -> StudyRecord:
+    """The table and the making of a study folder written by :func:`study` (for the validity chapter).
+
+    Parameters
+    ----------
+    folder : path
+        The study's ``--out`` folder (for example ``benchmarks/validity``).
+
+    Returns
+    -------
+    StudyRecord
+        ``table`` None when the folder holds no table; ``made`` says so.
+    """
+    from brainsex.io import read_table
+    from brainsex.run import ValidityDir
+
+    out = ValidityDir(folder)
+    table = read_table(out.study_table) if out.study_table.is_file() else None
+    if not out.study_info.is_file():
+        made = "no record of the command was found" if table is not None else f"no study table at {out.study_table}"
+        return StudyRecord(Path(folder), table, made)
+    try:
+        info = json.loads(out.study_info.read_text())
+    except json.JSONDecodeError as exc:
+        raise BrainsexError(f"{out.study_info}: not valid JSON ({exc})") from exc
+    hours = info.get("seconds")
+    made = (f"made on {str(info['date'])[:10] if info.get('date') else 'an unrecorded date'}"
+            + (f" in {float(hours) / 3600:.1f} h" if hours is not None else "")
+            + f" with `{info.get('command') or 'an unrecorded command'}`")
+    return StudyRecord(Path(folder), table, made)
+
+
+def study_grid_summary(study: pd.DataFrame, voxel_size: float, k: int = 10, zscore: str = "brain",
+                       effect: str = "volume") -> dict[str, Any]:
+    """What one grid of the study found, for the chapter's prose.
+
+    Parameters
+    ----------
+    study : pandas.DataFrame
+        The study table (:func:`study`).
+    voxel_size : float
+        The grid (mm) summarised.
+    k : int, default=10
+        The k of precision@k.
+    zscore : str, default="brain"
+        The z-score variant of the trained models summarised.
+    effect : str, default="volume"
+        The phantom's effect type summarised.
+
+    Returns
+    -------
+    dict
+        ``accuracy`` (width -> test accuracy), ``best_method`` (width -> (method, scoring, precision@k,
+        chance) of the explanation with the highest precision@k), ``morphometry`` (method -> (precision@k,
+        chance) for the registered- and perfect-warp controls and the truth map), ``chance`` (the median
+        chance level of the explanations' precision@k).
+    """
+    rows = study[(study["voxel_size"].astype(float) == float(voxel_size)) & (study["metric"] == f"precision_at_{k}")
+                 & (study["effect"] == effect)]
+    if rows.empty:
+        raise BrainsexError(f"the study table has no precision_at_{k} rows for the {effect} effect at {voxel_size:g} mm")
+    if "width" not in rows.columns:
+        rows = rows.assign(width=np.where(rows["zscore"] == "-", "-", "study"))
+    models = rows[(rows["zscore"] == zscore) & (rows["width"] != "-")]
+    fixed = rows[rows["zscore"] == "-"]
+    accuracy, best = {}, {}
+    for width, group in models.groupby("width", sort=False):
+        acc = group["accuracy"].dropna()
+        accuracy[str(width)] = float(acc.iloc[0]) if len(acc) else float("nan")
+        top = group.sort_values("observed", ascending=False, kind="stable").iloc[0]
+        best[str(width)] = (str(top["method"]), str(top["scoring"]), float(top["observed"]), float(top["chance"]))
+    morph = {str(r.method): (float(r.observed), float(r.chance)) for r in fixed.itertuples(index=False)}
+    chance = float(models["chance"].median()) if len(models) else float("nan")
+    return {"accuracy": accuracy, "best_method": best, "morphometry": morph, "chance": chance}
 
 
 # --------------------------------------------------------------------------------------------------
