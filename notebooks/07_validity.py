@@ -67,7 +67,9 @@ tbm_subjects = 16
 tbm_warps = ["tbm"]
 n_perm = 1000
 atlas_source = "offline"
-study_dir = "benchmarks/validity"
+# committed study folders (benchmarks/validity/): the 8 and 6 mm sweep, and the 2 mm run with demo- and paper-width models
+study_dirs = ["benchmarks/validity", "benchmarks/validity/grid-2mm"]
+fine_grid = 2.0
 # real cohorts: check the methods on a phantom matched to this run (same grid, widths, training settings)
 matched_phantom = True
 matched_subjects = 160
@@ -96,7 +98,7 @@ from brainsex.book import ChapterEnds
 from brainsex.figures import fig_precision_at_k, fig_tbm_coefficients, show, show_table
 from brainsex.io import read_table, write_table
 from brainsex.matched import matched_phantom_run
-from brainsex.run import RunDir, ValidityDir
+from brainsex.run import RunDir
 from brainsex.templates import load_atlas, load_template
 from brainsex.validity import (
     PERFECT_ALL,
@@ -109,7 +111,9 @@ from brainsex.validity import (
     planted_truth,
     positive_control,
     ranking_report,
+    read_study,
     report_long,
+    study_grid_summary,
     study_precision_table,
     study_width_table,
     truth_map_ranking,
@@ -559,32 +563,43 @@ glue("rel_verdict", Markdown(
 # {glue:text}`study_made`.
 
 # %% tags=["hide-input"]
-study_path = ValidityDir(study_dir).study_table
-study_info = ValidityDir(study_dir).study_info
-if study_info.is_file():
-    info = json.loads(study_info.read_text())
-    glue("study_made", f"made on {info.get('date', 'an unrecorded date')} in {info.get('seconds', float('nan')) / 3600:.1f} h "
-         f"with `{info.get('command') or 'an unrecorded command'}`", display=False)
-else:
-    glue("study_made", "no record of the command was found", display=False)
-if study_path.is_file():
-    study_table = read_table(study_path)
-    show_table(study_width_table(study_table, k=K),
-               caption=f"Validity study by grid and model width: precision@{K} (chance level) of every method, "
-               "the paper's per-scan z-score; the first row is each model's test accuracy")
-    s10 = study_precision_table(study_table, k=K)
-    show_table(s10, caption=f"Validity study ({study_path}): precision@{K} of every configuration, with its chance level")
+studies = [read_study(d) for d in study_dirs]
+glue("study_made", "; ".join(f"`{rec.folder}` {rec.made}" for rec in studies), display=False)
+study_notes = []
+for rec in studies:
+    if rec.table is None:
+        study_notes.append(f"No study table was found in {rec.folder}; run its command to make it.")
+        continue
+    show_table(study_width_table(rec.table, k=K),
+               caption=f"Validity study in {rec.folder}, by grid and model width: precision@{K} (chance level) of every "
+               "method, the paper's per-scan z-score; the first row is each model's test accuracy")
+    s10 = study_precision_table(rec.table, k=K)
+    show_table(s10, caption=f"Validity study in {rec.folder}: precision@{K} of every configuration, with its chance level")
     weak = s10.attrs["n_weak"]
-    glue("study_status", f"The study table ({study_path}, {len(s10)} rankings) is shown above; `tbm` is morphometry "
-         "with registered warps, `tbm_perfect_warps` with the phantom's true deformations, `truth_map` the ceiling. "
-         + (f"{weak} of its trained models are near chance, so their saliency rows say little: a larger run "
-            "(more subjects and epochs) is needed for those." if weak else ""), display=False)
+    study_notes.append(f"{rec.folder}: {len(s10)} rankings" + (
+        f"; {weak} of its trained models are near chance, so their saliency rows say little (a larger run, with "
+        "more subjects and epochs, is needed for those)" if weak else "") + ".")
+glue("study_status", " ".join(study_notes) + " `tbm` is morphometry with registered warps, `tbm_perfect_warps` with the "
+     "phantom's true deformations, `truth_map` the ceiling.", display=False)
+
+fine = next((rec.table for rec in studies if rec.table is not None
+             and (rec.table["voxel_size"].astype(float) == fine_grid).any()), None)
+if fine is not None:
+    g = study_grid_summary(fine, fine_grid, k=K)
+    glue("fine_grid", (
+        f"On the {fine_grid:g} mm grid the models reached a test accuracy of "
+        + ", ".join(f"{acc:.2f} ({w} width)" for w, acc in g["accuracy"].items())
+        + f". The best explanation of each model scored precision@{K} "
+        + ", ".join(f"{v[2]:.2f} ({w} width: {v[0]}, {v[1]})" for w, v in g["best_method"].items())
+        + f" against a chance level of about {g['chance']:.2f}; morphometry scored "
+        + ", ".join(f"{v[0]:.2f} ({m})" for m, v in g["morphometry"].items()) + "."), display=False)
 else:
-    glue("study_status", f"No study table was found at {study_path}; run the command above to make it.",
-         display=False)
+    glue("fine_grid", f"No committed study has a {fine_grid:g} mm grid yet.", display=False)
 
 # %% [markdown]
 # {glue:text}`study_status`
+#
+# {glue:text}`fine_grid`
 #
 # ```{exercise}
 # :label: ex-validity-chance
