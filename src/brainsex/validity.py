@@ -70,6 +70,8 @@ from brainsex.saliency import average_maps, occlusion_by_region, template_space_
 __all__ = [
     "DL_METHODS",
     "SCORINGS",
+    "ExplainSettings",
+    "MethodComparison",
     "method_rankings",
     "compare_methods",
     "reference_zscore",
@@ -192,6 +194,70 @@ def _occlusion_rankings(model: Any, scans: pd.DataFrame, template: Any, atlas_im
     return out
 
 
+@dataclass(frozen=True)
+class ExplainSettings:
+    """How the attribution maps are computed and scored (:func:`method_rankings`, :func:`compare_methods`).
+
+    Parameters
+    ----------
+    threshold : float, default=0.1
+        Saliency threshold of the weighted saliency score (:func:`brainsex.atlas.region_scores`), in
+        [0, 1] (the maps are min-max normalised).
+    batch_size : int or "auto", default="auto"
+        Scans per gradient pass, or occluded copies per forward pass for occlusion;
+        ``"auto"`` chooses from the free memory.
+    device : torch.device or str or None, default=None
+        Device to run on; None: the device of the model's parameters.
+    smoothgrad_samples : int, default=4
+        Noisy copies per scan for ``smoothgrad``.
+    smoothgrad_noise : float, default=0.15
+        Noise level of ``smoothgrad`` (:func:`brainsex.saliency.saliency_maps`).
+    ig_steps : int, default=8
+        Integration steps of ``integrated_gradients``.
+    """
+
+    threshold: float = 0.1
+    batch_size: int | str = "auto"
+    device: Any = None
+    smoothgrad_samples: int = 4
+    smoothgrad_noise: float = 0.15
+    ig_steps: int = 8
+
+    def __post_init__(self) -> None:
+        def count(v: Any) -> bool:
+            return isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1
+
+        checks = [
+            (isinstance(self.threshold, int | float) and 0.0 <= float(self.threshold) <= 1.0,
+             "threshold must be in [0, 1]"),
+            (self.batch_size == "auto" or count(self.batch_size), "batch_size must be 'auto' or an integer >= 1"),
+            (count(self.smoothgrad_samples), "smoothgrad_samples must be an integer >= 1"),
+            (isinstance(self.smoothgrad_noise, int | float) and float(self.smoothgrad_noise) >= 0.0,
+             "smoothgrad_noise must be >= 0"),
+            (count(self.ig_steps), "ig_steps must be an integer >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise BrainsexError(f"ExplainSettings: {msg} (got {self!r})")
+
+
+@dataclass(frozen=True)
+class MethodComparison:
+    """What :func:`compare_methods` returns.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        Long table: ``method``, ``scoring``, ``metric``, ``observed``, ``chance``, ``p_value``,
+        ``n_scans``, ``top_k`` (the names of the top ``k`` regions, planted ones marked with ``*``).
+    rankings : dict
+        ``{(method, scoring): ranking table}``, best first (:func:`method_rankings`).
+    """
+
+    table: pd.DataFrame
+    rankings: dict[tuple[str, str], pd.DataFrame]
+
+
 @fill_doc
 def method_rankings(
     model: Any,
@@ -203,14 +269,9 @@ def method_rankings(
     scorings: Sequence[str] = SCORINGS,
     warp: str = "syn",
     cache_dir: str | os.PathLike | None = None,
-    threshold: float = 0.1,
     image_col: str = "image_pp",
-    batch_size: int | str = "auto",
-    device: Any = None,
     n_jobs: int = 1,
-    smoothgrad_samples: int = 4,
-    smoothgrad_noise: float = 0.15,
-    ig_steps: int = 8,
+    explain: ExplainSettings | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[dict[tuple[str, str], pd.DataFrame], dict[str, np.ndarray]]:
@@ -224,8 +285,8 @@ def method_rankings(
     - ``saliency_signed``: the signed gradient, each scan divided by its largest absolute value,
       averaged with its sign (consistent directions add up, inconsistent ones cancel), and the absolute
       value of the average min-max normalised before scoring;
-    - ``smoothgrad``: absolute gradient averaged over ``smoothgrad_samples`` noisy copies;
-    - ``integrated_gradients``: |IG| from a zero baseline with ``ig_steps`` steps.
+    - ``smoothgrad``: absolute gradient averaged over ``explain.smoothgrad_samples`` noisy copies;
+    - ``integrated_gradients``: |IG| from a zero baseline with ``explain.ig_steps`` steps.
 
     Scorings: ``weighted_score`` (the paper's weighted saliency score) and ``mean_saliency`` (the
     plain regional mean). ``occlusion`` sets each atlas region (carried to the scan with the inverse
@@ -255,23 +316,13 @@ def method_rankings(
         when missing); ``"none"``: the maps stay on the rigidly registered grid.
     cache_dir : path or None, default=None
         Folder of the per-subject transforms; required for ``warp="syn"``.
-    threshold : float, default=0.1
-        Saliency threshold of the weighted saliency score (:func:`brainsex.atlas.region_scores`).
     image_col : str, default="image_pp"
         Column of the preprocessed scans.
-    batch_size : int or "auto", default="auto"
-        Scans per gradient pass, or occluded copies per forward pass for occlusion;
-        ``"auto"`` chooses from the free memory.
-    device : torch.device or str or None, default=None
-        Device to run on; None: the device of the model's parameters.
     n_jobs : int, default=1
         Parallel warps (joblib).
-    smoothgrad_samples : int, default=4
-        Noisy copies per scan for ``smoothgrad``.
-    smoothgrad_noise : float, default=0.15
-        Noise level of ``smoothgrad`` (:func:`brainsex.saliency.saliency_maps`).
-    ig_steps : int, default=8
-        Integration steps of ``integrated_gradients``.
+    explain : ExplainSettings or None, default=None
+        Threshold of the weighted saliency score, batch size, device, SmoothGrad and Integrated
+        Gradients settings (:class:`ExplainSettings`); None: its defaults.
     seed : int, default=0
         Seed of the SmoothGrad noise.
     progress : bool, default=False
@@ -298,6 +349,9 @@ def method_rankings(
         raise BrainsexError("method_rankings: warp='syn' needs the cache_dir of the subjects' transforms")
     if not isinstance(labels, pd.DataFrame):
         raise BrainsexError("labels: expected the atlas label table")
+    ex = ExplainSettings() if explain is None else explain
+    if not isinstance(ex, ExplainSettings):
+        raise BrainsexError(f"explain: expected ExplainSettings or None, got {type(ex).__name__}")
     cache = Path(cache_dir) if cache_dir is not None else None
     if warp == "syn":
         # compute (or find) each scan's transform exactly as the saliency chapter does (one shared cache)
@@ -313,18 +367,19 @@ def method_rankings(
     for method in methods:
         if method == "occlusion":
             for name, r in _occlusion_rankings(model, table, template, atlas, labels, warp, cache, image_col,
-                                               batch_size, device, progress).items():
+                                               ex.batch_size, ex.device, progress).items():
                 rankings[(method, name)] = r
             continue
         base, signed, kw = method, False, {}
         if method == "saliency_signed":
             base, signed = "saliency", True
         elif method == "smoothgrad":
-            kw = {"nt_samples": int(smoothgrad_samples), "noise_level": float(smoothgrad_noise), "seed": int(seed)}
+            kw = {"nt_samples": int(ex.smoothgrad_samples), "noise_level": float(ex.smoothgrad_noise),
+                  "seed": int(seed)}
         elif method == "integrated_gradients":
-            kw = {"n_steps": int(ig_steps)}
+            kw = {"n_steps": int(ex.ig_steps)}
         maps = template_space_maps(model, table, template, method=base, signed=signed, warp=warp,
-                                   cache_dir=cache, image_col=image_col, batch_size=batch_size, device=device,
+                                   cache_dir=cache, image_col=image_col, batch_size=ex.batch_size, device=ex.device,
                                    n_jobs=n_jobs, progress=progress, **kw)
         mean = average_maps(maps)
         if signed:
@@ -334,7 +389,7 @@ def method_rankings(
         for scoring in scorings:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                rankings[(method, scoring)] = _scores_ranking(img, atlas_t, labels, scoring, threshold)
+                rankings[(method, scoring)] = _scores_ranking(img, atlas_t, labels, scoring, ex.threshold)
     return rankings, mean_maps
 
 
@@ -354,16 +409,11 @@ def compare_methods(
     n_perm: int = 1000,
     k: int = 10,
     seed: int = 0,
-    threshold: float = 0.1,
     image_col: str = "image_pp",
-    batch_size: int | str = "auto",
-    device: Any = None,
     n_jobs: int = 1,
-    smoothgrad_samples: int = 4,
-    ig_steps: int = 8,
+    explain: ExplainSettings | None = None,
     progress: bool = False,
-    return_rankings: bool = False,
-) -> pd.DataFrame | tuple[pd.DataFrame, dict[tuple[str, str], pd.DataFrame]]:
+) -> MethodComparison:
     """Every attribution method x scoring on the same model and scans, scored against the planted regions.
 
     Up to ``max_scans`` correctly classified scans of ``table`` (:func:`select_scans`) are explained
@@ -378,9 +428,7 @@ def compare_methods(
         and ``y_pred``, only the correctly classified ones).
     truth : iterable of int or pandas.DataFrame
         The planted region labels, or a table with a ``label`` column (:func:`planted_truth`).
-    methods, scorings, warp, cache_dir, threshold, image_col, batch_size, device, n_jobs
-        Passed to :func:`method_rankings`.
-    smoothgrad_samples, ig_steps, progress
+    methods, scorings, warp, cache_dir, image_col, n_jobs, explain, progress
         Passed to :func:`method_rankings`.
     max_scans : int or None, default=24
         At most this many scans, balanced by sex (:func:`select_scans`); None keeps them all.
@@ -393,15 +441,13 @@ def compare_methods(
         The k of precision@k and the number of top regions listed.
     seed : int, default=0
         Seed of the scan draw, of the permutations and of the SmoothGrad noise.
-    return_rankings : bool, default=False
-        Also return the rankings.
 
     Returns
     -------
-    pandas.DataFrame
-        Long table: ``method``, ``scoring``, ``metric``, ``observed``, ``chance``, ``p_value``,
-        ``n_scans``, ``top_k`` (the names of the top ``k`` regions, planted ones marked with ``*``).
-        With ``return_rankings`` also the ``{(method, scoring): ranking}`` dict.
+    MethodComparison
+        ``table``: the long table (``method``, ``scoring``, ``metric``, ``observed``, ``chance``,
+        ``p_value``, ``n_scans``, ``top_k``: the names of the top ``k`` regions, planted ones marked
+        with ``*``); ``rankings``: the ``{(method, scoring): ranking}`` dict it scores.
     """
     scans = select_scans(table, max_scans=max_scans, seed=seed)
     if isinstance(truth, pd.DataFrame):
@@ -410,24 +456,26 @@ def compare_methods(
     if neighbours is None:
         neighbours = region_neighbours(labels_on(atlas, template))
     rankings, _ = method_rankings(model, scans, template, atlas, labels, methods=methods, scorings=scorings, warp=warp,
-                                  cache_dir=cache_dir, threshold=threshold, image_col=image_col,
-                                  batch_size=batch_size, device=device, n_jobs=n_jobs,
-                                  smoothgrad_samples=smoothgrad_samples, ig_steps=ig_steps, seed=seed,
+                                  cache_dir=cache_dir, image_col=image_col, n_jobs=n_jobs, explain=explain, seed=seed,
                                   progress=progress)
-    parts = []
-    for (method, scoring), r in rankings.items():
-        rep = ranking_report(r, t, neighbours=neighbours, n_perm=n_perm, seed=seed, k=k)
-        rep.insert(0, "scoring", scoring)
-        rep.insert(0, "method", method)
-        long = report_long(rep, id_cols=("method", "scoring"))
-        present = r[r["n_voxels"] > 0] if "n_voxels" in r.columns else r
-        names = [f"{n}{'*' if int(lab) in t else ''}" for n, lab in
-                 zip(present["name"].head(k), present["label"].head(k), strict=True)]
-        long["n_scans"] = len(scans)
-        long["top_k"] = "; ".join(names)
-        parts.append(long)
-    out = pd.concat(parts, ignore_index=True)
-    return (out, rankings) if return_rankings else out
+    parts = [_scored_ranking(r, method, scoring, t, neighbours, n_perm=n_perm, seed=seed, k=k, n_scans=len(scans))
+             for (method, scoring), r in rankings.items()]
+    return MethodComparison(table=pd.concat(parts, ignore_index=True), rankings=rankings)
+
+
+def _scored_ranking(ranking: pd.DataFrame, method: str, scoring: str, truth: set[int],
+                    neighbours: dict[int, set[int]], n_perm: int, seed: int, k: int, n_scans: int) -> pd.DataFrame:
+    """One ranking's :func:`ranking_report` in long form, with the scan count and its top ``k`` names."""
+    rep = ranking_report(ranking, truth, neighbours=neighbours, n_perm=n_perm, seed=seed, k=k)
+    rep.insert(0, "scoring", scoring)
+    rep.insert(0, "method", method)
+    long = report_long(rep, id_cols=("method", "scoring"))
+    present = ranking[ranking["n_voxels"] > 0] if "n_voxels" in ranking.columns else ranking
+    names = [f"{n}{'*' if int(lab) in truth else ''}" for n, lab in
+             zip(present["name"].head(k), present["label"].head(k), strict=True)]
+    long["n_scans"] = n_scans
+    long["top_k"] = "; ".join(names)
+    return long
 
 
 def reference_zscore(image: Any, reference_mask: Any, brain_mask: Any | None = None) -> Any:
@@ -1227,7 +1275,8 @@ def study(
                     cmp_ = compare_methods(res.model, test, template, atlas, labels, truth, methods=p["methods"],
                                            scorings=p["scorings"], max_scans=p["max_scans"], warp=p["warp"],
                                            cache_dir=cache, neighbours=neighbours, n_perm=n_perm, seed=seed,
-                                           device=p["device"], n_jobs=n_workers, progress=progress)
+                                           n_jobs=n_workers, explain=ExplainSettings(device=p["device"]),
+                                           progress=progress).table
                     timed(f"explain_{width}", f"{tag}_{z}", t0)
                     add(cmp_.drop(columns=["top_k"]), effect=effect, voxel_size=vs, zscore=z, width=width,
                         accuracy=acc)
