@@ -356,10 +356,11 @@ if "split" in pred.columns:
 paths = pre[["participant_id", "image_pp"]]
 scans = pred.merge(paths, on="participant_id").reset_index(drop=True)
 model = load_model(run.train.best, device="cpu" if device == "auto" else device)
-comparison, rankings = compare_methods(
+compared = compare_methods(
     model, scans, template, atlas, labels, truth, max_scans=max_scans, warp="syn",
     cache_dir=run.preprocess.warps, neighbours=neighbours, n_perm=n_perm, k=K, seed=seed,
-    n_jobs=n_workers, return_rankings=True)
+    n_jobs=n_workers)
+comparison, rankings = compared.table, compared.rankings
 reference = pd.concat([
     report_long(ceiling_rep.assign(method="truth map", scoring="effect"), id_cols=("method", "scoring")),
     *[report_long(rep.assign(method=f"TBM, {name}", scoring="|t|"), id_cols=("method", "scoring"))

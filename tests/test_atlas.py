@@ -241,3 +241,34 @@ def test_log_jacobian_region_means_and_group_test():
         region_group_test(values, ["M"] * n, tiv)
     with pytest.raises(BrainsexError, match="shape"):
         log_jacobian_region_means(maps[:, :5], atlas)
+
+
+@pytest.mark.parametrize("with_tiv", [True, False])
+def test_region_group_test_matches_per_region_ols_with_and_without_missing_values(with_tiv):
+    """The complete regions fitted together give each region's own OLS; a region with gaps uses its complete cases."""
+    sm = pytest.importorskip("statsmodels.api")
+    rng = np.random.default_rng(7)
+    n, m = 40, 12
+    male = np.tile([1.0, 0.0], n // 2)
+    tiv = 1400 + 150 * male + rng.normal(0, 60, n)
+    values = rng.normal(size=(n, m)) + 0.4 * male[:, None] + 0.002 * (tiv - 1400)[:, None]
+    values[rng.random((n, m)) < 0.1] = np.nan
+    values[:, :6] = rng.normal(size=(n, 6)) + 0.4 * male[:, None]  # four complete regions, two degenerate ones
+    n_params = 3 if with_tiv else 2
+    values[n_params:, 4] = np.nan  # as many values as parameters: no residual degree of freedom
+    values[male == 0, 5] = np.nan  # only males left: the sex effect is not estimable
+    res = region_group_test(pd.DataFrame(values, columns=range(1, m + 1)), male, tiv if with_tiv else None)
+    r = res.set_index("label")
+    assert r.loc[5, ["coef_male", "se", "t", "p", "q"]].isna().all() and r.loc[5, "n"] == n_params
+    assert r.loc[6, ["coef_male", "t", "p"]].isna().all() and r.loc[6, "n"] == n // 2
+    assert not r.loc[5, "significant"] and list(res["label"].iloc[-2:]) == [5, 6]  # untested regions last
+    covars = [male] + ([(tiv - tiv.mean()) / tiv.std()] if with_tiv else [])
+    X = sm.add_constant(np.column_stack(covars))
+    for j in [0, 1, 2, 3, *range(6, m)]:
+        ok = np.isfinite(values[:, j])
+        assert ok.all() == (j < 4)
+        fit = sm.OLS(values[ok, j], X[ok]).fit()
+        got = r.loc[j + 1]
+        assert got["n"] == ok.sum()
+        np.testing.assert_allclose([got["coef_male"], got["se"], got["t"], got["p"]],
+                                   [fit.params[1], fit.bse[1], fit.tvalues[1], fit.pvalues[1]], rtol=1e-10)

@@ -180,9 +180,9 @@ def toy_scans(tmp_path):
 def test_compare_methods_finds_the_region_the_model_uses(toy_scans):
     table, template, atlas, lab = toy_scans
     model = RegionModel((lab == 3).astype(np.float32))
-    out, rankings = v.compare_methods(model, table, template, atlas, _labels(), truth=[3], warp="none",
-                                      max_scans=4, n_perm=100, k=1, smoothgrad_samples=2, ig_steps=4,
-                                      batch_size=2, return_rankings=True)
+    res = v.compare_methods(model, table, template, atlas, _labels(), truth=[3], warp="none", max_scans=4, n_perm=100,
+                            k=1, explain=v.ExplainSettings(smoothgrad_samples=2, ig_steps=4, batch_size=2))
+    out, rankings = res.table, res.rankings
     methods = set(out["method"])
     assert methods == set(v.DL_METHODS)
     assert set(out.loc[out["method"] == "occlusion", "scoring"]) == set(v.OCCLUSION_SCORINGS)
@@ -199,13 +199,28 @@ def test_compare_methods_reports_failure_honestly(toy_scans):
     table, template, atlas, lab = toy_scans
     model = RegionModel((lab == 4).astype(np.float32))  # uses region 4, truth says 3
     out = v.compare_methods(model, table, template, atlas, _labels(), truth=[3], methods=("saliency", "occlusion"),
-                            warp="none", max_scans=4, n_perm=100, k=1)
+                            warp="none", max_scans=4, n_perm=100, k=1).table
     p1 = out[out["metric"] == "precision_at_1"]
     assert (p1["observed"] == 0.0).all() and (p1["p_value"] == 1.0).all()
     with pytest.raises(BrainsexError, match="unknown"):
         v.compare_methods(model, table, template, atlas, _labels(), truth=[3], methods=("gradcam",), warp="none")
     with pytest.raises(BrainsexError, match="cache_dir"):
         v.method_rankings(model, table, template, atlas, _labels(), warp="syn")
+    with pytest.raises(BrainsexError, match="explain"):
+        v.method_rankings(model, table, template, atlas, _labels(), warp="none", explain={"ig_steps": 4})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"threshold": 1.5}, "threshold"), ({"batch_size": 0}, "batch_size"), ({"batch_size": "big"}, "batch_size"),
+     ({"smoothgrad_samples": 2.5}, "smoothgrad_samples"), ({"smoothgrad_noise": -0.1}, "smoothgrad_noise"),
+     ({"ig_steps": True}, "ig_steps")],
+)
+def test_explain_settings_are_checked(kwargs, match):
+    with pytest.raises(BrainsexError, match=match):
+        v.ExplainSettings(**kwargs)
+    ok = v.ExplainSettings(batch_size=4, ig_steps=np.int64(3))
+    assert ok.batch_size == 4 and ok.threshold == 0.1 and ok.device is None
 
 
 def test_reference_zscore_uses_only_the_reference_statistics():

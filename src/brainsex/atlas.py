@@ -591,25 +591,14 @@ def region_group_test(
     if np.linalg.matrix_rank(X) < X.shape[1]:
         raise BrainsexError("region_group_test: the design (intercept, sex, TIV) is rank deficient "
                             "(only one sex? constant TIV?)")
-    records = []
-    for col in region_values.columns:
-        y = region_values[col].to_numpy(dtype=float)
-        ok = np.isfinite(y)
-        Xo, yo = X[ok], y[ok]
-        dof = len(yo) - X.shape[1]
-        if dof < 1 or np.linalg.matrix_rank(Xo) < X.shape[1]:
-            records.append({"label": col, "coef_male": np.nan, "se": np.nan, "t": np.nan, "p": np.nan,
-                            "n": int(ok.sum())})
-            continue
-        beta, *_ = np.linalg.lstsq(Xo, yo, rcond=None)
-        resid = yo - Xo @ beta
-        s2 = float(resid @ resid) / dof
-        cov = s2 * np.linalg.inv(Xo.T @ Xo)
-        se = float(np.sqrt(cov[1, 1]))
-        t = float(beta[1] / se) if se > 0 else (np.inf * np.sign(beta[1]) if beta[1] != 0 else 0.0)
-        p = float(2 * stats.t.sf(abs(t), dof))
-        records.append({"label": col, "coef_male": float(beta[1]), "se": se, "t": t, "p": p, "n": int(ok.sum())})
-    out = pd.DataFrame.from_records(records)
+    Y = region_values.to_numpy(dtype=float)
+    coef, se, dof = _sex_coefficients(X, Y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(se > 0, coef / se, np.where(coef != 0, np.inf * np.sign(coef), 0.0))
+    t[np.isnan(coef)] = np.nan
+    p = np.where(np.isnan(t), np.nan, 2 * stats.t.sf(np.abs(t), np.where(np.isnan(dof), 1.0, dof)))
+    out = pd.DataFrame({"label": list(region_values.columns), "coef_male": coef, "se": se, "t": t, "p": p,
+                        "n": np.isfinite(Y).sum(axis=0).astype(int)})
     valid = out["p"].notna()
     out["q"] = np.nan
     if valid.any():
@@ -628,6 +617,38 @@ def region_group_test(
     out["_abs_t"] = out["t"].abs().fillna(-1.0)
     out = out.sort_values(["_abs_t", "label"], ascending=[False, True], kind="mergesort").drop(columns="_abs_t")
     return out.reset_index(drop=True)
+
+
+def _sex_coefficients(X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OLS of each column of ``Y`` on the design ``X``: the coefficient of ``X[:, 1]``, its SE, the dof.
+
+    Complete columns are fitted together (one ``lstsq`` with a matrix of responses); a column with
+    missing values is fitted on its complete cases. NaN where fewer than one residual degree of
+    freedom is left or the complete cases make ``X`` rank deficient.
+    """
+    n, k = X.shape
+    m = Y.shape[1]
+    coef, se, dof = np.full(m, np.nan), np.full(m, np.nan), np.full(m, np.nan)
+    complete = np.isfinite(Y).all(axis=0)
+    if complete.any() and n - k >= 1:
+        beta, *_ = np.linalg.lstsq(X, Y[:, complete], rcond=None)
+        resid = Y[:, complete] - X @ beta
+        s2 = np.einsum("ij,ij->j", resid, resid) / (n - k)
+        coef[complete] = beta[1]
+        se[complete] = np.sqrt(s2 * np.linalg.inv(X.T @ X)[1, 1])
+        dof[complete] = n - k
+    for j in np.flatnonzero(~complete):
+        ok = np.isfinite(Y[:, j])
+        Xo, yo = X[ok], Y[ok, j]
+        d = len(yo) - k
+        if d < 1 or np.linalg.matrix_rank(Xo) < k:
+            continue
+        beta, *_ = np.linalg.lstsq(Xo, yo, rcond=None)
+        resid = yo - Xo @ beta
+        coef[j] = beta[1]
+        se[j] = np.sqrt(float(resid @ resid) / d * np.linalg.inv(Xo.T @ Xo)[1, 1])
+        dof[j] = d
+    return coef, se, dof
 
 
 # --------------------------------------------------------------------------------------------------

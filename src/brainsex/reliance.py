@@ -475,7 +475,7 @@ def explanation_vs_reliance(
     ----------
     rankings : mapping
         ``{(method, scoring): ranking}`` (best first, with ``label``), as
-        :func:`brainsex.validity.compare_methods` returns with ``return_rankings=True``.
+        :func:`brainsex.validity.compare_methods` returns them (``.rankings``).
     reliance : pandas.DataFrame
         :func:`model_reliance`'s table; its ``planted region`` rows are matched to the rankings by
         region name (the atlas's names, as in ``ground_truth/regions.tsv``).

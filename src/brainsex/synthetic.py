@@ -845,19 +845,12 @@ def _render_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], p: Ma
     vs = float(info["voxel_size"])
     seed, index = draw
     tshape, taffine = templates.target_grid(vs)
-    t_origin = taffine[:3, 3:4]
     sshape, saffine = _scanner_grid(vs)
-    scale = (float(row["tiv_ml"]) / float(info["icv_template_ml"])) ** (1.0 / 3.0)
-    # scanner voxel -> template-space mm before the non-linear parts: undo the pose, then the scaling
-    to_template = np.linalg.inv(pose_matrix({**p, "scale": scale}, include_scale=True)) @ saffine
+    lin, off = _scanner_to_template_voxels(row, p, info, saffine, taffine)
 
     # non-linear part (template grid, mm): individual warp + planted sex effect + ventricles
     disp, warp = subject_displacement(ctx, row, p, subject_rng(seed, index, "warp"), vs, planted=planted)
-    # bias field in scanner space (fixed to the coil, not to the head)
-    bshape = tuple(max(int(math.ceil(n * vs / 40.0)), 2) + 2 for n in sshape)
-    bias_coarse = _smooth_noise(subject_rng(seed, index, "bias"), bshape, 1.0)
-    step = [(b_ - 1) / max(s_ - 1, 1) for s_, b_ in zip(sshape, bshape, strict=True)]
-    bias = np.exp(np.float32(p["bias_sd"]) * _upsample(bias_coarse, sshape, step, [0.0] * 3))
+    bias = _bias_field(subject_rng(seed, index, "bias"), sshape, vs, p["bias_sd"])
     # skull/scalp thickness varies smoothly with the direction from the head's centre
     thick_dir = subject_rng(seed, index, "thickness").standard_normal(3).astype(np.float32)
     thick_dir /= np.float32(math.sqrt(3.0))
@@ -865,28 +858,12 @@ def _render_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], p: Ma
     field = np.empty((4, *tshape), np.float32)  # U (3 channels, voxels) and the signed distance (mm)
     field[:3] = disp / np.float32(vs)
     field[3] = ctx["dist"][0]
-    sex = str(row["sex"])
-
     if contrast is None:
-        contrast = ctx.get("contrast_" + sex)
-    tmaps = ctx["tmaps"]
-    g_ratio, c_ratio, wm_level = float(p["gm_ratio"]), float(p["csf_ratio"]), float(p["wm_level"])
-    gm_loss = float(p["gm_loss"])
-    skull_mm, scalp_mm = float(p["skull_mm"]), float(p["scalp_mm"])
+        contrast = ctx.get("contrast_" + str(row["sex"]))
     # farthest a point can be from the brain (before the non-linear part) and still show skull or scalp
-    reach = 0.5 + 1.15 * skull_mm + 1.2 * scalp_mm + 2 * vs + float(np.abs(warp).max()) + 2.0
-    centre_v = ((_POSE_CENTRE[:, None] - t_origin) / vs).astype(np.float32)
-    # scanner voxel -> template voxel (before the non-linear part)
-    to_tvox = np.diag([1 / vs, 1 / vs, 1 / vs, 1.0]) @ np.vstack([to_template[:3], [0, 0, 0, 1]])
-    to_tvox[:3, 3] -= t_origin[:, 0] / vs
-    lin, off = to_tvox[:3, :3].astype(np.float32), to_tvox[:3, 3:4].astype(np.float32)
-
-    # air is skipped: a pass over every other voxel finds the head (with a margin), the rest stays 0
-    sub = np.stack(np.meshgrid(*[np.arange(0, n, 2) for n in sshape], indexing="ij")).reshape(3, -1)
-    d_sub = _gather(ctx["dist"], _trilinear_plan(lin @ sub.astype(np.float32) + off, tshape))[0]
-    near_sub = (d_sub < reach + vs * math.sqrt(3)).reshape([len(range(0, n, 2)) for n in sshape])
-    near_grid = near_sub.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: sshape[0], : sshape[1], : sshape[2]]
-    candidates = np.flatnonzero(near_grid)
+    reach = 0.5 + 1.15 * float(p["skull_mm"]) + 1.2 * float(p["scalp_mm"]) + 2 * vs + float(np.abs(warp).max()) + 2.0
+    centre_v = ((_POSE_CENTRE[:, None] - taffine[:3, 3:4]) / vs).astype(np.float32)
+    candidates = _head_voxels(ctx["dist"], lin, off, tshape, sshape, reach + vs * math.sqrt(3))
 
     n_vox = int(np.prod(sshape))
     t1 = np.zeros(n_vox, np.float32)
@@ -900,35 +877,83 @@ def _render_subject(ctx: Mapping[str, np.ndarray], row: Mapping[str, Any], p: Ma
         near = u[3] < reach
         if not near.any():
             continue
-        tv = xv[:, near] + u[:3, near]
         flat_idx = flat_idx[near]
-        plan = _trilinear_plan(tv, tshape)
-        gm, wm, csf, d, m = _gather(tmaps, plan)
-        m = m * plan[2]  # no brain outside the template's field of view
-        csf += gm * gm_loss
-        gm *= 1.0 - gm_loss
-        rel = tv - centre_v
-        mod = (thick_dir @ rel) / np.maximum(np.sqrt((rel * rel).sum(0)), 1e-3)
-        skull_t = skull_mm * (1 + 0.15 * mod)
-        outer = 0.5 + skull_t
-        skull = _edge(d - 0.5) * (1 - _edge(d - outer))
-        diploe = _edge(d - (0.5 + 0.3 * skull_t)) * (1 - _edge(d - (0.5 + 0.7 * skull_t)))
-        scalp = _edge(d - outer) * (1 - _edge(d - (outer + scalp_mm * (1 + 0.2 * mod))))
-        tissue = wm + g_ratio * gm + c_ratio * csf
-        if contrast is not None:
-            tissue *= _gather(contrast, plan)[0]
-        shell = _SKULL * skull + (_DIPLOE - _SKULL) * diploe + _SCALP * scalp
-        t1[flat_idx] = (tissue * (1 - skull - scalp).clip(0, 1) + shell) * wm_level
-        brain[flat_idx] = m >= 0.5
+        t1[flat_idx], brain[flat_idx] = _tissue_signal(ctx["tmaps"], contrast, xv[:, near] + u[:3, near], tshape, p,
+                                                       centre_v, thick_dir)
+    image = _rician_noise(t1.reshape(sshape) * bias.astype(np.float32), p, subject_rng(seed, index, "noise"))
+    return image, brain.reshape(sshape), saffine
 
-    t1 = t1.reshape(sshape) * bias.astype(np.float32)
+
+def _scanner_to_template_voxels(row: Mapping[str, Any], p: Mapping[str, Any], info: Mapping[str, Any],
+                                saffine: np.ndarray, taffine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(lin, off)``: scanner voxel -> template voxel before the non-linear part (undo pose, then scaling)."""
+    vs = float(info["voxel_size"])
+    t_origin = taffine[:3, 3:4]
+    scale = (float(row["tiv_ml"]) / float(info["icv_template_ml"])) ** (1.0 / 3.0)
+    to_template = np.linalg.inv(pose_matrix({**p, "scale": scale}, include_scale=True)) @ saffine
+    to_tvox = np.diag([1 / vs, 1 / vs, 1 / vs, 1.0]) @ np.vstack([to_template[:3], [0, 0, 0, 1]])
+    to_tvox[:3, 3] -= t_origin[:, 0] / vs
+    return to_tvox[:3, :3].astype(np.float32), to_tvox[:3, 3:4].astype(np.float32)
+
+
+def _bias_field(rng: np.random.Generator, sshape: tuple[int, int, int], vs: float, bias_sd: float) -> np.ndarray:
+    """Multiplicative bias field in scanner space (fixed to the coil, not to the head)."""
+    bshape = tuple(max(int(math.ceil(n * vs / 40.0)), 2) + 2 for n in sshape)
+    bias_coarse = _smooth_noise(rng, bshape, 1.0)
+    step = [(b_ - 1) / max(s_ - 1, 1) for s_, b_ in zip(sshape, bshape, strict=True)]
+    return np.exp(np.float32(bias_sd) * _upsample(bias_coarse, sshape, step, [0.0] * 3))
+
+
+def _head_voxels(dist: np.ndarray, lin: np.ndarray, off: np.ndarray, tshape: tuple[int, ...],
+                 sshape: tuple[int, int, int], margin: float) -> np.ndarray:
+    """Flat indices of the scanner voxels that may show the head (signed distance below ``margin``).
+
+    Air is skipped: a pass over every other voxel finds the head (with a margin), the rest stays 0.
+    """
+    sub = np.stack(np.meshgrid(*[np.arange(0, n, 2) for n in sshape], indexing="ij")).reshape(3, -1)
+    d_sub = _gather(dist, _trilinear_plan(lin @ sub.astype(np.float32) + off, tshape))[0]
+    near_sub = (d_sub < margin).reshape([len(range(0, n, 2)) for n in sshape])
+    near_grid = near_sub.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: sshape[0], : sshape[1], : sshape[2]]
+    return np.flatnonzero(near_grid)
+
+
+def _tissue_signal(tmaps: np.ndarray, contrast: np.ndarray | None, tv: np.ndarray, tshape: tuple[int, ...],
+                   p: Mapping[str, Any], centre_v: np.ndarray, thick_dir: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free T1 signal and brain flag at template-voxel points ``tv`` (after the non-linear part).
+
+    Tissue maps with the age-related grey-matter loss and the planted contrast, inside skull (with its
+    diploe) and scalp whose thickness varies with the direction ``thick_dir`` from the head's centre.
+    """
+    g_ratio, c_ratio, wm_level = float(p["gm_ratio"]), float(p["csf_ratio"]), float(p["wm_level"])
+    gm_loss = float(p["gm_loss"])
+    skull_mm, scalp_mm = float(p["skull_mm"]), float(p["scalp_mm"])
+    plan = _trilinear_plan(tv, tshape)
+    gm, wm, csf, d, m = _gather(tmaps, plan)
+    m = m * plan[2]  # no brain outside the template's field of view
+    csf += gm * gm_loss
+    gm *= 1.0 - gm_loss
+    rel = tv - centre_v
+    mod = (thick_dir @ rel) / np.maximum(np.sqrt((rel * rel).sum(0)), 1e-3)
+    skull_t = skull_mm * (1 + 0.15 * mod)
+    outer = 0.5 + skull_t
+    skull = _edge(d - 0.5) * (1 - _edge(d - outer))
+    diploe = _edge(d - (0.5 + 0.3 * skull_t)) * (1 - _edge(d - (0.5 + 0.7 * skull_t)))
+    scalp = _edge(d - outer) * (1 - _edge(d - (outer + scalp_mm * (1 + 0.2 * mod))))
+    tissue = wm + g_ratio * gm + c_ratio * csf
+    if contrast is not None:
+        tissue *= _gather(contrast, plan)[0]
+    shell = _SKULL * skull + (_DIPLOE - _SKULL) * diploe + _SCALP * scalp
+    return (tissue * (1 - skull - scalp).clip(0, 1) + shell) * wm_level, m >= 0.5
+
+
+def _rician_noise(t1: np.ndarray, p: Mapping[str, Any], rng: np.random.Generator) -> np.ndarray:
+    """Magnitude of the signal plus complex Gaussian noise (``noise_frac`` of the WM level), as int16."""
+    wm_level = float(p["wm_level"])
     sigma = np.float32(float(p["noise_frac"]) * wm_level)
-    rng = subject_rng(seed, index, "noise")
-    real = t1 + sigma * rng.standard_normal(sshape, dtype=np.float32)
-    imag = sigma * rng.standard_normal(sshape, dtype=np.float32)
+    real = t1 + sigma * rng.standard_normal(t1.shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(t1.shape, dtype=np.float32)
     img = np.sqrt(real * real + imag * imag)
-    out = np.clip(np.rint(img), 0, 32767).astype(np.int16)
-    return out, brain.reshape(sshape), saffine
+    return np.clip(np.rint(img), 0, 32767).astype(np.int16)
 
 
 def _scanner_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -1017,34 +1042,16 @@ def make_cohort(
         ``mask``, the paths of each subject's image and true brain mask (the tree's layout is
         :class:`brainsex.run.PhantomDir`).
     """
-    from joblib import Parallel, delayed
-    from threadpoolctl import threadpool_limits
-    from tqdm.auto import tqdm
-
-    if spec != "paper":
-        raise BrainsexError(f"spec must be 'paper' (the paper's Table 1 design), got {spec!r}")
-    vs = templates.check_voxel_size(voxel_size)
-    for name, val, lo, hi in (("region_effect", region_effect, 0.0, 1.0), ("contrast_effect", contrast_effect, 0.0, 1.0)):
-        if not (isinstance(val, int | float) and lo <= float(val) < hi):
-            raise BrainsexError(f"{name} must be a fraction in [{lo}, {hi}), got {val!r}")
-    if not isinstance(seed, int | np.integer) or seed < 0:
-        raise BrainsexError(f"seed must be a non-negative integer, got {seed!r}")
+    vs = _check_cohort_args(spec, voxel_size, region_effect, contrast_effect, seed)
     regions = _normalise_regions(sex_regions)
-    out = Path(out_dir)
-    tree = PhantomDir(out)
+    tree = PhantomDir(out_dir)
     args = {
         "generator": GENERATOR_VERSION, "spec": spec, "n": None if n is None else int(n), "voxel_size": vs,
         "sex_regions": [[list(r) if isinstance(r, tuple | list) else r, s] for r, s in regions],
         "region_effect": float(region_effect), "tiv_effect": bool(tiv_effect), "seed": int(seed),
         "contrast_effect": float(contrast_effect), "reference_source": reference_source,
     }
-    gen_path = tree.generation
-    previous: dict[str, Any] = {}
-    if gen_path.is_file():
-        try:
-            previous = json.loads(gen_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {}
+    previous = _previous_generation(tree)
     same = previous.get("args") == json.loads(json.dumps(args))
 
     participants = paper_demographics(n=n, seed=seed, tiv_effect=tiv_effect)
@@ -1053,26 +1060,73 @@ def make_cohort(
     mask_paths = [tree.mask(pid) for pid in participants["participant_id"]]
     gt_files = [tree.participants, tree.regions, tree.poses, tree.effect_map]
     if same and previous.get("complete") and all(p.is_file() for p in gt_files):
-        todo = [i for i, (a, b) in enumerate(zip(img_paths, mask_paths, strict=True))
-                if not (_valid_image(a, sshape) and _valid_image(b, sshape))]
-        if not todo:
+        if not _subjects_to_render(img_paths, mask_paths, sshape, reuse=True):
             return _with_paths(pd.read_csv(tree.participants, sep="\t"), img_paths, mask_paths)
     elif previous and not same:
-        # a tree made with other arguments: remove its subjects (only folders this generator wrote)
-        for d in out.glob("sub-*"):
-            if d.is_dir():
-                shutil.rmtree(d)
-        shutil.rmtree(tree.truth_dir, ignore_errors=True)
+        _remove_subjects(tree)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(gen_path, {"args": args, "complete": False})
+    tree.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(tree.generation, {"args": args, "complete": False})
     ctx, region_table, info = _context(vs, regions, float(region_effect), float(contrast_effect), reference_source)
-    todo = [i for i, (a, b) in enumerate(zip(img_paths, mask_paths, strict=True))
-            if not (same and _valid_image(a, sshape) and _valid_image(b, sshape))]
-
     records = participants.to_dict("records")
+    todo = _subjects_to_render(img_paths, mask_paths, sshape, reuse=same)
     jobs = [(records[i], (int(seed), i), (str(img_paths[i]), str(mask_paths[i]))) for i in todo]
-    bar = tqdm(total=len(jobs), desc=f"phantom ({vs:g} mm)", unit="subject", disable=not progress)
+    _render_subjects(ctx, info, jobs, tree.root, n_workers, desc=f"phantom ({vs:g} mm)", progress=progress)
+
+    # ground truth and tables (cheap; rewritten every time)
+    _write_ground_truth(tree, ctx, region_table, info, records, int(seed), vs)
+    _write_dataset_files(tree, participants, args, info, tiv_effect, reference_source)
+    return _with_paths(participants, img_paths, mask_paths)
+
+
+def _check_cohort_args(spec: str, voxel_size: float, region_effect: float, contrast_effect: float,
+                       seed: int) -> float:
+    """Check :func:`make_cohort`'s scalar arguments; return the voxel size (mm)."""
+    if spec != "paper":
+        raise BrainsexError(f"spec must be 'paper' (the paper's Table 1 design), got {spec!r}")
+    vs = templates.check_voxel_size(voxel_size)
+    for name, val, lo, hi in (("region_effect", region_effect, 0.0, 1.0), ("contrast_effect", contrast_effect, 0.0, 1.0)):
+        if not (isinstance(val, int | float) and lo <= float(val) < hi):
+            raise BrainsexError(f"{name} must be a fraction in [{lo}, {hi}), got {val!r}")
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise BrainsexError(f"seed must be a non-negative integer, got {seed!r}")
+    return vs
+
+
+def _previous_generation(tree: PhantomDir) -> dict[str, Any]:
+    """The tree's ``generation.json`` (arguments and completeness), or ``{}`` when missing or unreadable."""
+    if not tree.generation.is_file():
+        return {}
+    try:
+        return json.loads(tree.generation.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _remove_subjects(tree: PhantomDir) -> None:
+    """Remove a tree made with other arguments: its subjects (only folders this generator wrote) and truth."""
+    for d in tree.root.glob("sub-*"):
+        if d.is_dir():
+            shutil.rmtree(d)
+    shutil.rmtree(tree.truth_dir, ignore_errors=True)
+
+
+def _subjects_to_render(images: Sequence[Path], masks: Sequence[Path], shape: tuple[int, ...],
+                        reuse: bool) -> list[int]:
+    """Indices of the subjects to (re)write: all, or with ``reuse`` those whose image or mask is not valid."""
+    return [i for i, (a, b) in enumerate(zip(images, masks, strict=True))
+            if not (reuse and _valid_image(a, shape) and _valid_image(b, shape))]
+
+
+def _render_subjects(ctx: dict[str, np.ndarray], info: dict[str, Any],
+                     jobs: Sequence[tuple[dict[str, Any], tuple[int, int], tuple[str, str]]], root: Path,
+                     n_workers: int, desc: str, progress: bool) -> None:
+    """Write each job's ``(row, (seed, index), (image, mask))`` subject, serially or with joblib workers."""
+    from joblib import Parallel, delayed
+    from threadpoolctl import threadpool_limits
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, unit="subject", disable=not progress)
     if n_workers == 1 or len(jobs) <= 1:
         with threadpool_limits(1):  # tiny matrix products: threads only get in each other's way
             for row, ss, paths in jobs:
@@ -1080,7 +1134,7 @@ def make_cohort(
                 bar.update()
     else:
         # workers read the shared arrays from memory-mapped files (written once, removed at the end)
-        ctx_dir = Path(tempfile.mkdtemp(prefix=".context-", dir=out))
+        ctx_dir = Path(tempfile.mkdtemp(prefix=".context-", dir=root))
         try:
             for key, arr in ctx.items():
                 if key != "effect_map":
@@ -1092,18 +1146,24 @@ def make_cohort(
             shutil.rmtree(ctx_dir, ignore_errors=True)
     bar.close()
 
-    # ground truth and tables (cheap; rewritten every time)
-    poses = []
-    for i, row in enumerate(records):
-        p = subject_params(row, int(seed), i)
-        p["scale"] = round((float(row["tiv_ml"]) / info["icv_template_ml"]) ** (1 / 3), 6)
-        poses.append(p)
-    pose_cols = ["participant_id", "rot_x_deg", "rot_y_deg", "rot_z_deg", "trans_x_mm", "trans_y_mm", "trans_z_mm",
+
+#: Columns of ``poses.tsv``, in order.
+_POSE_COLUMNS = ["participant_id", "rot_x_deg", "rot_y_deg", "rot_z_deg", "trans_x_mm", "trans_y_mm", "trans_z_mm",
                  "center_x", "center_y", "center_z", "scale", "gm_ratio", "csf_ratio", "wm_level", "noise_frac",
                  "bias_sd", "ventricle_factor", "gm_loss", "skull_mm", "scalp_mm"]
-    write_table(pd.DataFrame(poses)[pose_cols], tree.poses)
+
+
+def _write_ground_truth(tree: PhantomDir, ctx: dict[str, np.ndarray], region_table: pd.DataFrame,
+                        info: dict[str, Any], records: Sequence[dict[str, Any]], seed: int, vs: float) -> None:
+    """Write the truth folder: ``poses.tsv``, ``regions.tsv``, the effect map and (if planted) the contrast map."""
+    poses = []
+    for i, row in enumerate(records):
+        p = subject_params(row, seed, i)
+        p["scale"] = round((float(row["tiv_ml"]) / info["icv_template_ml"]) ** (1 / 3), 6)
+        poses.append(p)
+    write_table(pd.DataFrame(poses)[_POSE_COLUMNS], tree.poses)
     write_table(region_table, tree.regions)
-    shape, taffine = templates.target_grid(vs)
+    _, taffine = templates.target_grid(vs)
     effect = nib.Nifti1Image(ctx["effect_map"].astype(np.float32), taffine)
     effect.header.set_sform(taffine, code=4)
     effect.header.set_qform(taffine, code=4)
@@ -1113,6 +1173,11 @@ def make_cohort(
         cmap = nib.Nifti1Image((ctx["contrast_M"][0] / ctx["contrast_F"][0] - 1).astype(np.float32), taffine)
         with atomic_path(tree.contrast_map) as tmp:
             nib.save(cmap, tmp)
+
+
+def _write_dataset_files(tree: PhantomDir, participants: pd.DataFrame, args: dict[str, Any], info: dict[str, Any],
+                         tiv_effect: bool, reference_source: str) -> None:
+    """Write ``dataset_description.json``, ``participants.tsv`` and, last, the complete ``generation.json``."""
     write_json_atomic(tree.description, {
         "Name": "brainsex synthetic phantom (paper-shaped, planted sex differences)",
         "BIDSVersion": "1.9.0", "DatasetType": "raw", "License": "CC0",
@@ -1120,11 +1185,10 @@ def make_cohort(
     })
     write_table(participants, tree.participants)
     digest = hashlib.sha256(participants.to_csv(index=False).encode()).hexdigest()[:16]
-    write_json_atomic(gen_path, {"args": args, "complete": True, "participants_sha256_16": digest,
-                                 "icv_template_ml": info["icv_template_ml"],
-                                 "tiv_model": tiv_distribution(tiv_effect).to_dict("records"),
-                                 "references": templates.reference_info(reference_source).to_dict("records")})
-    return _with_paths(participants, img_paths, mask_paths)
+    write_json_atomic(tree.generation, {"args": args, "complete": True, "participants_sha256_16": digest,
+                                        "icv_template_ml": info["icv_template_ml"],
+                                        "tiv_model": tiv_distribution(tiv_effect).to_dict("records"),
+                                        "references": templates.reference_info(reference_source).to_dict("records")})
 
 
 def _with_paths(participants: pd.DataFrame, images: Sequence[Path], masks: Sequence[Path]) -> pd.DataFrame:

@@ -27,7 +27,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,12 +65,14 @@ from brainsex.ranking import (
     truth_map_ranking,
 )
 from brainsex.registration import labels_to_subject, nonlinear_transform, registration_image, tbm_transform
-from brainsex.run import PhantomDir
+from brainsex.run import PhantomDir, PreprocessDir, TrainDir, ValidityDir
 from brainsex.saliency import average_maps, occlusion_by_region, template_space_maps
 
 __all__ = [
     "DL_METHODS",
     "SCORINGS",
+    "ExplainSettings",
+    "MethodComparison",
     "method_rankings",
     "compare_methods",
     "reference_zscore",
@@ -195,6 +198,70 @@ def _occlusion_rankings(model: Any, scans: pd.DataFrame, template: Any, atlas_im
     return out
 
 
+@dataclass(frozen=True)
+class ExplainSettings:
+    """How the attribution maps are computed and scored (:func:`method_rankings`, :func:`compare_methods`).
+
+    Parameters
+    ----------
+    threshold : float, default=0.1
+        Saliency threshold of the weighted saliency score (:func:`brainsex.atlas.region_scores`), in
+        [0, 1] (the maps are min-max normalised).
+    batch_size : int or "auto", default="auto"
+        Scans per gradient pass, or occluded copies per forward pass for occlusion;
+        ``"auto"`` chooses from the free memory.
+    device : torch.device or str or None, default=None
+        Device to run on; None: the device of the model's parameters.
+    smoothgrad_samples : int, default=4
+        Noisy copies per scan for ``smoothgrad``.
+    smoothgrad_noise : float, default=0.15
+        Noise level of ``smoothgrad`` (:func:`brainsex.saliency.saliency_maps`).
+    ig_steps : int, default=8
+        Integration steps of ``integrated_gradients``.
+    """
+
+    threshold: float = 0.1
+    batch_size: int | str = "auto"
+    device: Any = None
+    smoothgrad_samples: int = 4
+    smoothgrad_noise: float = 0.15
+    ig_steps: int = 8
+
+    def __post_init__(self) -> None:
+        def count(v: Any) -> bool:
+            return isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1
+
+        checks = [
+            (isinstance(self.threshold, int | float) and 0.0 <= float(self.threshold) <= 1.0,
+             "threshold must be in [0, 1]"),
+            (self.batch_size == "auto" or count(self.batch_size), "batch_size must be 'auto' or an integer >= 1"),
+            (count(self.smoothgrad_samples), "smoothgrad_samples must be an integer >= 1"),
+            (isinstance(self.smoothgrad_noise, int | float) and float(self.smoothgrad_noise) >= 0.0,
+             "smoothgrad_noise must be >= 0"),
+            (count(self.ig_steps), "ig_steps must be an integer >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise BrainsexError(f"ExplainSettings: {msg} (got {self!r})")
+
+
+@dataclass(frozen=True)
+class MethodComparison:
+    """What :func:`compare_methods` returns.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        Long table: ``method``, ``scoring``, ``metric``, ``observed``, ``chance``, ``p_value``,
+        ``n_scans``, ``top_k`` (the names of the top ``k`` regions, planted ones marked with ``*``).
+    rankings : dict
+        ``{(method, scoring): ranking table}``, best first (:func:`method_rankings`).
+    """
+
+    table: pd.DataFrame
+    rankings: dict[tuple[str, str], pd.DataFrame]
+
+
 @fill_doc
 def method_rankings(
     model: Any,
@@ -206,14 +273,9 @@ def method_rankings(
     scorings: Sequence[str] = SCORINGS,
     warp: str = "syn",
     cache_dir: str | os.PathLike | None = None,
-    threshold: float = 0.1,
     image_col: str = "image_pp",
-    batch_size: int | str = "auto",
-    device: Any = None,
     n_jobs: int = 1,
-    smoothgrad_samples: int = 4,
-    smoothgrad_noise: float = 0.15,
-    ig_steps: int = 8,
+    explain: ExplainSettings | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[dict[tuple[str, str], pd.DataFrame], dict[str, np.ndarray]]:
@@ -227,8 +289,8 @@ def method_rankings(
     - ``saliency_signed``: the signed gradient, each scan divided by its largest absolute value,
       averaged with its sign (consistent directions add up, inconsistent ones cancel), and the absolute
       value of the average min-max normalised before scoring;
-    - ``smoothgrad``: absolute gradient averaged over ``smoothgrad_samples`` noisy copies;
-    - ``integrated_gradients``: |IG| from a zero baseline with ``ig_steps`` steps.
+    - ``smoothgrad``: absolute gradient averaged over ``explain.smoothgrad_samples`` noisy copies;
+    - ``integrated_gradients``: |IG| from a zero baseline with ``explain.ig_steps`` steps.
 
     Scorings: ``weighted_score`` (the paper's weighted saliency score) and ``mean_saliency`` (the
     plain regional mean). ``occlusion`` sets each atlas region (carried to the scan with the inverse
@@ -258,23 +320,13 @@ def method_rankings(
         when missing); ``"none"``: the maps stay on the rigidly registered grid.
     cache_dir : path or None, default=None
         Folder of the per-subject transforms; required for ``warp="syn"``.
-    threshold : float, default=0.1
-        Saliency threshold of the weighted saliency score (:func:`brainsex.atlas.region_scores`).
     image_col : str, default="image_pp"
         Column of the preprocessed scans.
-    batch_size : int or "auto", default="auto"
-        Scans per gradient pass, or occluded copies per forward pass for occlusion;
-        ``"auto"`` chooses from the free memory.
-    device : torch.device or str or None, default=None
-        Device to run on; None: the device of the model's parameters.
     n_jobs : int, default=1
         Parallel warps (joblib).
-    smoothgrad_samples : int, default=4
-        Noisy copies per scan for ``smoothgrad``.
-    smoothgrad_noise : float, default=0.15
-        Noise level of ``smoothgrad`` (:func:`brainsex.saliency.saliency_maps`).
-    ig_steps : int, default=8
-        Integration steps of ``integrated_gradients``.
+    explain : ExplainSettings or None, default=None
+        Threshold of the weighted saliency score, batch size, device, SmoothGrad and Integrated
+        Gradients settings (:class:`ExplainSettings`); None: its defaults.
     seed : int, default=0
         Seed of the SmoothGrad noise.
     progress : bool, default=False
@@ -301,6 +353,9 @@ def method_rankings(
         raise BrainsexError("method_rankings: warp='syn' needs the cache_dir of the subjects' transforms")
     if not isinstance(labels, pd.DataFrame):
         raise BrainsexError("labels: expected the atlas label table")
+    ex = ExplainSettings() if explain is None else explain
+    if not isinstance(ex, ExplainSettings):
+        raise BrainsexError(f"explain: expected ExplainSettings or None, got {type(ex).__name__}")
     cache = Path(cache_dir) if cache_dir is not None else None
     if warp == "syn":
         # compute (or find) each scan's transform exactly as the saliency chapter does (one shared cache)
@@ -316,18 +371,19 @@ def method_rankings(
     for method in methods:
         if method == "occlusion":
             for name, r in _occlusion_rankings(model, table, template, atlas, labels, warp, cache, image_col,
-                                               batch_size, device, progress).items():
+                                               ex.batch_size, ex.device, progress).items():
                 rankings[(method, name)] = r
             continue
         base, signed, kw = method, False, {}
         if method == "saliency_signed":
             base, signed = "saliency", True
         elif method == "smoothgrad":
-            kw = {"nt_samples": int(smoothgrad_samples), "noise_level": float(smoothgrad_noise), "seed": int(seed)}
+            kw = {"nt_samples": int(ex.smoothgrad_samples), "noise_level": float(ex.smoothgrad_noise),
+                  "seed": int(seed)}
         elif method == "integrated_gradients":
-            kw = {"n_steps": int(ig_steps)}
+            kw = {"n_steps": int(ex.ig_steps)}
         maps = template_space_maps(model, table, template, method=base, signed=signed, warp=warp,
-                                   cache_dir=cache, image_col=image_col, batch_size=batch_size, device=device,
+                                   cache_dir=cache, image_col=image_col, batch_size=ex.batch_size, device=ex.device,
                                    n_jobs=n_jobs, progress=progress, **kw)
         mean = average_maps(maps)
         if signed:
@@ -337,7 +393,7 @@ def method_rankings(
         for scoring in scorings:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                rankings[(method, scoring)] = _scores_ranking(img, atlas_t, labels, scoring, threshold)
+                rankings[(method, scoring)] = _scores_ranking(img, atlas_t, labels, scoring, ex.threshold)
     return rankings, mean_maps
 
 
@@ -357,16 +413,11 @@ def compare_methods(
     n_perm: int = 1000,
     k: int = 10,
     seed: int = 0,
-    threshold: float = 0.1,
     image_col: str = "image_pp",
-    batch_size: int | str = "auto",
-    device: Any = None,
     n_jobs: int = 1,
-    smoothgrad_samples: int = 4,
-    ig_steps: int = 8,
+    explain: ExplainSettings | None = None,
     progress: bool = False,
-    return_rankings: bool = False,
-) -> pd.DataFrame | tuple[pd.DataFrame, dict[tuple[str, str], pd.DataFrame]]:
+) -> MethodComparison:
     """Every attribution method x scoring on the same model and scans, scored against the planted regions.
 
     Up to ``max_scans`` correctly classified scans of ``table`` (:func:`select_scans`) are explained
@@ -381,9 +432,7 @@ def compare_methods(
         and ``y_pred``, only the correctly classified ones).
     truth : iterable of int or pandas.DataFrame
         The planted region labels, or a table with a ``label`` column (:func:`planted_truth`).
-    methods, scorings, warp, cache_dir, threshold, image_col, batch_size, device, n_jobs
-        Passed to :func:`method_rankings`.
-    smoothgrad_samples, ig_steps, progress
+    methods, scorings, warp, cache_dir, image_col, n_jobs, explain, progress
         Passed to :func:`method_rankings`.
     max_scans : int or None, default=24
         At most this many scans, balanced by sex (:func:`select_scans`); None keeps them all.
@@ -396,15 +445,13 @@ def compare_methods(
         The k of precision@k and the number of top regions listed.
     seed : int, default=0
         Seed of the scan draw, of the permutations and of the SmoothGrad noise.
-    return_rankings : bool, default=False
-        Also return the rankings.
 
     Returns
     -------
-    pandas.DataFrame
-        Long table: ``method``, ``scoring``, ``metric``, ``observed``, ``chance``, ``p_value``,
-        ``n_scans``, ``top_k`` (the names of the top ``k`` regions, planted ones marked with ``*``).
-        With ``return_rankings`` also the ``{(method, scoring): ranking}`` dict.
+    MethodComparison
+        ``table``: the long table (``method``, ``scoring``, ``metric``, ``observed``, ``chance``,
+        ``p_value``, ``n_scans``, ``top_k``: the names of the top ``k`` regions, planted ones marked
+        with ``*``); ``rankings``: the ``{(method, scoring): ranking}`` dict it scores.
     """
     scans = select_scans(table, max_scans=max_scans, seed=seed)
     if isinstance(truth, pd.DataFrame):
@@ -413,24 +460,26 @@ def compare_methods(
     if neighbours is None:
         neighbours = region_neighbours(labels_on(atlas, template))
     rankings, _ = method_rankings(model, scans, template, atlas, labels, methods=methods, scorings=scorings, warp=warp,
-                                  cache_dir=cache_dir, threshold=threshold, image_col=image_col,
-                                  batch_size=batch_size, device=device, n_jobs=n_jobs,
-                                  smoothgrad_samples=smoothgrad_samples, ig_steps=ig_steps, seed=seed,
+                                  cache_dir=cache_dir, image_col=image_col, n_jobs=n_jobs, explain=explain, seed=seed,
                                   progress=progress)
-    parts = []
-    for (method, scoring), r in rankings.items():
-        rep = ranking_report(r, t, neighbours=neighbours, n_perm=n_perm, seed=seed, k=k)
-        rep.insert(0, "scoring", scoring)
-        rep.insert(0, "method", method)
-        long = report_long(rep, id_cols=("method", "scoring"))
-        present = r[r["n_voxels"] > 0] if "n_voxels" in r.columns else r
-        names = [f"{n}{'*' if int(lab) in t else ''}" for n, lab in
-                 zip(present["name"].head(k), present["label"].head(k), strict=True)]
-        long["n_scans"] = len(scans)
-        long["top_k"] = "; ".join(names)
-        parts.append(long)
-    out = pd.concat(parts, ignore_index=True)
-    return (out, rankings) if return_rankings else out
+    parts = [_scored_ranking(r, method, scoring, t, neighbours, n_perm=n_perm, seed=seed, k=k, n_scans=len(scans))
+             for (method, scoring), r in rankings.items()]
+    return MethodComparison(table=pd.concat(parts, ignore_index=True), rankings=rankings)
+
+
+def _scored_ranking(ranking: pd.DataFrame, method: str, scoring: str, truth: set[int],
+                    neighbours: dict[int, set[int]], n_perm: int, seed: int, k: int, n_scans: int) -> pd.DataFrame:
+    """One ranking's :func:`ranking_report` in long form, with the scan count and its top ``k`` names."""
+    rep = ranking_report(ranking, truth, neighbours=neighbours, n_perm=n_perm, seed=seed, k=k)
+    rep.insert(0, "scoring", scoring)
+    rep.insert(0, "method", method)
+    long = report_long(rep, id_cols=("method", "scoring"))
+    present = ranking[ranking["n_voxels"] > 0] if "n_voxels" in ranking.columns else ranking
+    names = [f"{n}{'*' if int(lab) in truth else ''}" for n, lab in
+             zip(present["name"].head(k), present["label"].head(k), strict=True)]
+    long["n_scans"] = n_scans
+    long["top_k"] = "; ".join(names)
+    return long
 
 
 def reference_zscore(image: Any, reference_mask: Any, brain_mask: Any | None = None) -> Any:
@@ -1232,16 +1281,9 @@ def study(
     pandas.DataFrame
         The study table.
     """
-    import nibabel as nib
-
-    from brainsex.preprocess import preprocess_cohort
     from brainsex.profiles import resolve_profile
-    from brainsex.run import PreprocessDir, TrainDir, ValidityDir
-    from brainsex.stages import evaluate_predictions, predict_split, split_subjects, train_model
-    from brainsex.synthetic import make_cohort
-    from brainsex.templates import load_atlas, load_template
 
-    t_start = time.time()
+    clock = _StageClock()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     p = resolve_profile(profile, params, kind="study")
     out = ValidityDir(out_dir)
@@ -1249,102 +1291,178 @@ def study(
     widths = study_widths(p)
     args = json.loads(json.dumps({k: v for k, v in p.items() if k != "n_workers"}, default=list))
     args["width_channels"] = {name: list(ch) for name, ch in widths.items()}
-    stages: list[dict[str, Any]] = []
-
-    def timed(stage: str, config: str, t0: float) -> None:
-        stages.append({"config": config, "stage": stage, "seconds": round(time.time() - t0, 1)})
     for z in p["zscores"]:
         if z not in ("brain", "reference"):
             raise BrainsexError(f"zscores: {z!r} is not 'brain' or 'reference'")
-    n_perm, seed, n_workers = int(p["n_perm"]), int(p["seed"]), int(p["n_workers"])
+
     rows: list[pd.DataFrame] = []
-
-    def add(df: pd.DataFrame, **ids: Any) -> None:
-        for key, val in reversed(list(ids.items())):
-            df.insert(0, key, val)
-        rows.append(df)
-
     for vs in p["voxel_sizes"]:
-        template = load_template(vs, source="offline")
-        atlas, labels = load_atlas(vs, source="offline")
-        lab = np.rint(np.asarray(atlas.dataobj)).astype(int)
-        neighbours = region_neighbours(lab)
+        grid = _study_grid(vs)
         for effect in p["effects"]:
-            cfg = _study_config(effect, p["region_effect"], p["contrast_effect"])
-            tag = f"{effect}_{vs:g}mm"
-            base = work / tag
-            phantom = PhantomDir(base / "phantom")
-            t0 = time.time()
-            participants = make_cohort(phantom.root, n=p["n_subjects"], voxel_size=vs, seed=seed, n_workers=n_workers,
-                                       progress=progress, **cfg)
-            timed("phantom", tag, t0)
-            truth = planted_truth(phantom)
-            prep = PreprocessDir(base / "preprocess")
-            t0 = time.time()
-            pre = preprocess_cohort(participants, prep.root, voxel_size=vs, n_workers=n_workers,
-                                    method="mask", progress=progress)
-            timed("preprocess", tag, t0)
-            split = split_subjects(pre, seed=seed)
-            pre = pre[pre["status"] == "ok"].reset_index(drop=True)
-            cache = prep.warps
-            ceiling = truth_map_ranking(nib.load(phantom.truth_map(effect)), atlas, labels)
-            rep = ranking_report(ceiling, truth, neighbours=neighbours, n_perm=n_perm, seed=seed)
-            add(report_long(rep), effect=effect, voxel_size=vs, zscore="-", width="-", method="truth_map",
-                scoring="abs_effect",
-                accuracy=np.nan, n_scans=np.nan)
-            if p["tbm"]:  # the positive control, registered warps on everyone and the perfect warps beside them
-                t0 = time.time()
-                tbm_n = p.get("tbm_subjects")
-                control = positive_control(pre, phantom.root, template, atlas, labels, truth, cache, warps=("tbm",),
-                                           max_subjects=None if tbm_n is None else int(tbm_n), n_jobs=n_workers,
-                                           n_perm=n_perm, neighbours=neighbours, seed=seed, progress=progress)
-                timed("morphometry", tag, t0)
-                for method, name in (("tbm", WARP_NAMES["tbm"]), ("tbm_perfect_warps", PERFECT_ALL)):
-                    long = report_long(control.reports[name])
-                    long["n_recovered"] = int(control.recoveries[name]["recovered"].sum())
-                    add(long, effect=effect, voxel_size=vs, zscore="-", width="-", method=method, scoring="abs_t",
-                        accuracy=np.nan, n_scans=control.tables[name].attrs["n_subjects"])
-            for z in p["zscores"]:
-                table = split.copy()
-                if z == "reference":
-                    ref = _reference_mask(vs, truth["label"].tolist(), atlas)
-                    table["image_pp"] = cached_reference_zscores(table, ref, base / "zscore_reference")
-                for width, channels in widths.items():
-                    # the study's own width keeps its historical folder name, so earlier work is reused
-                    folder = f"train_{z}" if width == "study" else f"train_{z}_{width}"
-                    t0 = time.time()
-                    res = train_model(table, {**p, "channels": list(channels)}, TrainDir(base / folder),
-                                      resume="auto", progress=progress)
-                    pred = predict_split(res.model, table, split="test", device=p["device"])
-                    acc = float(evaluate_predictions(pred).loc["accuracy", "value"])
-                    timed(f"train_{width}", f"{tag}_{z}", t0)
-                    test = pred.merge(table[["participant_id", "image_pp"]], on="participant_id", how="left")
-                    # the rigidly registered image is the moving image of the warps whatever the z-score:
-                    # warps are cached per subject, so both variants share them
-                    t0 = time.time()
-                    cmp_ = compare_methods(res.model, test, template, atlas, labels, truth, methods=p["methods"],
-                                           scorings=p["scorings"], max_scans=p["max_scans"], warp=p["warp"],
-                                           cache_dir=cache, neighbours=neighbours, n_perm=n_perm, seed=seed,
-                                           device=p["device"], n_jobs=n_workers, progress=progress)
-                    timed(f"explain_{width}", f"{tag}_{z}", t0)
-                    add(cmp_.drop(columns=["top_k"]), effect=effect, voxel_size=vs, zscore=z, width=width,
-                        accuracy=acc)
+            rows += _study_phantom(effect, grid, p, widths, work / f"{effect}_{vs:g}mm", clock, progress)
+    result = _study_table(rows)
+    _write_study(out, result, args, started, clock)
+    return result
+
+
+#: Columns of the study table, in order.
+_STUDY_COLUMNS = ["effect", "voxel_size", "zscore", "width", "method", "scoring", "metric", "observed", "chance",
+                  "p_value", "accuracy", "n_scans", "n_recovered"]
+
+
+class _StageClock:
+    """Seconds of each stage of :func:`study` (``with clock.stage(name, config): ...``), from its creation."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.records: list[dict[str, Any]] = []
+
+    @contextmanager
+    def stage(self, stage: str, config: str) -> Iterator[None]:
+        t0 = time.time()
+        yield
+        self.records.append({"config": config, "stage": stage, "seconds": round(time.time() - t0, 1)})
+
+
+@dataclass(frozen=True)
+class _StudyGrid:
+    """One voxel size's references: template, atlas image and label table, region neighbours."""
+
+    voxel_size: float
+    template: Any
+    atlas: Any
+    labels: pd.DataFrame
+    neighbours: dict[int, set[int]]
+
+
+def _study_grid(vs: float) -> _StudyGrid:
+    """The offline template and atlas at ``vs`` mm and the atlas's region neighbours."""
+    from brainsex.templates import load_atlas, load_template
+
+    template = load_template(vs, source="offline")
+    atlas, labels = load_atlas(vs, source="offline")
+    lab = np.rint(np.asarray(atlas.dataobj)).astype(int)
+    return _StudyGrid(vs, template, atlas, labels, region_neighbours(lab))
+
+
+def _with_ids(df: pd.DataFrame, **ids: Any) -> pd.DataFrame:
+    """``df`` with the identifying columns ``ids`` put first, in their order."""
+    for key, val in reversed(list(ids.items())):
+        df.insert(0, key, val)
+    return df
+
+
+def _study_phantom(effect: str, grid: _StudyGrid, p: dict[str, Any], widths: dict[str, list[int]], base: Path,
+                   clock: _StageClock, progress: bool) -> list[pd.DataFrame]:
+    """The study rows of one phantom (effect type x grid), its work in ``base``.
+
+    The truth-map ceiling, the positive control (with ``tbm``), then each z-score variant x model width.
+    """
+    import nibabel as nib
+
+    from brainsex.preprocess import preprocess_cohort
+    from brainsex.stages import split_subjects
+    from brainsex.synthetic import make_cohort
+
+    vs, tag = grid.voxel_size, base.name
+    n_perm, seed, n_workers = int(p["n_perm"]), int(p["seed"]), int(p["n_workers"])
+    phantom = PhantomDir(base / "phantom")
+    with clock.stage("phantom", tag):
+        participants = make_cohort(phantom.root, n=p["n_subjects"], voxel_size=vs, seed=seed, n_workers=n_workers,
+                                   progress=progress, **_study_config(effect, p["region_effect"], p["contrast_effect"]))
+    truth = planted_truth(phantom)
+    prep = PreprocessDir(base / "preprocess")
+    with clock.stage("preprocess", tag):
+        pre = preprocess_cohort(participants, prep.root, voxel_size=vs, n_workers=n_workers,
+                                method="mask", progress=progress)
+    split = split_subjects(pre, seed=seed)
+    pre = pre[pre["status"] == "ok"].reset_index(drop=True)
+    ids = {"effect": effect, "voxel_size": vs}
+    ceiling = truth_map_ranking(nib.load(phantom.truth_map(effect)), grid.atlas, grid.labels)
+    rep = ranking_report(ceiling, truth, neighbours=grid.neighbours, n_perm=n_perm, seed=seed)
+    rows = [_with_ids(report_long(rep), **ids, zscore="-", width="-", method="truth_map", scoring="abs_effect",
+                      accuracy=np.nan, n_scans=np.nan)]
+    if p["tbm"]:  # the positive control, registered warps on everyone and the perfect warps beside them
+        with clock.stage("morphometry", tag):
+            tbm_n = p.get("tbm_subjects")
+            control = positive_control(pre, phantom.root, grid.template, grid.atlas, grid.labels, truth, prep.warps,
+                                       warps=("tbm",), max_subjects=None if tbm_n is None else int(tbm_n),
+                                       n_jobs=n_workers, n_perm=n_perm, neighbours=grid.neighbours, seed=seed,
+                                       progress=progress)
+        rows += _control_rows(control, ids)
+    for z in p["zscores"]:
+        table = _zscore_variant(split, z, grid, truth, base)
+        for width, channels in widths.items():
+            # the study's own width keeps its historical folder name, so earlier work is reused
+            folder = base / (f"train_{z}" if width == "study" else f"train_{z}_{width}")
+            rows.append(_model_rows(table, channels, folder, grid, truth, prep.warps, p, clock, progress,
+                                    config=f"{tag}_{z}", ids={**ids, "zscore": z, "width": width}))
+    return rows
+
+
+def _control_rows(control: PositiveControl, ids: dict[str, Any]) -> list[pd.DataFrame]:
+    """The positive control's rows: registered warps (``tbm``) and perfect warps on everyone."""
+    rows = []
+    for method, name in (("tbm", WARP_NAMES["tbm"]), ("tbm_perfect_warps", PERFECT_ALL)):
+        long = report_long(control.reports[name])
+        long["n_recovered"] = int(control.recoveries[name]["recovered"].sum())
+        rows.append(_with_ids(long, **ids, zscore="-", width="-", method=method, scoring="abs_t", accuracy=np.nan,
+                              n_scans=control.tables[name].attrs["n_subjects"]))
+    return rows
+
+
+def _zscore_variant(split: pd.DataFrame, zscore: str, grid: _StudyGrid, truth: pd.DataFrame,
+                    base: Path) -> pd.DataFrame:
+    """The split table with ``image_pp`` standardised as ``zscore`` says (``reference``: on deep white matter)."""
+    table = split.copy()
+    if zscore == "reference":
+        ref = _reference_mask(grid.voxel_size, truth["label"].tolist(), grid.atlas)
+        table["image_pp"] = cached_reference_zscores(table, ref, base / "zscore_reference")
+    return table
+
+
+def _model_rows(table: pd.DataFrame, channels: Sequence[int], folder: Path, grid: _StudyGrid, truth: pd.DataFrame,
+                cache: Path, p: dict[str, Any], clock: _StageClock, progress: bool, *, config: str,
+                ids: dict[str, Any]) -> pd.DataFrame:
+    """Train one width on ``table`` (the book's stages), then :func:`compare_methods` on its test scans."""
+    from brainsex.stages import evaluate_predictions, predict_split, train_model
+
+    width = ids["width"]
+    with clock.stage(f"train_{width}", config):
+        res = train_model(table, {**p, "channels": list(channels)}, TrainDir(folder), resume="auto", progress=progress)
+        pred = predict_split(res.model, table, split="test", device=p["device"])
+        acc = float(evaluate_predictions(pred).loc["accuracy", "value"])
+    test = pred.merge(table[["participant_id", "image_pp"]], on="participant_id", how="left")
+    # the rigidly registered image is the moving image of the warps whatever the z-score:
+    # warps are cached per subject, so both variants share them
+    with clock.stage(f"explain_{width}", config):
+        cmp_ = compare_methods(res.model, test, grid.template, grid.atlas, grid.labels, truth, methods=p["methods"],
+                               scorings=p["scorings"], max_scans=p["max_scans"], warp=p["warp"], cache_dir=cache,
+                               neighbours=grid.neighbours, n_perm=int(p["n_perm"]), seed=int(p["seed"]),
+                               n_jobs=int(p["n_workers"]), explain=ExplainSettings(device=p["device"]),
+                               progress=progress).table
+    return _with_ids(cmp_.drop(columns=["top_k"]), **ids, accuracy=acc)
+
+
+def _study_table(rows: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The rows as one table with the study's columns (missing ones empty)."""
     result = pd.concat(rows, ignore_index=True)
-    cols = ["effect", "voxel_size", "zscore", "width", "method", "scoring", "metric", "observed", "chance",
-            "p_value", "accuracy", "n_scans", "n_recovered"]
-    for c in cols:
+    for c in _STUDY_COLUMNS:
         if c not in result.columns:
             result[c] = np.nan
-    result = result[cols]
+    return result[_STUDY_COLUMNS]
+
+
+def _write_study(out: ValidityDir, result: pd.DataFrame, args: dict[str, Any], started: str, clock: _StageClock) -> None:
+    """Write the study table and its info (arguments, dates, command, total and per-stage seconds)."""
     from brainsex.io import write_json_atomic, write_table
 
     write_table(result, out.study_table)
     command = ("python -m brainsex.validity study " + " ".join(sys.argv[2:])) if sys.argv[1:2] == ["study"] else ""
     write_json_atomic(out.study_info, {"args": args, "date": started,
                                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                       "command": command, "seconds": round(time.time() - t_start, 1),
-                                       "stages": stages})
-    return result
+                                       "command": command, "seconds": round(time.time() - clock.start, 1),
+                                       "stages": clock.records})
 
 
 def _parser() -> argparse.ArgumentParser:
