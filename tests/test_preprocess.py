@@ -275,6 +275,52 @@ def test_etiv_recovers_an_isotropic_scaling(head_2mm, ref4):
 def test_etiv_rejects_a_bad_template_volume(subject4, ref4):
     with pytest.raises(pp.BrainsexError, match="template_tiv_ml"):
         pp.etiv_affine(pp.load_t1(subject4[0]), ref4.template, float("nan"))
+    with pytest.raises(pp.BrainsexError, match="template_tiv_ml"):
+        pp.etiv_from_matrix(np.eye(4), 0.0)
+    with pytest.raises(pp.PreprocessError, match="degenerate"):
+        pp.etiv_from_matrix(np.diag([1.0, 1.0, -1.0, 1.0]), 1500.0)
+
+
+def test_one_affine_registration_gives_the_pose_and_etiv(head_2mm, ref4, tmp_path):
+    """affine_register: the rigid part recovers the pose of a scaled head, the affine its eTIV."""
+    scale = 0.9
+    pose = rigid(4.0, 3.0, -5.0, (3.0, 2.0, -4.0), scale=scale)
+    img, truth = make_subject(head_2mm, pose, 4.0, seed=3)
+    brain, mask = pp.skull_strip(pp.load_t1(img), method="mask", mask=truth)
+    res = pp.affine_register(brain, ref4.template, mask=mask, template_mask=ref4.mask,
+                             transform_path=tmp_path / "rigid.mat", affine_path=tmp_path / "affine.mat")
+    # rigid: no scaling, and the file holds the same matrix as the result
+    assert np.linalg.det(res.matrix[:3, :3]) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(pp.transform_matrix(tmp_path / "rigid.mat"), res.matrix, atol=1e-4)
+    np.testing.assert_allclose(pp.transform_matrix(tmp_path / "affine.mat"), res.info["affine_matrix"], atol=1e-4)
+    rot, trans = pp.rigid_error(res.matrix, rigid(4.0, 3.0, -5.0, (3.0, 2.0, -4.0)))
+    assert rot < 1.0 and trans < 1.5
+    assert pp.etiv_from_matrix(res.info["affine_matrix"], ref4.tiv_ml) / ref4.tiv_ml == pytest.approx(scale**3,
+                                                                                                       rel=0.04)
+    # a brain 10 % smaller than the template: neither rigid placement matches it well, both about as well
+    rig = pp.rigid_register(brain, ref4.template, mask=mask, template_mask=ref4.mask)
+    assert res.image.shape == ref4.shape and res.similarity == pytest.approx(rig.similarity, abs=0.05)
+    assert pp.mask_volume_ml(res.mask) == pytest.approx(pp.mask_volume_ml(mask), rel=0.05)
+    # the counterfactual path (apply_rigid with the written transform) repeats the placement bit for bit
+    _, again = pp.apply_rigid(brain, res.transform, (ref4.shape, ref4.affine), mask=mask, reference=ref4)
+    np.testing.assert_array_equal(np.asarray(again.dataobj), np.asarray(res.mask.dataobj))
+
+
+def test_registration_setting_is_checked_and_keyed(small_cohort, ref8, tmp_path):
+    with pytest.raises(pp.BrainsexError, match="registration must be"):
+        pp.PreprocessConfig(registration="similarity")  # type: ignore[arg-type]
+    default = pp.PreprocessConfig().marker_params("mask", None, None, ref8)
+    assert "registration" not in default  # markers written before the setting existed stay valid
+    assert pp.PreprocessConfig(registration="affine").marker_params("mask", None, None, ref8)["registration"] == "affine"
+    row = small_cohort.iloc[0].to_dict()
+    two = pp.preprocess_subject(row, tmp_path / "two", 8.0, reference=ref8)
+    one = pp.preprocess_subject(row, tmp_path / "one", 8.0, reference=ref8, registration="affine")
+    assert two["status"] == one["status"] == "ok"
+    assert Path(one["affine_transform"]).is_file() and Path(one["rigid_transform"]).is_file()
+    assert one["affine_det"] == pytest.approx(one["etiv_ml"] / ref8.tiv_ml)
+    assert one["etiv_ml"] == pytest.approx(two["etiv_ml"], rel=0.03)
+    rot, trans = pp.rigid_error(pp.transform_matrix(one["rigid_transform"]), pp.transform_matrix(two["rigid_transform"]))
+    assert rot < 1.5 and trans < 1.5
 
 
 # ------------------------------------------------------------------------------------------ non-linear
