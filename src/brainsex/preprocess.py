@@ -769,28 +769,52 @@ def rigid_register(
     """
     if type_of_transform not in ("Rigid", "QuickRigid", "DenseRigid"):
         raise BrainsexError(f"type_of_transform must be a rigid type, got {type_of_transform!r}")
-    tmpl = template_brain
-    tmask = template_mask if template_mask is not None else new_image(
-        np.asarray(tmpl.dataobj) > 0, tmpl.affine, np.uint8)
-    shape, affine = _rigid_target(tmpl, voxel_size, target)
-    # estimation on coarse copies (on the template's grid if that is coarser; a coarser subject is
-    # used as it is); the subject is cropped to its brain first (cheaper smoothing)
-    coarse = max(float(reg_voxel_mm), float(np.max(_voxel_sizes(tmpl))))
-    fixed_lo = _downsample_cached(tmpl, coarse)
-    brain_c = _crop_nonzero(brain_img, 2 * coarse)
-    moving_lo = _downsample(brain_c, coarse)
+    r = _registration_inputs(brain_img, template_brain, voxel_size, template_mask, reg_voxel_mm, metric_margin_mm,
+                             target)
     kw: dict[str, Any] = {"iterations": iterations, "shrink_factors": shrink_factors,
                           "smoothing_sigmas": smoothing_sigmas, "sampling": sampling, "metric": metric}
     if type_of_transform == "QuickRigid":
         kw.update({"iterations": (20, 20, 0, 0), "shrink_factors": (8, 4, 2, 1), "smoothing_sigmas": (3, 2, 1, 0)})
-    fixed_mask = None if metric_margin_mm is None else _metric_mask(tmask, coarse, metric_margin_mm)
-    out_tx = _estimate_rigid(fixed_lo, moving_lo, "DenseRigid" if type_of_transform == "DenseRigid" else "Rigid",
-                             transform_path, fixed_mask, kw)
+    out_tx = _estimate_rigid(r.fixed_lo, r.moving_lo, "DenseRigid" if type_of_transform == "DenseRigid" else "Rigid",
+                             transform_path, r.fixed_mask, kw)
     matrix = transform_matrix(out_tx)
-    sim = _coarse_similarity(fixed_lo, moving_lo, _downsample_cached(tmask, coarse), out_tx)
-    image, mask_out = _resample_rigid(brain_c, mask, matrix, out_tx, shape, affine)
+    sim = _coarse_similarity(r.fixed_lo, r.moving_lo, _downsample_cached(r.tmask, r.coarse), out_tx)
+    image, mask_out = _resample_rigid(r.brain_c, mask, matrix, out_tx, r.shape, r.affine)
     return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
-                       info={"reg_voxel_mm": coarse})
+                       info={"reg_voxel_mm": r.coarse})
+
+
+@dataclass(frozen=True)
+class _RegistrationInputs:
+    """What both linear registrations start from (:func:`_registration_inputs`)."""
+
+    tmask: nib.Nifti1Image
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    coarse: float
+    fixed_lo: nib.Nifti1Image
+    brain_c: nib.Nifti1Image
+    moving_lo: nib.Nifti1Image
+    fixed_mask: nib.Nifti1Image | None
+
+
+def _registration_inputs(brain_img: nib.Nifti1Image, tmpl: nib.Nifti1Image, voxel_size: float | None,
+                         template_mask: nib.Nifti1Image | None, reg_voxel_mm: float, metric_margin_mm: float | None,
+                         target: tuple[Sequence[int], np.ndarray] | None) -> _RegistrationInputs:
+    """Template mask, output grid and the coarse copies a linear registration estimates on.
+
+    Estimation runs on coarse copies (on the template's grid if that is coarser; a coarser subject is
+    used as it is); the subject is cropped to its brain first (cheaper smoothing).
+    """
+    tmask = template_mask if template_mask is not None else new_image(
+        np.asarray(tmpl.dataobj) > 0, tmpl.affine, np.uint8)
+    shape, affine = _rigid_target(tmpl, voxel_size, target)
+    coarse = max(float(reg_voxel_mm), float(np.max(_voxel_sizes(tmpl))))
+    brain_c = _crop_nonzero(brain_img, 2 * coarse)
+    return _RegistrationInputs(
+        tmask=tmask, shape=shape, affine=affine, coarse=coarse, fixed_lo=_downsample_cached(tmpl, coarse),
+        brain_c=brain_c, moving_lo=_downsample(brain_c, coarse),
+        fixed_mask=None if metric_margin_mm is None else _metric_mask(tmask, coarse, metric_margin_mm))
 
 
 def _rigid_target(tmpl: nib.Nifti1Image, voxel_size: float | None,
@@ -995,31 +1019,24 @@ def affine_register(
         ``"affine_matrix"`` (4 x 4 RAS, template -> subject; :func:`etiv_from_matrix` takes it) and
         ``"reg_voxel_mm"``.
     """
-    tmpl = template_brain
-    tmask = template_mask if template_mask is not None else new_image(
-        np.asarray(tmpl.dataobj) > 0, tmpl.affine, np.uint8)
-    shape, affine = _rigid_target(tmpl, voxel_size, target)
-    coarse = max(float(reg_voxel_mm), float(np.max(_voxel_sizes(tmpl))))
-    fixed_lo = _downsample_cached(tmpl, coarse)
-    brain_c = _crop_nonzero(brain_img, 2 * coarse)
-    moving_lo = _downsample(brain_c, coarse)
-    fixed_mask = None if metric_margin_mm is None else _metric_mask(tmask, coarse, metric_margin_mm)
+    r = _registration_inputs(brain_img, template_brain, voxel_size, template_mask, reg_voxel_mm, metric_margin_mm,
+                             target)
     with tempfile.TemporaryDirectory(prefix="brainsex-reg-") as tmp:
         try:
-            fwd = register_linear(fixed_lo, moving_lo, "Affine", str(Path(tmp) / "affine_"), iterations,
-                                  shrink_factors, smoothing_sigmas, sampling, metric, fixed_mask=fixed_mask)
+            fwd = register_linear(r.fixed_lo, r.moving_lo, "Affine", str(Path(tmp) / "affine_"), iterations,
+                                  shrink_factors, smoothing_sigmas, sampling, metric, fixed_mask=r.fixed_mask)
         except RuntimeError as exc:
             raise PreprocessError(f"affine registration failed ({exc})") from exc
         full = transform_matrix(fwd[0])
         if affine_path is not None:
             with atomic_path(affine_path) as t:
                 shutil.copyfile(fwd[0], t)
-    matrix = _rigid_part(full, _centroid(tmask))
+    matrix = _rigid_part(full, _centroid(r.tmask))
     out_tx = _write_linear_transform(matrix, transform_path)
-    sim = _coarse_similarity(fixed_lo, moving_lo, _downsample_cached(tmask, coarse), out_tx)
-    image, mask_out = _resample_rigid(brain_c, mask, matrix, out_tx, shape, affine)
+    sim = _coarse_similarity(r.fixed_lo, r.moving_lo, _downsample_cached(r.tmask, r.coarse), out_tx)
+    image, mask_out = _resample_rigid(r.brain_c, mask, matrix, out_tx, r.shape, r.affine)
     return RigidResult(image=image, mask=mask_out, transform=out_tx, matrix=matrix, similarity=sim,
-                       info={"reg_voxel_mm": coarse, "affine_matrix": full})
+                       info={"reg_voxel_mm": r.coarse, "affine_matrix": full})
 
 
 def _rigid_part(matrix: np.ndarray, centre: Sequence[float]) -> np.ndarray:
