@@ -586,7 +586,9 @@ def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
     from brainsex.io import read_table
 
     run, params = _tiny_run(tmp_path / "run")
-    table = v.size_experiments(run.root, params, rtiv=(1000.0, 2000.0), n_bootstrap=20, progress=False)
+    # two workers: the two variants side by side in worker processes, one torch thread each (size_variant_plan)
+    table = v.size_experiments(run.root, params, rtiv=(1000.0, 2000.0), n_bootstrap=20, n_workers=2,
+                               progress=False)
     on_disk = pd.read_csv(run.validity.size_experiments, sep="\t")
     assert list(on_disk.columns) == ["phantom", "subset", "metric", "value", "ci_low", "ci_high", "n"]
     assert len(on_disk) == len(table) == 12  # 3 phantoms x 2 subsets x 2 metrics
@@ -617,6 +619,9 @@ def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
     assert not read_table(regions_only.phantom.participants)["tiv_ml"].equals(tiv)
     assert json.loads(size_only.phantom.generation.read_text())["args"]["region_effect"] == 0.0
     assert json.loads(regions_only.phantom.generation.read_text())["args"]["tiv_effect"] is False
+    for variant in (size_only, regions_only):  # each trained on one thread, within half the memory
+        assert read_table(variant.evaluate.predictions)["participant_id"].astype(str).tolist() == \
+            read_table(run.evaluate.predictions)["participant_id"].astype(str).tolist()
     # a re-run reuses the cached table: no training, the same numbers
     def no_training(*a, **k):
         raise AssertionError("the cached table should have been reused")
@@ -629,6 +634,19 @@ def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
     # another setting is another entry (and would train)
     with pytest.raises(AssertionError, match="cached table"):
         v.size_experiments(run.root, {**params, "lr": 0.02}, rtiv=(1000.0, 2000.0), n_bootstrap=20, progress=False)
+
+
+def test_size_variant_plan_shares_the_cpu():
+    import torch
+
+    threads = torch.get_num_threads()
+    assert v.size_variant_plan(2, 1, "cpu") == (1, 1, 0)  # one worker: in turn, torch's threads untouched
+    assert v.size_variant_plan(2, 2, "cpu") == (2, 1, max(1, threads // 2))
+    assert v.size_variant_plan(2, 8, "cpu") == (2, 4, max(1, threads // 2))
+    assert v.size_variant_plan(1, 4, "cpu") == (1, 4, 0)
+    assert v.size_variant_plan(0, 2, "cpu") == (1, 2, 0)
+    with pytest.raises(BrainsexError, match="n_workers"):
+        v.size_variant_plan(2, 0, "cpu")
 
 
 def test_size_experiments_names_what_is_missing(tmp_path):
