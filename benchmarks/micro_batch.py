@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds", "n_test"]
     text = [f"# Batch normalisation with micro-batches, demo profile ({date})", "",
             "Effective batch 16 in every row (gradients accumulated over the micro-batches); only the batch "
-            "statistics differ. Demo settings (4 mm phantom, slim SFCN, 24 epochs, seed 0, last epoch kept).", "",
+            f"statistics differ. Demo settings (4 mm phantom, slim SFCN, {params['epochs']} epochs, seed "
+            f"{params['seed']}, {params['select']} epoch kept).", "",
             markdown_table(rows, cols)]
     (out / f"micro_batch_bn_{date}.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))

@@ -580,3 +580,30 @@ def test_real_head_pycortex(tmp_path):
     assert qc["similarity"] > 0.55
     out = nib.load(qc["image_pp"])
     assert out.shape == (193, 229, 193)
+
+
+def test_recorded_registration_reads_the_markers(tmp_path):
+    """Chapter 07's variant scans follow the run's registration, read back from its subjects' markers."""
+    from brainsex import BrainsexError
+    from brainsex.preprocess import recorded_registration
+    from brainsex.run import PreprocessDir
+
+    folder = PreprocessDir(tmp_path / "preprocess")
+
+    def mark(pid, params):
+        marker = folder.subject_outputs(pid)["marker"]
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"params": params}))
+
+    table = pd.DataFrame({"participant_id": ["sub-1", "sub-2", "sub-3"], "status": ["ok", "ok", "failed"]})
+    with pytest.raises(BrainsexError, match="no readable subject marker"):
+        recorded_registration(table, folder.root)
+    mark("sub-1", {"voxel_size": 8.0})  # the default is not written into the marker
+    mark("sub-2", {"voxel_size": 8.0})
+    mark("sub-3", {"voxel_size": 8.0, "registration": "affine"})  # failed: not read
+    assert recorded_registration(table, folder.root) == "rigid+affine"
+    mark("sub-2", {"voxel_size": 8.0, "registration": "affine"})
+    with pytest.raises(BrainsexError, match="different registrations"):
+        recorded_registration(table, folder.root)
+    mark("sub-1", {"voxel_size": 8.0, "registration": "affine"})
+    assert recorded_registration(table, folder.root) == "affine"

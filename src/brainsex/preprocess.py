@@ -96,6 +96,7 @@ __all__ = [
     "PreprocessConfig",
     "preprocess_subject",
     "preprocess_cohort",
+    "recorded_registration",
     "QC_COLUMNS",
     "PREPROCESSED_COLUMNS",
 ]
@@ -1404,6 +1405,42 @@ def _read_marker(marker: Path, params: Mapping[str, Any]) -> dict[str, Any] | No
         if key in QC_COLUMNS:
             qc[key] = str(marker.parent / entry["file"])
     return qc
+
+
+def recorded_registration(preprocessed: pd.DataFrame, out_dir: str | os.PathLike) -> str:
+    """The :attr:`PreprocessConfig.registration` a cohort was preprocessed with, read from its markers.
+
+    Parameters
+    ----------
+    preprocessed : pandas.DataFrame
+        ``preprocessed.tsv`` (``participant_id``, ``status``) of the cohort.
+    out_dir : path
+        Its ``preprocess`` folder (:class:`brainsex.run.PreprocessDir`).
+
+    Returns
+    -------
+    str
+        ``"rigid+affine"`` or ``"affine"``.
+
+    Raises
+    ------
+    BrainsexError
+        When no preprocessed subject has a readable marker, or the subjects disagree.
+    """
+    folder = PreprocessDir(out_dir)
+    ok = preprocessed[preprocessed["status"] == "ok"] if "status" in preprocessed.columns else preprocessed
+    found: set[str] = set()
+    for pid in ok["participant_id"].astype(str):
+        marker = folder.subject_outputs(pid)["marker"]
+        try:
+            params = json.loads(marker.read_text())["params"]
+        except (OSError, KeyError, json.JSONDecodeError):
+            continue
+        found.add(str(params.get("registration", "rigid+affine")))  # recorded only when not the default
+    if len(found) != 1:
+        raise BrainsexError(f"{folder.root}: " + ("no readable subject marker" if not found else
+                                                  f"subjects preprocessed with different registrations {sorted(found)}"))
+    return found.pop()
 
 
 def _remove_strays(sdir: Path) -> None:

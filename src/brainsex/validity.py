@@ -970,7 +970,8 @@ def size_experiments(
     preprocessing of the same subject (:func:`brainsex.reliance.preprocess_like`: the true brain mask,
     the run's rigid transform, the same z-score; the pose is the same, so nothing is estimated again);
     its test scans are preprocessed afresh (:func:`brainsex.preprocess.preprocess_cohort` with the
-    true masks), since they also need eTIV for R_tiv. Each variant is then trained on **the run's split** (the same participant IDs in train, val and test) with
+    true masks and the run's registration, :func:`brainsex.preprocess.recorded_registration`), since
+    they also need eTIV for R_tiv. Each variant is then trained on **the run's split** (the same participant IDs in train, val and test) with
     the run's training settings (:func:`brainsex.stages.train_model`), and its test subjects are
     predicted (:func:`brainsex.stages.predict_split`). ``default`` is the run's own model and
     predictions. Accuracy and balanced accuracy with bootstrap CIs are computed overall and inside the
@@ -1173,7 +1174,7 @@ def _size_variant_predictions(run: Any, phantom: str, settings: dict[str, Any], 
                               progress: bool) -> pd.DataFrame:
     """Generate, preprocess, train on the run's split and predict one variant phantom of :data:`SIZE_PHANTOMS`."""
     from brainsex.io import read_table, write_table
-    from brainsex.preprocess import preprocess_cohort
+    from brainsex.preprocess import preprocess_cohort, recorded_registration
     from brainsex.run import PreprocessDir, RunDir
     from brainsex.stages import predict_split, train_model, usable
     from brainsex.synthetic import make_cohort
@@ -1207,8 +1208,10 @@ def _size_variant_predictions(run: Any, phantom: str, settings: dict[str, Any], 
     test = chosen[chosen["split"] == "test"].drop(columns="split")
     voxel_size = float(gen["voxel_size"])
     pre_fit = _preprocess_like_run(fit, run, work.preprocess, n_workers, progress)
+    registration = recorded_registration(read_table(run.preprocess.table), run.preprocess.root)
     pre_test = preprocess_cohort(test, PreprocessDir(run.validity.size_variant_test(phantom)), voxel_size=voxel_size,
-                                 n_workers=n_workers, method="mask", etiv=True, progress=progress)
+                                 n_workers=n_workers, method="mask", etiv=True, progress=progress,
+                                 registration=registration)
     pre = usable(pd.concat([pre_fit, pre_test], ignore_index=True))
     table = split.merge(pre, on="participant_id", how="inner")  # in the run's order
     write_table(table[["participant_id", "split"]], work.train.split)
