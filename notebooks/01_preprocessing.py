@@ -54,7 +54,7 @@ voxel_size = 4.0
 n_workers = 2
 seed = 0
 n_strip_check = 8
-registration = "rigid+affine"
+registration = "affine"
 manifest = "data_manifest.yaml"
 min_group_size = 5
 
