@@ -42,6 +42,7 @@ profile = "demo"
 run_dir = "runs/demo"
 channels = [8, 16, 32, 32, 32, 16]
 epochs = 12
+scheduler = "cosine"
 batch_size = 16
 micro_batch = "auto"
 lr = 0.01
@@ -91,8 +92,8 @@ show_table(split_composition(split), caption="Composition of each subset (percen
 # ```
 
 # %% tags=["hide-input"]
-settings = {"channels": channels, "epochs": epochs, "batch_size": batch_size, "lr": lr, "select": select,
-            "device": device, "seed": seed, "micro_batch": micro_batch}
+settings = {"channels": channels, "epochs": epochs, "batch_size": batch_size, "lr": lr, "scheduler": scheduler,
+            "select": select, "device": device, "seed": seed, "micro_batch": micro_batch}
 # resume="auto": continue after an interruption, start afresh when settings changed
 result = train_model(split, settings, run.train, resume="auto", progress=False)
 history = result.history

@@ -76,6 +76,7 @@ matched_subjects = 160
 manifest = "data_manifest.yaml"
 channels = [8, 16, 32, 32, 32, 16]
 epochs = 12
+scheduler = "cosine"
 batch_size = 16
 lr = 0.01
 select = "last"
@@ -129,8 +130,9 @@ if not truth_known:
                           "the checks on a phantom with this run's grid, model and training settings.")
     n_real = len(read_table(run.cohort.participants))
     run = RunDir(matched_phantom_run(run, manifest=manifest, n_subjects=matched_subjects, voxel_size=voxel_size,
-                                     channels=channels, epochs=epochs, batch_size=batch_size, lr=lr, select=select,
-                                     device=device, seed=seed, n_workers=n_workers))
+                                     channels=channels, epochs=epochs, batch_size=batch_size, lr=lr,
+                                     scheduler=scheduler, select=select, device=device, seed=seed,
+                                     n_workers=n_workers))
     n_matched = len(read_table(run.cohort.participants))
     glue("validity_case", Markdown(
         f"**This run is on real scans** ({n_real} subjects), which come with no known answer. The checks below "
@@ -268,8 +270,9 @@ from brainsex.validity import size_summary
 
 size_keys = [f"{p}_{s}" for p in ("default", "size_only", "regions_only") for s in ("all", "inside_rtiv")]
 if size_experiments:
-    train_settings = {"channels": channels, "epochs": epochs, "batch_size": batch_size, "lr": lr, "select": select,
-                      "device": device, "seed": seed, "micro_batch": micro_batch}
+    train_settings = {"channels": channels, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                      "scheduler": scheduler, "select": select, "device": device, "seed": seed,
+                      "micro_batch": micro_batch}
     size_table = run_size_experiments(run, train_settings, out=RunDir(run_dir).validity, n_bootstrap=n_bootstrap,
                                       n_workers=n_workers, progress=False)
     size_policy = publication_policy(run.root, manifest, min_group_size)  # the run the rows come from

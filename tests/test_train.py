@@ -473,3 +473,18 @@ def test_resume_auto_starts_afresh_when_an_image_was_preprocessed_again(tmp_path
         write_volume(path, vol)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
         train(data, cfg(epochs=3), out_dir=out, channels=CH, resume=True, progress=False)
+
+
+def test_cosine_schedule_anneals_to_zero_and_resumes_only_with_its_length(table, tmp_path):
+    """``scheduler="cosine"`` (the demo's): half a cosine from lr to 0 over the epochs, whatever the validation loss."""
+    res = train(table, cfg(epochs=4, scheduler="cosine"), out_dir=tmp_path / "a", channels=CH, progress=False)
+    lr = res.history["lr"].to_numpy()  # the rate each epoch trained at
+    assert lr == pytest.approx([0.01 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(4)])
+    # a finished cosine run is not continued into a longer one: the cosine's length is the run's
+    with pytest.raises(BrainsexError, match="epochs"):
+        train(table, cfg(epochs=6, scheduler="cosine"), out_dir=tmp_path / "a", channels=CH, resume=True,
+              progress=False)
+    with pytest.raises(BrainsexError, match="scheduler"):
+        train(table, cfg(epochs=6), out_dir=tmp_path / "a", channels=CH, resume=True, progress=False)
+    with pytest.raises(BrainsexError, match="scheduler must be one of plateau, cosine"):
+        cfg(scheduler="step")

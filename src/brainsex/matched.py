@@ -33,6 +33,7 @@ def matched_phantom_run(
     epochs: int = 24,
     batch_size: int = 16,
     lr: float = 0.01,
+    scheduler: str = "plateau",
     select: str = "last",
     device: str = "cpu",
     seed: int = 0,
@@ -49,7 +50,7 @@ def matched_phantom_run(
     n_subjects : int or None, default=160
         Phantom size: the real cohort's size (``cohort/participants.tsv``) capped at this number, and
         at least :data:`MIN_SUBJECTS`.
-    voxel_size, channels, epochs, batch_size, lr, select, device, seed, n_workers
+    voxel_size, channels, epochs, batch_size, lr, scheduler, select, device, seed, n_workers
         The real run's grid and training settings (its profile's parameters).
 
     Returns
@@ -61,7 +62,7 @@ def matched_phantom_run(
     from brainsex.cohorts import load_cohorts
     from brainsex.io import read_table, write_table
     from brainsex.manifest import Manifest, load_manifest
-    from brainsex.preprocess import preprocess_cohort
+    from brainsex.preprocess import preprocess_cohort, recorded_registration
     from brainsex.run import RunDir
     from brainsex.stages import predict_split, split_subjects, train_model
 
@@ -78,11 +79,14 @@ def matched_phantom_run(
         n = MIN_SUBJECTS  # enough test scans to explain, whatever the real cohort's size
     participants, _ = load_cohorts(Manifest(cohorts=[entry]), [entry.name], run_dir=out.root, n=n,
                                    voxel_size=voxel_size, seed=seed, n_workers=n_workers, progress=False)
+    # the real run's registration (its subjects' markers), so that the phantom is preprocessed like it
+    registration = (recorded_registration(read_table(real.preprocess.table), real.preprocess.root)
+                    if real.preprocess.table.is_file() else "rigid+affine")
     pre = preprocess_cohort(participants, out.preprocess, voxel_size=voxel_size, n_workers=n_workers,
-                            progress=False)
+                            progress=False, registration=registration)
     split = split_subjects(pre, seed=seed, out=out.train)
     params = {"channels": list(channels), "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr),
-              "select": select, "device": device, "seed": int(seed)}
+              "scheduler": scheduler, "select": select, "device": device, "seed": int(seed)}
     result = train_model(split, params, out.train, resume="auto", progress=False)
     write_table(predict_split(result.model, split, split="test", device=device), out.evaluate.predictions)
     return out.root

@@ -107,8 +107,10 @@ CHECKPOINT_FORMAT = "brainsex-sfcn/1"
 AUGMENTATION = "rotate_batch/1: monai AffineTransform per batch, generator seeded by (seed, epoch, rank, batch)"
 
 # Config fields that change the result; a resumed run must use the same values.
-_RESULT_FIELDS = ("batch_size", "lr", "weight_decay", "rotate_prob", "rotate_deg", "scheduler_factor",
+_RESULT_FIELDS = ("batch_size", "lr", "weight_decay", "rotate_prob", "rotate_deg", "scheduler", "scheduler_factor",
                   "scheduler_patience", "seed", "amp", "select")
+#: Learning-rate schedules of :class:`TrainConfig`.
+SCHEDULERS = ("plateau", "cosine")
 
 # Independent random streams derived from (seed, epoch, ...).
 _STREAM_DROPOUT, _STREAM_AUGMENT, _STREAM_LOADER = 1, 2, 3
@@ -131,9 +133,15 @@ class TrainConfig:
     rotate_prob, rotate_deg
         Probability that a training scan is rotated, and the largest angle in degrees about each axis
         (0.5 and 15 in the paper). ``rotate_prob=0`` disables augmentation.
+    scheduler
+        ``"plateau"`` (the paper's): ``ReduceLROnPlateau`` on the validation loss. ``"cosine"``: the
+        learning rate follows half a cosine from ``lr`` to 0 over ``epochs`` (``CosineAnnealingLR``),
+        whatever the validation loss does, so a short run always ends annealed; with few epochs the
+        plateau rule may never fire and the last epoch is then taken at the full rate (the demo, see
+        its profile). A cosine run resumes only with the same ``epochs``.
     scheduler_factor, scheduler_patience
-        ``ReduceLROnPlateau`` on the validation loss: multiply the learning rate by ``factor`` after
-        ``patience`` epochs without improvement (0.1 and 5).
+        ``"plateau"`` only: multiply the learning rate by ``factor`` after ``patience`` epochs without
+        improvement of the validation loss (0.1 and 5).
     select
         Which weights ``best.pt`` keeps: ``"val_loss"`` (the paper's: the epoch with the lowest validation
         loss) or ``"last"`` (the final epoch). With a small validation set (32 scans in the demo) the
@@ -179,6 +187,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     rotate_prob: float = 0.5
     rotate_deg: float = 15.0
+    scheduler: str = "plateau"
     scheduler_factor: float = 0.1
     scheduler_patience: int = 5
     select: str = "val_loss"
@@ -204,6 +213,7 @@ class TrainConfig:
             (float(self.weight_decay) >= 0, "weight_decay must be >= 0"),
             (0.0 <= float(self.rotate_prob) <= 1.0, "rotate_prob must be in [0, 1]"),
             (0.0 <= float(self.rotate_deg) <= 180.0, "rotate_deg must be in [0, 180]"),
+            (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
             (0.0 < float(self.scheduler_factor) < 1.0, "scheduler_factor must be in (0, 1)"),
             (int(self.scheduler_patience) >= 0, "scheduler_patience must be >= 0"),
             (self.select in ("val_loss", "last"), "select must be 'val_loss' or 'last'"),
@@ -964,8 +974,11 @@ def _new_fit(run: _LoopInputs, plan: MemoryPlan, min_part: int) -> _Fit:
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.scheduler_factor,
-                                                           patience=config.scheduler_patience)
+    if config.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(config.epochs))
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.scheduler_factor,
+                                                               patience=config.scheduler_patience)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     return _Fit(model=model, train_model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -1126,7 +1139,10 @@ def _train_loop(run: _LoopInputs) -> TrainResult:
         val_sums = _validate(run, fit, val_loader, sums)
         train_loss, train_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
         val_loss, val_acc = (val_sums[0] / val_sums[2]).item(), (val_sums[1] / val_sums[2]).item()
-        fit.scheduler.step(val_loss)
+        if config.scheduler == "cosine":
+            fit.scheduler.step()
+        else:
+            fit.scheduler.step(val_loss)
         state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                               "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - t0,
                               "samples_per_s": float(sums[2].item()) / max(train_seconds, 1e-9)})
@@ -1164,6 +1180,9 @@ def _check_resume(ckpt: dict, model: SFCN, config: TrainConfig, signature: str, 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # checkpoints before a field existed
     old = {k: old.get(k, defaults[k]) for k in _RESULT_FIELDS}
     diff = {k: (old[k], getattr(config, k)) for k in _RESULT_FIELDS if old[k] != getattr(config, k)}
+    old_epochs = int((ckpt.get("train_config") or {}).get("epochs", config.epochs))
+    if config.scheduler == "cosine" and old_epochs != int(config.epochs):
+        diff["epochs"] = (old_epochs, int(config.epochs))  # the cosine's length is the run's
     if diff:
         txt = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise BrainsexError(f"{path}: cannot resume with different settings ({txt}); use another out_dir or resume=False")

@@ -896,7 +896,8 @@ SIZE_COLUMNS = ("phantom", "subset", "metric", "value", "ci_low", "ci_high", "n"
 SIZE_VERSION = "size-2"  # size-2: training scans through the run's recorded preprocessing
 
 #: The training settings a size experiment copies from the run (what the training chapter passes).
-SIZE_TRAIN_KEYS = ("channels", "epochs", "batch_size", "micro_batch", "lr", "select", "device", "seed", "dropout")
+SIZE_TRAIN_KEYS = ("channels", "epochs", "batch_size", "micro_batch", "lr", "scheduler", "select", "device", "seed",
+                   "dropout")
 
 
 def _rtiv_of(run: Any, predictions: pd.DataFrame) -> tuple[float, float]:
