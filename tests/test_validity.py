@@ -528,7 +528,7 @@ def test_study_precision_table_notes_weak_models():
 @pytest.mark.slow
 def test_study_at_smoke_size(tmp_path):
     """The whole sweep on a tiny phantom: every configuration and method gives rows, accuracy from evaluate."""
-    res = v.study(out_dir=tmp_path, voxel_sizes=[8.0], effects=["volume"], zscores=["brain"], n_subjects=48,
+    res = v.study(out_dir=tmp_path, voxel_sizes=[8.0], effects=["volume"], zscores=["brain"], n_subjects=24,
                   epochs=1, methods=["saliency"], scorings=["weighted_score"], max_scans=4, warp="none", tbm=False,
                   n_perm=20, n_workers=1, progress=False)
     from brainsex.run import ValidityDir
@@ -560,8 +560,12 @@ def test_study_at_smoke_size(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # is it just head size? size-only and region-only phantoms
 # --------------------------------------------------------------------------------------------------
-def _tiny_run(root, n=48):
-    """A smoke-sized phantom run: phantom, preprocessing, split, one epoch of training, test predictions."""
+def _tiny_run(root, n=24):
+    """A tiny phantom run: phantom, preprocessing, split, one epoch of training, test predictions.
+
+    24 subjects (12 per sex) are the fewest whose 80/10/10 split stays stratified by sex (strata of at least
+    10), so the test set holds both sexes and balanced accuracy is defined.
+    """
     from brainsex.io import write_table
     from brainsex.preprocess import preprocess_cohort
     from brainsex.run import RunDir
@@ -584,6 +588,7 @@ def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
     """Size-only and region-only phantoms: same people and draws, the run's split, a table with every row; cached."""
     import brainsex.stages
     from brainsex.io import read_table
+    from brainsex.run import ValidityDir
 
     run, params = _tiny_run(tmp_path / "run")
     table = v.size_experiments(run.root, params, rtiv=(1000.0, 2000.0), n_bootstrap=20, progress=False)
@@ -617,6 +622,14 @@ def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
     assert not read_table(regions_only.phantom.participants)["tiv_ml"].equals(tiv)
     assert json.loads(size_only.phantom.generation.read_text())["args"]["region_effect"] == 0.0
     assert json.loads(regions_only.phantom.generation.read_text())["args"]["tiv_effect"] is False
+    # another output folder (chapter 07 on a matched phantom writes into the real run's validity/): the
+    # variants resume from the run, the table lands in that folder
+    elsewhere = ValidityDir(tmp_path / "real_run" / "validity")
+    moved = v.size_experiments(run.root, params, out=elsewhere.root, rtiv=(1000.0, 2000.0), n_bootstrap=20,
+                               progress=False)
+    pd.testing.assert_frame_equal(moved, table)
+    assert elsewhere.size_experiments.is_file() and not elsewhere.size_variant("size_only").exists()
+
     # a re-run reuses the cached table: no training, the same numbers
     def no_training(*a, **k):
         raise AssertionError("the cached table should have been reused")
