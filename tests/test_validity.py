@@ -331,28 +331,36 @@ def test_tbm_region_test_finds_the_changed_region(tbm_cohort):
         v.tbm_region_test(table.drop(columns="etiv_ml"), template, atlas, labels, root / "warps", progress=False)
 
 
-def test_phantom_log_jacobians_rebuild_the_planted_effect(tmp_path):
+@pytest.fixture(scope="module")
+def phantom8(tmp_path_factory):
+    """An 8-subject phantom at 8 mm with a strong planted effect, read (never written) by the tests below."""
     from brainsex.synthetic import make_cohort
+
+    root = tmp_path_factory.mktemp("phantom8") / "ph"
+    return root, make_cohort(root, n=8, voxel_size=8.0, seed=0, progress=False, region_effect=0.3)
+
+
+def test_phantom_log_jacobians_rebuild_the_planted_effect(phantom8, tmp_path):
     from brainsex.templates import load_atlas
 
-    part = make_cohort(tmp_path / "ph", n=8, voxel_size=8.0, seed=0, progress=False, region_effect=0.3)
+    ph, part = phantom8
     atlas, labels = load_atlas(8.0, source="offline")
-    true = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels)
+    true = v.phantom_log_jacobians(ph, atlas, labels)
     assert list(true.index) == part["participant_id"].tolist() and true.shape[1] == len(labels)
-    truth = v.planted_truth(tmp_path / "ph")
+    truth = v.planted_truth(ph)
     male = (part.set_index("participant_id").loc[true.index, "sex"] == "M").to_numpy()
     on_grid = [lab for lab in truth["label"] if true[lab].notna().all()]
     assert len(on_grid) >= 6
     for lab in on_grid:  # the planted sign: + larger in males
         sign = int(truth.set_index("label").loc[lab, "sign"])
         assert sign * (true.loc[male, lab].mean() - true.loc[~male, lab].mean()) > 0.05
-    some = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=["sub-0002"])
+    some = v.phantom_log_jacobians(ph, atlas, labels, participants=["sub-0002"])
     np.testing.assert_allclose(some.loc["sub-0002"], true.loc["sub-0002"])
     table = part.assign(etiv_ml=part["tiv_ml"])
     res = v.region_test_table(true, table, atlas, labels, load_template_8())
     assert res["rank"].tolist() == list(range(1, len(res) + 1)) and res.attrs["n_subjects"] == 8
     with pytest.raises(BrainsexError, match="not in the phantom"):
-        v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=["sub-9999"])
+        v.phantom_log_jacobians(ph, atlas, labels, participants=["sub-9999"])
     with pytest.raises(BrainsexError, match="generation.json"):
         v.phantom_log_jacobians(tmp_path, atlas, labels)
 
@@ -417,23 +425,22 @@ def test_tbm_transform_recovers_a_shift_in_its_affine_stage(tmp_path):
     assert v.tbm_transform(moved, template, tmp_path / "s_") == files  # cached
 
 
-def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
-    from brainsex.synthetic import make_cohort
+def test_positive_control_perfect_and_registered_on_the_same_sample(phantom8, tmp_path):
     from brainsex.templates import load_atlas
 
-    part = make_cohort(tmp_path / "ph", n=8, voxel_size=8.0, seed=0, progress=False, region_effect=0.3)
+    ph, part = phantom8
     atlas, labels = load_atlas(8.0, source="offline")
     template = load_template_8()
-    truth = v.planted_truth(tmp_path / "ph")
+    truth = v.planted_truth(ph)
     table = part.assign(etiv_ml=part["tiv_ml"], image_pp=part["image"], status="ok")
-    only_true = v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w",
+    only_true = v.positive_control(table, ph, template, atlas, labels, truth, tmp_path / "w",
                                    warps=(), n_perm=20)
     assert list(only_true.tables) == [v.PERFECT_ALL] and np.isnan(only_true.ratio)
     assert only_true.tables[v.PERFECT_ALL].attrs["n_subjects"] == 8
     # the planted sign shows in the perfect-warp coefficients
     signs = truth.set_index("label").loc[only_true.coef.index, "sign"]
     assert (np.sign(only_true.coef[v.PERFECT_ALL]) == signs).mean() >= 0.8
-    pc = v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w", warps=("tbm",),
+    pc = v.positive_control(table, ph, template, atlas, labels, truth, tmp_path / "w", warps=("tbm",),
                             max_subjects=4, n_perm=20)
     assert list(pc.tables) == [v.PERFECT_ALL, v.WARP_NAMES["tbm"], v.PERFECT_SAMPLE]
     assert pc.tables[v.PERFECT_SAMPLE].attrs["n_subjects"] == 4 == pc.tables[v.WARP_NAMES["tbm"]].attrs["n_subjects"]
@@ -443,7 +450,7 @@ def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
     sample = pc.tables[v.WARP_NAMES["tbm"]].attrs["sample"]
     rows = table.set_index("participant_id", drop=False).loc[sample].reset_index(drop=True)
     est = v.tbm_region_means(rows, template, atlas, labels, tmp_path / "w", warps="tbm")
-    true = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=sample)
+    true = v.phantom_log_jacobians(ph, atlas, labels, participants=sample)
     r = [np.corrcoef(est[c], true.loc[est.index, c])[0, 1] for c in est.columns
          if c in true.columns and est[c].notna().all() and est[c].std() > 0]
     assert len(r) > 10 and pc.agreement == pytest.approx(np.median(r))
@@ -451,9 +458,9 @@ def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
     ratio = (pc.coef[v.WARP_NAMES["tbm"]] / pc.coef[v.PERFECT_SAMPLE]).median()
     assert pc.ratio == pytest.approx(ratio)
     with pytest.raises(BrainsexError, match="warps must be"):
-        v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w", warps=("bogus",))
+        v.positive_control(table, ph, template, atlas, labels, truth, tmp_path / "w", warps=("bogus",))
     with pytest.raises(BrainsexError, match="no subject"):
-        v.positive_control(table.assign(status="failed"), tmp_path / "ph", template, atlas, labels, truth,
+        v.positive_control(table.assign(status="failed"), ph, template, atlas, labels, truth,
                            tmp_path / "w")
 
 
