@@ -615,6 +615,14 @@ def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
     own = evaluate_predictions(read_table(run.evaluate.predictions))
     default_acc = table.query("phantom == 'default' and subset == 'all' and metric == 'accuracy'")["value"].item()
     assert default_acc == pytest.approx(own.loc["accuracy", "value"])
+    # another output folder (chapter 07 on a matched phantom writes into the real run's validity/): the
+    # variants resume from the run, the table lands in that folder
+    elsewhere = ValidityDir(tmp_path / "real_run" / "validity")
+    moved = v.size_experiments(run.root, params, out=elsewhere.root, rtiv=(1000.0, 2000.0), n_bootstrap=20,
+                               progress=False)
+    pd.testing.assert_frame_equal(moved, table)
+    assert elsewhere.size_experiments.is_file() and not elsewhere.size_variant("size_only").exists()
+
     # each variant: the run's participants, split and draws; only what it changes differs
     size_only = RunDir(run.validity.size_variant("size_only"))
     regions_only = RunDir(run.validity.size_variant("regions_only"))
@@ -629,14 +637,6 @@ def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
     assert not read_table(regions_only.phantom.participants)["tiv_ml"].equals(tiv)
     assert json.loads(size_only.phantom.generation.read_text())["args"]["region_effect"] == 0.0
     assert json.loads(regions_only.phantom.generation.read_text())["args"]["tiv_effect"] is False
-    # another output folder (chapter 07 on a matched phantom writes into the real run's validity/): the
-    # variants resume from the run, the table lands in that folder
-    elsewhere = ValidityDir(tmp_path / "real_run" / "validity")
-    moved = v.size_experiments(run.root, params, out=elsewhere.root, rtiv=(1000.0, 2000.0), n_bootstrap=20,
-                               progress=False)
-    pd.testing.assert_frame_equal(moved, table)
-    assert elsewhere.size_experiments.is_file() and not elsewhere.size_variant("size_only").exists()
-
     # a re-run reuses the cached table: no training, the same numbers
     def no_training(*a, **k):
         raise AssertionError("the cached table should have been reused")
