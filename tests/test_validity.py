@@ -331,28 +331,36 @@ def test_tbm_region_test_finds_the_changed_region(tbm_cohort):
         v.tbm_region_test(table.drop(columns="etiv_ml"), template, atlas, labels, root / "warps", progress=False)
 
 
-def test_phantom_log_jacobians_rebuild_the_planted_effect(tmp_path):
+@pytest.fixture(scope="module")
+def phantom8(tmp_path_factory):
+    """An 8-subject phantom at 8 mm with a strong planted effect, read (never written) by the tests below."""
     from brainsex.synthetic import make_cohort
+
+    root = tmp_path_factory.mktemp("phantom8") / "ph"
+    return root, make_cohort(root, n=8, voxel_size=8.0, seed=0, progress=False, region_effect=0.3)
+
+
+def test_phantom_log_jacobians_rebuild_the_planted_effect(phantom8, tmp_path):
     from brainsex.templates import load_atlas
 
-    part = make_cohort(tmp_path / "ph", n=8, voxel_size=8.0, seed=0, progress=False, region_effect=0.3)
+    ph, part = phantom8
     atlas, labels = load_atlas(8.0, source="offline")
-    true = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels)
+    true = v.phantom_log_jacobians(ph, atlas, labels)
     assert list(true.index) == part["participant_id"].tolist() and true.shape[1] == len(labels)
-    truth = v.planted_truth(tmp_path / "ph")
+    truth = v.planted_truth(ph)
     male = (part.set_index("participant_id").loc[true.index, "sex"] == "M").to_numpy()
     on_grid = [lab for lab in truth["label"] if true[lab].notna().all()]
     assert len(on_grid) >= 6
     for lab in on_grid:  # the planted sign: + larger in males
         sign = int(truth.set_index("label").loc[lab, "sign"])
         assert sign * (true.loc[male, lab].mean() - true.loc[~male, lab].mean()) > 0.05
-    some = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=["sub-0002"])
+    some = v.phantom_log_jacobians(ph, atlas, labels, participants=["sub-0002"])
     np.testing.assert_allclose(some.loc["sub-0002"], true.loc["sub-0002"])
     table = part.assign(etiv_ml=part["tiv_ml"])
     res = v.region_test_table(true, table, atlas, labels, load_template_8())
     assert res["rank"].tolist() == list(range(1, len(res) + 1)) and res.attrs["n_subjects"] == 8
     with pytest.raises(BrainsexError, match="not in the phantom"):
-        v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=["sub-9999"])
+        v.phantom_log_jacobians(ph, atlas, labels, participants=["sub-9999"])
     with pytest.raises(BrainsexError, match="generation.json"):
         v.phantom_log_jacobians(tmp_path, atlas, labels)
 
@@ -417,23 +425,22 @@ def test_tbm_transform_recovers_a_shift_in_its_affine_stage(tmp_path):
     assert v.tbm_transform(moved, template, tmp_path / "s_") == files  # cached
 
 
-def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
-    from brainsex.synthetic import make_cohort
+def test_positive_control_perfect_and_registered_on_the_same_sample(phantom8, tmp_path):
     from brainsex.templates import load_atlas
 
-    part = make_cohort(tmp_path / "ph", n=8, voxel_size=8.0, seed=0, progress=False, region_effect=0.3)
+    ph, part = phantom8
     atlas, labels = load_atlas(8.0, source="offline")
     template = load_template_8()
-    truth = v.planted_truth(tmp_path / "ph")
+    truth = v.planted_truth(ph)
     table = part.assign(etiv_ml=part["tiv_ml"], image_pp=part["image"], status="ok")
-    only_true = v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w",
+    only_true = v.positive_control(table, ph, template, atlas, labels, truth, tmp_path / "w",
                                    warps=(), n_perm=20)
     assert list(only_true.tables) == [v.PERFECT_ALL] and np.isnan(only_true.ratio)
     assert only_true.tables[v.PERFECT_ALL].attrs["n_subjects"] == 8
     # the planted sign shows in the perfect-warp coefficients
     signs = truth.set_index("label").loc[only_true.coef.index, "sign"]
     assert (np.sign(only_true.coef[v.PERFECT_ALL]) == signs).mean() >= 0.8
-    pc = v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w", warps=("tbm",),
+    pc = v.positive_control(table, ph, template, atlas, labels, truth, tmp_path / "w", warps=("tbm",),
                             max_subjects=4, n_perm=20)
     assert list(pc.tables) == [v.PERFECT_ALL, v.WARP_NAMES["tbm"], v.PERFECT_SAMPLE]
     assert pc.tables[v.PERFECT_SAMPLE].attrs["n_subjects"] == 4 == pc.tables[v.WARP_NAMES["tbm"]].attrs["n_subjects"]
@@ -443,7 +450,7 @@ def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
     sample = pc.tables[v.WARP_NAMES["tbm"]].attrs["sample"]
     rows = table.set_index("participant_id", drop=False).loc[sample].reset_index(drop=True)
     est = v.tbm_region_means(rows, template, atlas, labels, tmp_path / "w", warps="tbm")
-    true = v.phantom_log_jacobians(tmp_path / "ph", atlas, labels, participants=sample)
+    true = v.phantom_log_jacobians(ph, atlas, labels, participants=sample)
     r = [np.corrcoef(est[c], true.loc[est.index, c])[0, 1] for c in est.columns
          if c in true.columns and est[c].notna().all() and est[c].std() > 0]
     assert len(r) > 10 and pc.agreement == pytest.approx(np.median(r))
@@ -451,9 +458,9 @@ def test_positive_control_perfect_and_registered_on_the_same_sample(tmp_path):
     ratio = (pc.coef[v.WARP_NAMES["tbm"]] / pc.coef[v.PERFECT_SAMPLE]).median()
     assert pc.ratio == pytest.approx(ratio)
     with pytest.raises(BrainsexError, match="warps must be"):
-        v.positive_control(table, tmp_path / "ph", template, atlas, labels, truth, tmp_path / "w", warps=("bogus",))
+        v.positive_control(table, ph, template, atlas, labels, truth, tmp_path / "w", warps=("bogus",))
     with pytest.raises(BrainsexError, match="no subject"):
-        v.positive_control(table.assign(status="failed"), tmp_path / "ph", template, atlas, labels, truth,
+        v.positive_control(table.assign(status="failed"), ph, template, atlas, labels, truth,
                            tmp_path / "w")
 
 
@@ -528,7 +535,7 @@ def test_study_precision_table_notes_weak_models():
 @pytest.mark.slow
 def test_study_at_smoke_size(tmp_path):
     """The whole sweep on a tiny phantom: every configuration and method gives rows, accuracy from evaluate."""
-    res = v.study(out_dir=tmp_path, voxel_sizes=[8.0], effects=["volume"], zscores=["brain"], n_subjects=48,
+    res = v.study(out_dir=tmp_path, voxel_sizes=[8.0], effects=["volume"], zscores=["brain"], n_subjects=24,
                   epochs=1, methods=["saliency"], scorings=["weighted_score"], max_scans=4, warp="none", tbm=False,
                   n_perm=20, n_workers=1, progress=False)
     from brainsex.run import ValidityDir
@@ -560,8 +567,12 @@ def test_study_at_smoke_size(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # is it just head size? size-only and region-only phantoms
 # --------------------------------------------------------------------------------------------------
-def _tiny_run(root, n=48):
-    """A smoke-sized phantom run: phantom, preprocessing, split, one epoch of training, test predictions."""
+def _tiny_run(root, n=24):
+    """A tiny phantom run: phantom, preprocessing, split, one epoch of training, test predictions.
+
+    24 subjects (12 per sex) are the fewest whose 80/10/10 split stays stratified by sex (strata of at least
+    10), so the test set holds both sexes and balanced accuracy is defined.
+    """
     from brainsex.io import write_table
     from brainsex.preprocess import preprocess_cohort
     from brainsex.run import RunDir
@@ -584,6 +595,7 @@ def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
     """Size-only and region-only phantoms: same people and draws, the run's split, a table with every row; cached."""
     import brainsex.stages
     from brainsex.io import read_table
+    from brainsex.run import ValidityDir
 
     run, params = _tiny_run(tmp_path / "run")
     # two workers: the two variants side by side in worker processes, one torch thread each (size_variant_plan)
@@ -605,6 +617,14 @@ def test_size_experiments_on_a_tiny_run(tmp_path, monkeypatch):
     own = evaluate_predictions(read_table(run.evaluate.predictions))
     default_acc = table.query("phantom == 'default' and subset == 'all' and metric == 'accuracy'")["value"].item()
     assert default_acc == pytest.approx(own.loc["accuracy", "value"])
+    # another output folder (chapter 07 on a matched phantom writes into the real run's validity/): the
+    # variants resume from the run, the table lands in that folder
+    elsewhere = ValidityDir(tmp_path / "real_run" / "validity")
+    moved = v.size_experiments(run.root, params, out=elsewhere.root, rtiv=(1000.0, 2000.0), n_bootstrap=20,
+                               progress=False)
+    pd.testing.assert_frame_equal(moved, table)
+    assert elsewhere.size_experiments.is_file() and not elsewhere.size_variant("size_only").exists()
+
     # each variant: the run's participants, split and draws; only what it changes differs
     size_only = RunDir(run.validity.size_variant("size_only"))
     regions_only = RunDir(run.validity.size_variant("regions_only"))
