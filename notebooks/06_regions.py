@@ -45,6 +45,7 @@ voxel_size = 4.0
 saliency_threshold = 0.1
 atlas_source = "offline"
 seed = 0
+n_perm = 1000
 manifest = "data_manifest.yaml"
 min_group_size = 5
 
@@ -98,8 +99,8 @@ glue("truth_known", truth_known, display=False)
 if truth_known:
     truth = set(planted_truth(run)["label"].astype(int))
     ranking = scores[scores["n_voxels"] > 0]["label"].astype(int).tolist()
-    p10 = permutation_null(lambda r, t: precision_at_k(r, t, k=10), ranking, truth, n_perm=1000, seed=seed)
-    ap = permutation_null(average_precision, ranking, truth, n_perm=1000, seed=seed)
+    p10 = permutation_null(lambda r, t: precision_at_k(r, t, k=10), ranking, truth, n_perm=n_perm, seed=seed)
+    ap = permutation_null(average_precision, ranking, truth, n_perm=n_perm, seed=seed)
     show(fig_top_regions(scores, k=10, highlight=truth), alt="Top ten regions by weighted saliency score",
          local_only=not publish)
 

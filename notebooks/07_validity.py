@@ -42,7 +42,7 @@
 # Every ranking gets the same metrics: **precision@10** (how many of the ten top regions are planted),
 # **average precision** (the whole ranking), and *tolerant* versions of both in which a region
 # touching a planted region counts as finding it. Each comes with its **chance level** — its mean over
-# 1,000 random orderings of the same regions — and a permutation p-value.
+# {glue:text}`n_perm` random orderings of the same regions — and a permutation p-value.
 
 # %% tags=["remove-cell"]
 import sys
@@ -153,6 +153,7 @@ K = 10
 effect_pct = 100 * float(json.loads(run.phantom.generation.read_text())["args"]["region_effect"])
 length_pct = 100 * ((1 + effect_pct / 100) ** (1 / 3) - 1)
 glue("region_effect_pct", f"{effect_pct:g}", display=False)
+glue("n_perm", f"{n_perm:,}", display=False)
 
 effect_map = nib.load(run.phantom.effect_map)
 ceiling = truth_map_ranking(effect_map, atlas, labels)
