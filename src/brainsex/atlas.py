@@ -83,7 +83,6 @@ def resample_atlas_to(atlas_img: Any, target_img: Any) -> Any:
         int32 label image on the target's grid (0 outside the atlas).
     """
     import nibabel as nib
-    from nilearn.image import resample_to_img
 
     for obj, name in ((atlas_img, "atlas_img"), (target_img, "target_img")):
         if not is_image(obj):
@@ -103,6 +102,9 @@ def resample_atlas_to(atlas_img: Any, target_img: Any) -> Any:
             "do not relate the two grids; are they in the same space?")
     atlas_img = nib.Nifti1Image(np.rint(np.asarray(atlas_img.dataobj)).astype(np.int32), a_aff)
     target3d = target_img if len(target_img.shape) == 3 else nib.Nifti1Image(np.zeros(t_shape, np.int8), t_aff)
+    # imported here, not above: a grid that already matches needs no nilearn (about 1 s of import)
+    from nilearn.image import resample_to_img
+
     out = resample_to_img(atlas_img, target3d, interpolation="nearest", force_resample=True, copy_header=True)
     data = np.rint(np.asarray(out.dataobj)).astype(np.int32)
     if (np.asarray(atlas_img.dataobj) != 0).any() and not (data != 0).any():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,7 +74,9 @@ def set_threads(n: int = 1, seed: int | None = 1) -> None:
 
     ITK takes its thread count from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` the first time it is used
     in a process, so call this before the first registration. ANTs registrations repeat bit for bit
-    only with one thread and a fixed seed (``ANTS_RANDOM_SEED``).
+    only with one thread and a fixed seed (``ANTS_RANDOM_SEED``). With ``n=1`` torch is not imported
+    for this (about 2 s in every worker that needs no torch): a torch imported later takes its single
+    thread from ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set here; an already imported torch is set now.
 
     Parameters
     ----------
@@ -88,6 +91,8 @@ def set_threads(n: int = 1, seed: int | None = 1) -> None:
         os.environ[var] = str(n)
     if seed is not None:
         os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
+    if n == 1 and "torch" not in sys.modules:
+        return
     import torch
 
     torch.set_num_threads(n)
