@@ -595,7 +595,8 @@ def test_recorded_registration_reads_the_markers(tmp_path):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"params": params}))
 
-    table = pd.DataFrame({"participant_id": ["sub-1", "sub-2", "sub-3"], "status": ["ok", "ok", "failed"]})
+    # IDs as cohorts give them, with or without BIDS's prefix (the folders always have it)
+    table = pd.DataFrame({"participant_id": ["sub-1", "2", "sub-3"], "status": ["ok", "ok", "failed"]})
     with pytest.raises(BrainsexError, match="no readable subject marker"):
         recorded_registration(table, folder.root)
     mark("sub-1", {"voxel_size": 8.0})  # the default is not written into the marker

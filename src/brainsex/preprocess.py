@@ -1431,7 +1431,7 @@ def recorded_registration(preprocessed: pd.DataFrame, out_dir: str | os.PathLike
     ok = preprocessed[preprocessed["status"] == "ok"] if "status" in preprocessed.columns else preprocessed
     found: set[str] = set()
     for pid in ok["participant_id"].astype(str):
-        marker = folder.subject_outputs(pid)["marker"]
+        marker = folder.subject_outputs(_pid({"participant_id": pid}))["marker"]  # IXI002 -> sub-IXI002
         try:
             params = json.loads(marker.read_text())["params"]
         except (OSError, KeyError, json.JSONDecodeError):
